@@ -1,0 +1,241 @@
+"""A frozen CLIP backbone over open_clip, with the prompt-embedding path prompt learners need.
+
+``ClipBackbone`` wraps any open_clip model of the CLIP architecture (a ViT or ModifiedResNet image
+tower and the causal text transformer). Besides plain ``encode_text`` / ``encode_image`` it exposes
+``encode_prompts``: learnable vectors are spliced into the token embeddings of a prompt (CoOp, DAPL,
+DAPT and PromptStyler all do this) and the text transformer runs only up to the longest
+end-of-text (EOT) position of the batch. With the causal mask, position ``i`` attends to positions
+``<= i`` only, so everything after the last EOT can change nothing that is pooled: dropping it
+gives the same features at a fraction of the cost (a prompt of 16 context tokens and a class name
+fills ~20 of the 77 positions).
+
+Weights: ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b79k``, ...) or a local
+checkpoint file. Tags are looked up in the local Hugging Face / open_clip caches first; a missing
+file fails in seconds with the place to put it, never with a hanging download.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import _compat  # noqa: F401  (must precede open_clip: makes torchvision importable)
+
+import open_clip
+
+from .config import ConfigError, UserError
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
+open_clip.add_model_config(MODEL_CONFIG_DIR)
+
+
+class WeightsNotFound(UserError, RuntimeError):
+    """Pretrained weights are not on disk and cannot be fetched."""
+
+
+class ClipBackbone(nn.Module):
+    """Frozen CLIP: image encoder, text encoder, tokenizer and the preprocessing transform."""
+
+    def __init__(self, model: nn.Module, tokenizer, preprocess, model_name: str, weights_id: str, arch: str):
+        super().__init__()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocess = preprocess
+        self.model_name = model_name
+        self.weights_id = weights_id  # names the weights for cache keys (tag, or file path+size+mtime)
+        self.arch = arch
+        self.model.eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, cfg, device: str | torch.device = "cpu") -> "ClipBackbone":
+        """Build from a ``BackboneConfig``; builds the demo CLIP first if it has a builder and no file."""
+        model_name, pretrained = cfg.model, str(cfg.pretrained)
+        if cfg.builder and not Path(pretrained).is_file():
+            from .demo.pretrain import build_demo_clip
+
+            build_demo_clip(Path(pretrained), model_name)
+        if open_clip.get_model_config(model_name) is None:
+            clip_like = [m for m in open_clip.list_models() if m.startswith(("RN", "ViT-B", "ViT-L", "demo"))]
+            raise ConfigError(
+                f"backbone.model={model_name!r} is not an open_clip model config. CLIP-architecture "
+                f"names include: {', '.join(clip_like)} (all: open_clip.list_models())."
+            )
+        checkpoint, preprocess_cfg, weights_id = resolve_weights(model_name, pretrained, cfg.cache_dir)
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            model_name,
+            pretrained=checkpoint,
+            device=device,
+            image_mean=(preprocess_cfg or {}).get("mean"),
+            image_std=(preprocess_cfg or {}).get("std"),
+            image_interpolation=(preprocess_cfg or {}).get("interpolation"),
+            image_resize_mode=(preprocess_cfg or {}).get("resize_mode"),
+            weights_only=True,  # never execute code from a checkpoint
+        )
+        tokenizer = open_clip.get_tokenizer(model_name)
+        return cls(model, tokenizer, preprocess, model_name, weights_id, cfg.arch)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return self.model.logit_scale.device
+
+    @property
+    def embed_dim(self) -> int:
+        proj = self.model.text_projection
+        return proj.out_features if isinstance(proj, nn.Linear) else proj.shape[1]
+
+    @property
+    def text_width(self) -> int:
+        return self.model.token_embedding.weight.shape[1]
+
+    @property
+    def context_length(self) -> int:
+        return self.model.positional_embedding.shape[0]
+
+    @property
+    def logit_scale(self) -> torch.Tensor:
+        return self.model.logit_scale.exp()
+
+    def identity(self) -> dict:
+        """Everything about the weights that changes a feature (part of every cache key)."""
+        return {"model": self.model_name, "weights": self.weights_id}
+
+    # ----------------------------------------------------------------- text side
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        return self.tokenizer(list(texts)).to(self.device)  # (B, 77)
+
+    def token_embedding(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.token_embedding(tokens)  # (B, 77) -> (B, 77, width)
+
+    @staticmethod
+    def eot_positions(tokens: torch.Tensor) -> torch.Tensor:
+        # CLIP's EOT id is the largest in its vocabulary, so argmax finds it (open_clip does the same)
+        return tokens.argmax(dim=-1)  # (B,)
+
+    def encode_prompts(
+        self,
+        embeddings: torch.Tensor,
+        eot: torch.Tensor,
+        normalize: bool = True,
+        truncate: bool = True,
+    ) -> torch.Tensor:
+        """Text features of prompts given as token embeddings.
+
+        embeddings: (B, L, width) with L <= 77, learned vectors already spliced in.
+        eot: (B,) index of each prompt's end-of-text token; its output is the feature.
+        truncate: run only positions [0, max(eot)] (same result under the causal mask).
+        """
+        m = self.model
+        length = int(eot.max()) + 1 if truncate else embeddings.shape[1]
+        x = embeddings[:, :length] + m.positional_embedding[:length].to(embeddings.dtype)  # (B, L', width)
+        mask = m.attn_mask[:length, :length] if m.attn_mask is not None else None
+        x = m.transformer(x, attn_mask=mask)  # open_clip's text transformer is batch-first: NLD
+        x = m.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot]  # (B, width)
+        proj = m.text_projection
+        x = proj(x) if isinstance(proj, nn.Linear) else x @ proj  # (B, D)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, texts: Sequence[str] | torch.Tensor, normalize: bool = True, truncate: bool = True):
+        tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
+        return self.encode_prompts(self.token_embedding(tokens), self.eot_positions(tokens), normalize, truncate)
+
+    # ----------------------------------------------------------------- image side
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.model.encode_image(images)  # (B, 3, H, W) -> (B, D)
+        return F.normalize(x, dim=-1) if normalize else x
+
+
+# --------------------------------------------------------------------- weights
+def resolve_weights(model_name: str, pretrained: str, cache_dir: Optional[str]):
+    """Return (local checkpoint path, preprocess overrides, weights id) or raise WeightsNotFound."""
+    tag_cfg = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
+    if not pretrained or pretrained.lower() in ("none", "random"):
+        return None, None, "random-init"
+    if tag_cfg:
+        preprocess = {k: tag_cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in tag_cfg}
+        path = _cached_tag_file(tag_cfg, cache_dir)
+        if path is None:
+            path = _download_tag(model_name, pretrained, tag_cfg, cache_dir)
+        return str(path), preprocess, f"{model_name}:{pretrained}"
+    looks_like_path = os.sep in pretrained or pretrained.endswith((".pt", ".pth", ".bin", ".safetensors"))
+    if looks_like_path or Path(pretrained).exists():
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise WeightsNotFound(
+                f"backbone.pretrained={pretrained!r}: no checkpoint file there. Put the open_clip/OpenAI "
+                f"checkpoint of {model_name} at that path, or use one of the open_clip tags of this model: "
+                f"backbone.pretrained=<{'|'.join(open_clip.list_pretrained_tags_by_model(model_name)) or 'none'}>."
+            )
+        st = path.stat()
+        return str(path), None, f"file:{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    raise WeightsNotFound(
+        f"backbone.pretrained={pretrained!r} is neither an open_clip tag of {model_name} nor a checkpoint "
+        f"file. Valid tags: {', '.join(tags) or '(none)'}; or give a path to a local checkpoint file."
+    )
+
+
+def _hf_repo_and_files(tag_cfg: dict):
+    # open_clip writes 'org/repo/' (default file names) or 'org/repo/file.bin'
+    repo, filename = os.path.split(tag_cfg.get("hf_hub", ""))
+    if not repo:
+        return None, []
+    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    return repo, names
+
+
+def _cached_tag_file(tag_cfg: dict, cache_dir: Optional[str]) -> Optional[Path]:
+    """A tag's weights already on disk: the HF hub cache, or open_clip's URL cache (~/.cache/clip)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    repo, names = _hf_repo_and_files(tag_cfg)
+    for name in names:
+        hit = try_to_load_from_cache(repo, name, cache_dir=cache_dir)
+        if isinstance(hit, str) and os.path.isfile(hit):
+            return Path(hit)
+    url = tag_cfg.get("url", "")
+    if url:
+        local = Path(cache_dir or os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
+        if local.is_file():
+            return local
+    return None
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    try:
+        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _download_tag(model_name: str, tag: str, tag_cfg: dict, cache_dir: Optional[str]) -> Path:
+    repo, names = _hf_repo_and_files(tag_cfg)
+    where = (
+        f"the Hugging Face cache ({cache_dir or os.environ.get('HF_HUB_CACHE') or '~/.cache/huggingface/hub'}), "
+        f"e.g. on a machine with network: `huggingface-cli download {repo} {names[0] if names else ''}`"
+        if repo
+        else f"{cache_dir or '~/.cache/clip'}/{os.path.basename(tag_cfg.get('url', ''))}"
+    )
+    if not _hub_reachable():
+        raise WeightsNotFound(
+            f"Pretrained weights {model_name} / {tag!r} are not on this machine and the hub cannot be "
+            f"reached (offline or HF_HUB_OFFLINE=1). Put them into {where}; or download the checkpoint "
+            f"file anywhere and pass its path: backbone.pretrained=/path/to/checkpoint. "
+            f"To run without real weights, use the demo backbone: backbone=demo_clip."
+        )
+    try:
+        return Path(open_clip.download_pretrained(tag_cfg, cache_dir=cache_dir))
+    except Exception as e:  # network errors, gated repos, ...
+        raise WeightsNotFound(f"Downloading {model_name} / {tag!r} failed ({e}). Put the weights into {where}.") from e
+

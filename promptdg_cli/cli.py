@@ -1,0 +1,87 @@
+"""``promptdg``: subcommand dispatch.
+
+``train``, ``eval`` and ``generate`` each hand the rest of the command line to their own
+``@hydra.main`` app (config ``conf/<command>.yaml``), so overrides, ``-m`` multirun, ``--cfg job``,
+``--help``, ``--info`` and launchers all keep working. ``collect`` is a plain argparse command.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import sys
+from pathlib import Path
+
+HELP = """\
+usage: promptdg <command> [overrides ...]
+
+A command-line experiment runner for CLIP-based domain generalization and adaptation.
+Every command defaults to the offline demo world (dataset=demo_digits, backbone=demo_clip),
+which is generated and pretrained on first use.
+
+commands:
+  train     train a method and test it (Hydra app: key=value overrides, -m sweeps, --help)
+              promptdg train method=coop dataset=demo_digits target=sketch
+              promptdg train -m method=zeroshot,linear_probe,coop seed=1,2,3
+  eval      evaluate without training (zero-shot), or re-evaluate a finished run's models
+              promptdg eval method=zeroshot dataset=pacs backbone=vit_b16
+              promptdg eval run_dir=outputs/demo_digits/coop/demo_clip/seed1_sketch_<hash>
+  generate  write a generated image set to disk (for methods that synthesise data)
+              promptdg generate method=<generating method> dataset=pacs target=sketch
+  collect   gather every results.json below a folder into paper-style tables
+              promptdg collect outputs/ method=coop,zeroshot
+
+`promptdg <command> --help` lists the config groups (method, dataset, backbone) and their choices;
+`promptdg train --cfg job` prints the composed config without running it.
+"""
+
+COMMANDS = ("train", "eval", "generate", "collect")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+
+        print(f"promptdg {__version__}")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "collect":
+        from .collect import main as collect_main
+
+        return collect_main(rest)
+    if cmd not in COMMANDS:
+        near = difflib.get_close_matches(cmd, COMMANDS, n=1)
+        print(
+            f"promptdg: unknown command {cmd!r}. Valid: {', '.join(COMMANDS)}."
+            + (f" Did you mean {near[0]!r}?" if near else ""),
+            file=sys.stderr,
+        )
+        return 2
+    return _hydra_command(cmd, rest)
+
+
+def _hydra_command(cmd: str, rest: list[str]) -> int:
+    import hydra
+
+    from .config import conf_dir, register_configs, register_resolvers
+
+    register_resolvers()
+    register_configs()
+    from . import commands
+
+    task = getattr(commands, cmd)
+    app = hydra.main(config_path=str(conf_dir()), config_name=cmd, version_base="1.3")(task)
+    saved = sys.argv
+    sys.argv = [f"promptdg {cmd}"] + rest
+    try:
+        app()
+    finally:
+        sys.argv = saved
+    return 0
+
+
+if __name__ == "__main__":  # python -m promptdg_cli.cli
+    sys.exit(main())

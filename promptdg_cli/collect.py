@@ -1,0 +1,779 @@
+"""``promptdg collect``: gather every ``results.json`` below a directory into paper-style tables.
+
+Only JSON is read (never logs, never checkpoints), and nothing heavy is imported at module level
+(no torch / torchvision / open_clip; matplotlib only when the plot is drawn), so collecting a few
+hundred runs takes well under a second plus the plot.
+
+Layout of the output, one table per (dataset, protocol):
+
+* rows: method label (``method`` or ``method (variant)``) x backbone; zero-shot rows first, then
+  the other labels alphabetically, backbone second;
+* columns: the target domains some record has, in the dataset's canonical order (the record's
+  ``domains`` list), then ``Avg``;
+* cell: mean +- sample std (ddof=1) over seeds, one decimal (mean only for a single seed). Records
+  of the same (method label, backbone, seed) that tested different targets merge into one row;
+* Avg: per seed, the mean over all the table's columns (only seeds that have every column); the
+  cell is mean +- std of those per-seed averages;
+* ``(k/n seeds)`` marks a cell with fewer seeds than its row's maximum (on a row label: fewer than
+  the table's maximum); ``–`` marks a missing cell;
+* failed runs are counted and listed under their table, never averaged.
+
+A second table of ``mean_per_class_accuracy`` follows when any record of the table has one.
+
+Python API: :func:`load_records`, :func:`parse_filters`, :func:`filter_records`,
+:func:`collect_tables` (pure; returns :class:`Table` objects), the ``render_*`` / ``write_*``
+functions, and :func:`main`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+RESULTS_NAME = "results.json"
+OUTPUT_NAMES = ("results.md", "results.csv", "results.tex", "results.png")
+ZERO_SHOT = "zeroshot"
+MISSING = "–"  # en dash: a cell with no result
+METRICS = ("accuracy", "mean_per_class_accuracy")
+METRIC_TITLES = {
+    "accuracy": "top-1 accuracy (%)",
+    "mean_per_class_accuracy": "mean per-class accuracy (%)",
+}
+
+# Record fields a `key=value` filter may name; `label` is the table's method label and `domain`
+# keeps only those target domains (columns).
+FILTER_KEYS = (
+    "method",
+    "variant",
+    "label",
+    "backbone",
+    "dataset",
+    "protocol",
+    "seed",
+    "status",
+    "domain",
+    "model",
+    "pretrained",
+    "version",
+    "git_revision",
+    "config_hash",
+)
+
+
+class CollectError(Exception):
+    """A user-facing error: printed without a traceback, exit code 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+
+
+class Loaded(NamedTuple):
+    records: List[Dict[str, Any]]  # each with "_path" (the results.json) and "_mtime" added
+    skipped: List[Tuple[str, str]]  # (path, reason) of unreadable or invalid files
+
+
+def find_results(root: os.PathLike | str) -> List[Path]:
+    """Every ``results.json`` below ``root`` (recursively, sorted, symlinked dirs not followed)."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs.sort()
+        if RESULTS_NAME in files:
+            found.append(Path(folder) / RESULTS_NAME)
+    return found
+
+
+def _validate(record: Any) -> Optional[str]:
+    """Why ``record`` cannot be used, or None."""
+    if not isinstance(record, dict):
+        return f"top level is {type(record).__name__}, not an object"
+    status = record.get("status", "finished")
+    if status == "finished":
+        for key in ("dataset", "method"):
+            if not isinstance(record.get(key), str) or not record.get(key):
+                return f"missing or empty '{key}'"
+        acc = record.get("accuracy")
+        if not isinstance(acc, dict) or not acc:
+            return "finished run without an 'accuracy' object"
+        for domain, value in acc.items():
+            if not _is_number(value):
+                return f"accuracy of {domain!r} is not a number: {value!r}"
+    return None
+
+
+def load_records(root: os.PathLike | str) -> Loaded:
+    """Read every ``results.json`` below ``root``.
+
+    Returns ``(records, skipped)``: the parsed records (each with ``_path`` and ``_mtime`` added;
+    later files win when two runs measured the same row, seed and domain) and ``(path, reason)``
+    for files that could not be read, were not valid JSON, or lack the fields a table needs.
+    """
+    records: List[Dict[str, Any]] = []
+    skipped: List[Tuple[str, str]] = []
+    for path in find_results(root):
+        try:
+            with open(path, "r", encoding="utf-8") as fh:
+                record = json.load(fh)
+            mtime = path.stat().st_mtime
+        except (OSError, UnicodeDecodeError) as exc:
+            skipped.append((str(path), f"unreadable: {exc}"))
+            continue
+        except json.JSONDecodeError as exc:
+            skipped.append((str(path), f"invalid JSON: {exc}"))
+            continue
+        problem = _validate(record)
+        if problem:
+            skipped.append((str(path), problem))
+            continue
+        record["_path"] = str(path)
+        record["_mtime"] = mtime
+        records.append(record)
+    return Loaded(records, skipped)
+
+
+# --------------------------------------------------------------------------------------------
+# Filters
+# --------------------------------------------------------------------------------------------
+
+
+def parse_filters(args: Sequence[str]) -> Dict[str, List[str]]:
+    """``["method=coop,dapl", "seed=1"]`` -> ``{"method": ["coop", "dapl"], "seed": ["1"]}``.
+
+    Repeating a key adds values. Raises :class:`CollectError` for a malformed argument or a key
+    not in :data:`FILTER_KEYS` (the message names the valid keys).
+    """
+    filters: Dict[str, List[str]] = {}
+    for arg in args:
+        key, sep, value = arg.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise CollectError(f"filter {arg!r} is not key=value (valid keys: {', '.join(FILTER_KEYS)})")
+        if key not in FILTER_KEYS:
+            raise CollectError(f"unknown filter key {key!r}; valid keys: {', '.join(FILTER_KEYS)}")
+        filters.setdefault(key, []).extend(v.strip() for v in value.split(","))
+    return filters
+
+
+def method_label(record: Mapping[str, Any]) -> str:
+    method = str(record.get("method") or "?")
+    variant = record.get("variant") or ""
+    return f"{method} ({variant})" if variant else method
+
+
+def _backbone(record: Mapping[str, Any]) -> str:
+    return str(record.get("backbone") or record.get("model") or "?")
+
+
+def _field_text(record: Mapping[str, Any], key: str) -> str:
+    if key == "label":
+        return method_label(record)
+    if key == "backbone":
+        return _backbone(record)
+    value = record.get(key)
+    if key == "status" and value is None:
+        value = "finished"
+    return "" if value is None else str(value)
+
+
+def filter_records(records: Iterable[Mapping[str, Any]], filters: Mapping[str, Sequence[str]]) -> List[Dict[str, Any]]:
+    """Keep records whose field equals one of the given values (compared as text).
+
+    ``domain`` keeps only those target domains: a finished record's accuracy dictionaries are
+    restricted (the record is dropped when nothing is left); a failed record is kept when it
+    targeted one of them or does not say what it targeted.
+    """
+    unknown = [k for k in filters if k not in FILTER_KEYS]
+    if unknown:
+        raise CollectError(f"unknown filter key {unknown[0]!r}; valid keys: {', '.join(FILTER_KEYS)}")
+    kept: List[Dict[str, Any]] = []
+    for record in records:
+        if not all(_field_text(record, k) in set(v) for k, v in filters.items() if k != "domain"):
+            continue
+        if "domain" in filters:
+            wanted = set(filters["domain"])
+            if record.get("status", "finished") == "finished":
+                record = dict(record)
+                for metric in METRICS + ("val_accuracy",):
+                    if isinstance(record.get(metric), dict):
+                        record[metric] = {d: v for d, v in record[metric].items() if d in wanted}
+                if not record.get("accuracy"):
+                    continue
+            else:
+                targets = record.get("target_domains") or []
+                if targets and not wanted.intersection(targets):
+                    continue
+        kept.append(dict(record))
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Cell:
+    """One table cell: the per-seed values and their summary."""
+
+    values: Tuple[float, ...] = ()  # one per seed, in `seeds` order
+    seeds: Tuple[Any, ...] = ()
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> Optional[float]:
+        return statistics.fmean(self.values) if self.values else None
+
+    @property
+    def std(self) -> Optional[float]:
+        """Sample standard deviation (ddof=1); None below two seeds."""
+        return statistics.stdev(self.values) if len(self.values) > 1 else None
+
+
+@dataclass
+class Row:
+    label: str  # "method" or "method (variant)"
+    method: str
+    variant: str
+    backbone: str
+    cells: Dict[str, Cell]  # column (domain) -> cell; every table column is present
+    avg: Cell  # per-seed averages over all columns, for seeds that have every column
+    seeds: Tuple[Any, ...]  # every seed with at least one value in this row
+
+    @property
+    def max_seeds(self) -> int:
+        """The row's reference seed count: the largest seed count of its domain cells."""
+        return max((c.n for c in self.cells.values()), default=0)
+
+
+@dataclass
+class FailedRun:
+    run_dir: str
+    label: str
+    backbone: str
+    seed: Any
+    targets: Tuple[str, ...]
+    status: str
+    error: str  # first non-empty line of the record's `error`
+    superseded: bool  # a finished run of the same row and seed covers all its targets
+
+
+@dataclass
+class Table:
+    dataset: str
+    protocol: str
+    metric: str  # "accuracy" or "mean_per_class_accuracy"
+    columns: List[str]  # target domains in canonical order ("Avg" is separate: Row.avg)
+    rows: List[Row]
+    failed: List[FailedRun] = field(default_factory=list)
+    notes: List[str] = field(default_factory=list)  # e.g. duplicate measurements
+
+    @property
+    def title(self) -> str:
+        return f"{self.dataset} ({self.protocol}) — {METRIC_TITLES.get(self.metric, self.metric)}"
+
+    @property
+    def max_seeds(self) -> int:
+        return max((r.max_seeds for r in self.rows), default=0)
+
+    def row(self, label: str, backbone: str) -> Row:
+        for r in self.rows:
+            if r.label == label and r.backbone == backbone:
+                return r
+        raise KeyError(f"no row ({label!r}, {backbone!r}) in {self.title}")
+
+    def cell(self, label: str, backbone: str, column: str) -> Cell:
+        """A cell by row and column; ``column="Avg"`` gives the average cell."""
+        r = self.row(label, backbone)
+        return r.avg if column == "Avg" else r.cells[column]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _seed_key(seed: Any) -> Tuple[int, Any]:
+    if isinstance(seed, bool) or seed is None:
+        return (2, str(seed))
+    if isinstance(seed, (int, float)):
+        return (0, seed)
+    return (1, str(seed))
+
+
+def _hashable(value: Any) -> Any:
+    try:
+        hash(value)
+        return value
+    except TypeError:
+        return json.dumps(value, sort_keys=True, default=str)
+
+
+def _row_order(key: Tuple[str, str, str]) -> Tuple[Any, ...]:
+    label, backbone, method = key
+    return (method != ZERO_SHOT, label.lower(), label, backbone.lower(), backbone)
+
+
+def _first_line(text: Any) -> str:
+    for line in str(text or "").splitlines():
+        if line.strip():
+            return line.strip()
+    return ""
+
+
+class _Group:
+    def __init__(self) -> None:
+        self.domains: List[str] = []
+        # (label, backbone, method) -> {"variant": str, metric -> seed -> domain -> value}
+        self.rows: Dict[Tuple[str, str, str], Dict[str, Any]] = {}
+        self.failed: List[Mapping[str, Any]] = []
+        self.duplicates: List[str] = []
+
+    def add_domains(self, domains: Any) -> None:
+        if isinstance(domains, (list, tuple)):
+            for d in domains:
+                if isinstance(d, str) and d not in self.domains:
+                    self.domains.append(d)
+
+
+def collect_tables(
+    records: Iterable[Mapping[str, Any]],
+    filters: Optional[Mapping[str, Sequence[str]]] = None,
+) -> List[Table]:
+    """Turn records into tables (pure: no I/O).
+
+    ``records`` are results.json dictionaries; ``filters`` (optional) as from
+    :func:`parse_filters`. When two finished records measure the same (row, seed, domain), the
+    later one wins (records from :func:`load_records` are ordered by file mtime, others by list
+    position) and the table gets a note. Tables come sorted by (dataset, protocol); a dataset's
+    mean-per-class table directly follows its accuracy table.
+    """
+    records = list(records)
+    if filters:
+        records = filter_records(records, filters)
+    order = sorted(range(len(records)), key=lambda i: (float(records[i].get("_mtime") or 0.0), i))
+
+    groups: Dict[Tuple[str, str], _Group] = {}
+    for i in order:
+        rec = records[i]
+        key = (str(rec.get("dataset") or "?"), str(rec.get("protocol") or "dg"))
+        group = groups.setdefault(key, _Group())
+        group.add_domains(rec.get("domains"))
+        if rec.get("status", "finished") != "finished":
+            group.failed.append(rec)
+            continue
+        method = str(rec.get("method") or "?")
+        row_key = (method_label(rec), _backbone(rec), method)
+        row = group.rows.setdefault(row_key, {"variant": str(rec.get("variant") or "")})
+        seed = _hashable(rec.get("seed"))
+        for metric in METRICS:
+            values = rec.get(metric)
+            if not isinstance(values, dict):
+                continue
+            per_seed = row.setdefault(metric, {}).setdefault(seed, {})
+            for domain, value in values.items():
+                if not _is_number(value):
+                    continue
+                if metric == "accuracy" and domain in per_seed:
+                    group.duplicates.append(
+                        f"{row_key[0]} / {row_key[1]} / seed {seed} / {domain}: "
+                        f"kept {rec.get('_path') or rec.get('run_dir') or 'a later record'}"
+                    )
+                per_seed[domain] = float(value)
+
+    tables: List[Table] = []
+    for (dataset, protocol), group in sorted(groups.items()):
+        for metric in METRICS:
+            if metric != "accuracy" and not any(r.get(metric) for r in group.rows.values()):
+                continue
+            table = _build_table(dataset, protocol, metric, group)
+            if metric == "accuracy":
+                table.failed = _failed_runs(group)
+                if group.duplicates:
+                    table.notes.append(
+                        f"{len(group.duplicates)} duplicate measurement(s) of the same row, seed "
+                        f"and domain; the newest record was kept: " + "; ".join(group.duplicates[:5])
+                        + (" …" if len(group.duplicates) > 5 else "")
+                    )
+            tables.append(table)
+    return tables
+
+
+def _build_table(dataset: str, protocol: str, metric: str, group: _Group) -> Table:
+    present = {d for r in group.rows.values() for per in r.get(metric, {}).values() for d in per}
+    columns = [d for d in group.domains if d in present] + sorted(present.difference(group.domains))
+    rows: List[Row] = []
+    for key in sorted(group.rows, key=_row_order):
+        data = group.rows[key].get(metric) or {}
+        if not any(data.values()):
+            continue
+        seeds = sorted((s for s, per in data.items() if per), key=_seed_key)
+        cells = {}
+        for col in columns:
+            have = [s for s in seeds if col in data[s]]
+            cells[col] = Cell(tuple(data[s][col] for s in have), tuple(have))
+        complete = [s for s in seeds if all(col in data[s] for col in columns)]
+        avg = Cell(
+            tuple(statistics.fmean(data[s][c] for c in columns) for s in complete) if columns else (),
+            tuple(complete) if columns else (),
+        )
+        label, backbone, method = key
+        rows.append(Row(label, method, group.rows[key]["variant"], backbone, cells, avg, tuple(seeds)))
+    return Table(dataset, protocol, metric, columns, rows)
+
+
+def _failed_runs(group: _Group) -> List[FailedRun]:
+    out = []
+    for rec in group.failed:
+        label, backbone = method_label(rec), _backbone(rec)
+        seed = _hashable(rec.get("seed"))
+        targets = tuple(rec.get("target_domains") or ())
+        done = group.rows.get((label, backbone, str(rec.get("method") or "?")), {}).get("accuracy", {}).get(seed, {})
+        out.append(
+            FailedRun(
+                run_dir=str(rec.get("run_dir") or (os.path.dirname(rec["_path"]) if rec.get("_path") else "?")),
+                label=label,
+                backbone=backbone,
+                seed=seed,
+                targets=targets,
+                status=str(rec.get("status")),
+                error=_first_line(rec.get("error")) or "(no error text)",
+                superseded=bool(targets) and all(t in done for t in targets),
+            )
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------
+
+
+def format_cell(cell: Cell, ref_seeds: int, pm: str = "±", missing: str = MISSING) -> str:
+    """``63.0 ± 3.0``; ``65.0`` for one seed; ``(k/n seeds)`` when below ``ref_seeds``."""
+    if cell.n == 0:
+        return missing
+    text = f"{cell.mean:.1f}"
+    if cell.std is not None:
+        text += f" {pm} {cell.std:.1f}"
+    if cell.n < ref_seeds:
+        text += f" ({cell.n}/{ref_seeds} seeds)"
+    return text
+
+
+def _row_label(table: Table, row: Row) -> str:
+    if row.max_seeds < table.max_seeds:
+        return f"{row.label} ({row.max_seeds}/{table.max_seeds} seeds)"
+    return row.label
+
+
+def caption(table: Table) -> str:
+    if not table.rows:
+        return (f"{METRIC_TITLES.get(table.metric, table.metric).capitalize()} on {table.dataset} "
+                f"({table.protocol} protocol): no finished runs.")
+    n = table.max_seeds
+    seeds = f"{n} seed{'s' if n != 1 else ''}" if n else "no seeds"
+    return (
+        f"{METRIC_TITLES.get(table.metric, table.metric).capitalize()} per target domain on "
+        f"{table.dataset} ({table.protocol} protocol), up to {seeds} per row. Cells: mean ± sample "
+        f"standard deviation (ddof=1) over seeds, one decimal; a single seed shows the mean only. "
+        f"Avg: mean ± std over seeds of the per-seed average of all {len(table.columns)} domain "
+        f"column{'s' if len(table.columns) != 1 else ''}, counting only seeds that have every column. (k/n seeds): a cell with k of its "
+        f"row's n seeds (on a method label: k of the table's n). {MISSING}: no result."
+    )
+
+
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def render_markdown(tables: Sequence[Table], heading_level: int = 3) -> str:
+    out: List[str] = []
+    hashes = "#" * heading_level
+    for table in tables:
+        out.append(f"{hashes} {_md_escape(table.title)}")
+        out.append("")
+        out.append(caption(table))
+        out.append("")
+        if table.rows:
+            header = ["Method", "Backbone"] + table.columns + ["Avg"]
+            out.append("| " + " | ".join(_md_escape(h) for h in header) + " |")
+            out.append("|" + "|".join([":---", ":---"] + ["---:"] * (len(table.columns) + 1)) + "|")
+            for row in table.rows:
+                ref = row.max_seeds
+                cells = [format_cell(row.cells[c], ref) for c in table.columns] + [format_cell(row.avg, ref)]
+                out.append("| " + " | ".join(_md_escape(x) for x in [_row_label(table, row), row.backbone] + cells) + " |")
+        else:
+            out.append("_No finished runs._")
+        if table.failed:
+            out.append("")
+            out.append(f"Failed runs: {len(table.failed)} (not averaged)")
+            out.append("")
+            for f in table.failed:
+                targets = ",".join(f.targets) or "?"
+                extra = " [later run of the same seed and targets finished]" if f.superseded else ""
+                status = "" if f.status == "failed" else f" [status: {f.status}]"
+                out.append(
+                    f"- `{f.run_dir}` — {_md_escape(f.label)} / {f.backbone} / seed {f.seed} / "
+                    f"{targets}{status}: {_md_escape(f.error)}{extra}"
+                )
+        for note in table.notes:
+            out.append("")
+            out.append(f"Note: {_md_escape(note)}")
+        out.append("")
+    return "\n".join(out)
+
+
+CSV_FIELDS = ("dataset", "protocol", "metric", "method", "backbone", "domain", "mean", "std", "n_seeds")
+
+
+def render_csv(tables: Sequence[Table]) -> str:
+    """One line per (dataset, protocol, metric, method label, backbone, domain incl. ``Avg``).
+
+    ``std`` is empty below two seeds; ``mean`` and ``std`` are empty when the cell is missing
+    (``n_seeds`` 0).
+    """
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    for table in tables:
+        for row in table.rows:
+            for domain, cell in [(c, row.cells[c]) for c in table.columns] + [("Avg", row.avg)]:
+                writer.writerow(
+                    [
+                        table.dataset,
+                        table.protocol,
+                        table.metric,
+                        row.label,
+                        row.backbone,
+                        domain,
+                        "" if cell.mean is None else f"{cell.mean:.4f}",
+                        "" if cell.std is None else f"{cell.std:.4f}",
+                        cell.n,
+                    ]
+                )
+    return buf.getvalue()
+
+
+_TEX_SPECIAL = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "|": r"\textbar{}",
+    "<": r"\textless{}",
+    ">": r"\textgreater{}",
+}
+
+
+def _tex(text: str) -> str:
+    escaped = "".join(_TEX_SPECIAL.get(ch, ch) for ch in text)
+    return "{}" + escaped if escaped.startswith("[") else escaped  # `\\ [` would be an optional arg
+
+
+def _tex_cell(cell: Cell, ref_seeds: int) -> str:
+    if cell.n == 0:
+        return "--"
+    text = f"{cell.mean:.1f}"
+    if cell.std is not None:
+        text += rf" $\pm$ {cell.std:.1f}"
+    if cell.n < ref_seeds:
+        text += rf" {{\scriptsize ({cell.n}/{ref_seeds} seeds)}}"
+    return text
+
+
+def render_latex(tables: Sequence[Table]) -> str:
+    out = ["% Generated by `promptdg collect`. Needs \\usepackage{booktabs}.", ""]
+    for table in tables:
+        out.append(r"\begin{table}[t]")
+        out.append(r"\centering")
+        out.append(r"\caption{" + _tex(caption(table)).replace("–", "--").replace("±", r"$\pm$") + "}")
+        if table.rows:
+            out.append(r"\begin{tabular}{ll" + "c" * (len(table.columns) + 1) + "}")
+            out.append(r"\toprule")
+            out.append(" & ".join(["Method", "Backbone"] + [_tex(c) for c in table.columns] + ["Avg"]) + r" \\")
+            out.append(r"\midrule")
+            for row in table.rows:
+                ref = row.max_seeds
+                cells = [_tex_cell(row.cells[c], ref) for c in table.columns] + [_tex_cell(row.avg, ref)]
+                out.append(" & ".join([_tex(_row_label(table, row)), _tex(row.backbone)] + cells) + r" \\")
+            out.append(r"\bottomrule")
+            out.append(r"\end{tabular}")
+        out.append(r"\end{table}")
+        for f in table.failed:
+            out.append(f"% failed: {f.run_dir}: {f.error}".replace("\n", " "))
+        out.append("")
+    return "\n".join(out)
+
+
+def write_plot(tables: Sequence[Table], path: os.PathLike | str) -> None:
+    """Grouped bar chart per table (domains and Avg on x, one bar per row, error bars = std)."""
+    # The Agg canvas directly (no pyplot): no global backend state, works headless.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    shown = [t for t in tables if t.rows] or list(tables)
+    n = max(len(shown), 1)
+    bars = max([(len(t.columns) + 1) * max(len(t.rows), 1) for t in shown] or [1])
+    width = min(max(3.0 + 0.18 * bars, 5.0), 12.0) + 3.0  # plot area + legend on the right
+    ncols = 2 if n > 1 and width <= 8.5 else 1  # subplots stacked unless they are narrow
+    nrows = math.ceil(n / ncols)
+    fig = Figure(figsize=(width * ncols, 3.6 * nrows))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(shown):]:
+        ax.set_visible(False)
+    if not shown:
+        axes[0].text(0.5, 0.5, "no results", ha="center", va="center")
+    for ax, table in zip(axes, shown):
+        groups = table.columns + ["Avg"]
+        if not table.rows:
+            ax.text(0.5, 0.5, "no finished runs", ha="center", va="center", transform=ax.transAxes)
+        k = max(len(table.rows), 1)
+        bar = 0.8 / k
+        for j, row in enumerate(table.rows):
+            cells = [row.cells[c] for c in table.columns] + [row.avg]
+            xs = [i - 0.4 + bar * (j + 0.5) for i, c in enumerate(cells) if c.n]
+            means = [c.mean for c in cells if c.n]
+            errs = [c.std if c.std is not None else float("nan") for c in cells if c.n]
+            ax.bar(
+                xs, means, width=bar, yerr=errs, capsize=2, error_kw={"elinewidth": 0.8},
+                label=f"{row.label} [{row.backbone}]", color=f"C{j % 10}",
+            )
+        ax.set_xticks(range(len(groups)))
+        ax.set_xticklabels(groups, rotation=20 if len(groups) > 6 else 0)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel(METRIC_TITLES.get(table.metric, table.metric))
+        ax.set_title(table.title, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+        if table.rows:
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+
+
+def write_outputs(tables: Sequence[Table], out_dir: os.PathLike | str, markdown: Optional[str] = None) -> List[Path]:
+    """Write results.md/.csv/.tex/.png into ``out_dir``; returns the paths written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / name for name in OUTPUT_NAMES]
+    md = markdown if markdown is not None else render_markdown(tables)
+    paths[0].write_text("# Results\n\n" + md, encoding="utf-8")
+    paths[1].write_text(render_csv(tables), encoding="utf-8")
+    paths[2].write_text(render_latex(tables), encoding="utf-8")
+    write_plot(tables, paths[3])
+    return paths
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+# --------------------------------------------------------------------------------------------
+
+EPILOG = f"""\
+Filters (key=value, values comma-separated; several keys must all match):
+  valid keys: {', '.join(FILTER_KEYS)}
+  `label` is the table's method label, "method (variant)"; `domain` keeps only those targets.
+
+examples:
+  promptdg collect runs/
+  promptdg collect runs/ method=coop,dapl backbone=vit_b16 seed=1
+  promptdg collect runs/ dataset=pacs domain=art_painting,sketch -o reports/pacs
+
+Markdown goes to stdout; results.md, results.csv, results.tex and results.png are written to
+DIR (or --output-dir). Exit code 2 when no record is found or a filter is invalid.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="promptdg collect",
+        description=(
+            "Collect every results.json below DIR (recursively; logs are never parsed) into "
+            "paper-style tables: one per (dataset, protocol), rows = method x backbone, columns = "
+            "target domains + Avg, cells = mean ± sample std over seeds."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("dir", metavar="DIR", help="directory searched recursively for results.json")
+    parser.add_argument("filters", metavar="key=value", nargs="*", help="keep only matching records")
+    parser.add_argument(
+        "-o", "--output-dir", metavar="OUT", default=None,
+        help="where to write results.{md,csv,tex,png} (default: DIR)",
+    )
+    return parser
+
+
+def _err(msg: str) -> None:
+    print(f"promptdg collect: {msg}", file=sys.stderr)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    root = Path(args.dir)
+    try:
+        filters = parse_filters(args.filters)
+        if not root.is_dir():
+            raise CollectError(f"{root} is not a directory")
+        loaded = load_records(root)
+        if loaded.skipped:
+            _err(
+                f"warning: skipped {len(loaded.skipped)} unreadable or invalid {RESULTS_NAME} "
+                f"file(s):"
+            )
+            for path, reason in loaded.skipped[:10]:
+                print(f"  {path}: {reason}", file=sys.stderr)
+            if len(loaded.skipped) > 10:
+                print(f"  … and {len(loaded.skipped) - 10} more", file=sys.stderr)
+        if not loaded.records:
+            raise CollectError(f"no usable {RESULTS_NAME} found below {root}")
+        records = filter_records(loaded.records, filters) if filters else loaded.records
+        if not records:
+            shown = " ".join(args.filters)
+            hints = "; ".join(
+                f"{k} values: {', '.join(sorted({_field_text(r, k) for r in loaded.records})[:12])}"
+                for k in filters if k != "domain"
+            )
+            raise CollectError(
+                f"no record below {root} matches {shown} ({len(loaded.records)} records found"
+                + (f"; {hints}" if hints else "") + ")"
+            )
+        tables = collect_tables(records)
+    except CollectError as exc:
+        _err(f"error: {exc}")
+        return 2
+
+    markdown = render_markdown(tables)
+    sys.stdout.write(markdown)
+    sys.stdout.flush()
+    n_failed = sum(len(t.failed) for t in tables)
+    try:
+        paths = write_outputs(tables, args.output_dir or root, markdown)
+    except OSError as exc:
+        _err(f"error: cannot write results: {exc}")
+        return 1
+    _err(
+        f"{len(records)} record(s) ({len(records) - n_failed} finished, {n_failed} not) in "
+        f"{len(tables)} table(s); wrote {', '.join(str(p) for p in paths)}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Datasets on disk, the domain-generalization protocol, and the cache of frozen image features.
+
+Layout (DomainBed's): ``<root>/<folder>/<domain>/<class>/<image>``. A dataset config names the
+exact domain folders and maps each class folder to the human name used in prompts.
+
+DG protocol (leave-one-domain-out): every source domain is split 80/20 into train/validation
+with a split seeded by the run seed and the domain name; the target domain is used whole for
+testing. Model selection sees source validation data only: a ``Split`` never hands the target's
+labelled images to training or selection.
+
+Feature cache: a frozen image encoder is run once per (weights, dataset, domain, file list,
+transform); the features of a whole domain folder are stored as safetensors under
+``<cache_root>/features`` and every method and run reuses them. The key hashes the file list
+with sizes and modification times, so adding, removing or replacing an image invalidates it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import ConfigError, UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+
+
+class DatasetNotFound(UserError, FileNotFoundError):
+    """The dataset folder is missing or not laid out as the config says."""
+
+
+# --------------------------------------------------------------------- the dataset on disk
+def expected_layout(cfg) -> str:
+    cls = list(cfg.classes)
+    return (
+        f"{Path(cfg.root) / cfg.folder}/\n"
+        + "".join(f"    {d}/\n" for d in list(cfg.domains)[:2])
+        + (f"    ... ({len(cfg.domains)} domains: {', '.join(cfg.domains)})\n" if len(cfg.domains) > 2 else "")
+        + f"        {cls[0]}/\n            <image files: {', '.join(sorted(IMAGE_EXTENSIONS)[:4])}, ...>\n"
+        + f"        ... ({len(cls)} class folders)"
+    )
+
+
+def dataset_dir(cfg) -> Path:
+    """The dataset's folder, generating the demo world on first use; clear errors otherwise."""
+    root = Path(os.path.expanduser(str(cfg.root))) / cfg.folder
+    if cfg.generator:
+        from .demo.world import generate_dataset
+
+        generate_dataset(root, **dict(cfg.generator_args))
+    if not root.is_dir():
+        raise DatasetNotFound(
+            f"dataset={cfg.name}: folder {root} does not exist (data root: dataset.root / $PROMPTDG_DATA).\n"
+            f"Expected layout:\n{expected_layout(cfg)}\n"
+            + (f"How to get it:\n{cfg.prepare.strip()}" if cfg.prepare else "")
+        )
+    missing = [d for d in cfg.domains if not (root / d).is_dir()]
+    if missing:
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DatasetNotFound(
+            f"dataset={cfg.name}: domain folder(s) {missing} missing in {root} (found: {found}).\n"
+            f"Expected layout:\n{expected_layout(cfg)}"
+        )
+    for d in cfg.domains:
+        unknown = sorted(p.name for p in (root / d).iterdir() if p.is_dir() and p.name not in cfg.classes)
+        if unknown:
+            raise DatasetNotFound(
+                f"dataset={cfg.name}: {root / d} has class folders the config does not know: {unknown[:5]}. "
+                f"Valid class folders: {list(cfg.classes)[:10]}{' ...' if len(cfg.classes) > 10 else ''}.\n"
+                f"Expected layout:\n{expected_layout(cfg)}"
+            )
+    return root
+
+
+def list_domain(cfg, domain: str) -> tuple[list[Path], list[int]]:
+    """Image paths and labels of one domain, sorted (stable across machines)."""
+    root = dataset_dir(cfg) / domain
+    paths, labels = [], []
+    for label, cls in enumerate(cfg.classes):
+        folder = root / cls
+        if not folder.is_dir():
+            continue  # some benchmarks lack a class in a domain
+        for p in sorted(folder.iterdir()):
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(p)
+                labels.append(label)
+    if not paths:
+        raise DatasetNotFound(
+            f"dataset={cfg.name}: domain {domain!r} ({root}) holds no images.\nExpected layout:\n{expected_layout(cfg)}"
+        )
+    return paths, labels
+
+
+def class_names(cfg) -> list[str]:
+    return [str(cfg.classes[c]) for c in cfg.classes]
+
+
+# --------------------------------------------------------------------- the protocol
+@dataclass
+class Split:
+    """One leave-one-domain-out split: train/validate on `sources`, test on `target`."""
+
+    target: str
+    sources: list[str]
+
+
+def make_splits(dataset_cfg, target: Optional[str], source: Optional[Sequence[str]]) -> list[Split]:
+    domains = list(dataset_cfg.domains)
+    for key, names in (("target", [target] if target else []), ("source", list(source or []))):
+        bad = [d for d in names if d not in domains]
+        if bad:
+            raise ConfigError(f"{key}={bad[0]!r} is not a domain of dataset={dataset_cfg.name}. Valid: {domains}")
+    targets = [target] if target else domains
+    splits = []
+    for t in targets:
+        sources = [d for d in (source or domains) if d != t]
+        if not sources:
+            raise ConfigError(f"target={t!r} leaves no source domain (source={list(source or [])})")
+        splits.append(Split(target=t, sources=sources))
+    return splits
+
+
+def train_val_indices(n: int, seed: int, domain: str, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of one domain's n images; depends on the seed and domain name only."""
+    rng = np.random.default_rng([seed, zlib.crc32(domain.encode())])
+    order = rng.permutation(n)
+    n_val = int(round(n * val_fraction))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+# --------------------------------------------------------------------- feature cache
+@dataclass
+class Features:
+    """Normalised image features of a set of images, with labels and domain names."""
+
+    x: torch.Tensor  # (N, D) float32, L2-normalised
+    y: torch.Tensor  # (N,) int64
+    domain: List[str]
+    paths: List[str]
+
+    def subset(self, idx) -> "Features":
+        idx = np.asarray(idx, dtype=np.int64)
+        return Features(self.x[idx], self.y[idx], [self.domain[i] for i in idx], [self.paths[i] for i in idx])
+
+    @staticmethod
+    def cat(parts: Sequence["Features"]) -> "Features":
+        return Features(
+            torch.cat([p.x for p in parts]),
+            torch.cat([p.y for p in parts]),
+            [d for p in parts for d in p.domain],
+            [q for p in parts for q in p.paths],
+        )
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+class _ImageFiles(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[Path], transform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.paths[i]) as im:
+                return i, self.transform(im.convert("RGB"))
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
+            return i, None  # corrupt or unreadable: skipped and counted by the caller
+
+
+def _collate(batch):
+    ok = [(i, x) for i, x in batch if x is not None]
+    bad = [i for i, x in batch if x is None]
+    if not ok:
+        return torch.empty(0, dtype=torch.long), None, bad
+    return torch.tensor([i for i, _ in ok]), torch.stack([x for _, x in ok]), bad
+
+
+class FeatureCache:
+    """Features of frozen image encoders on disk, computed once and shared by all runs."""
+
+    def __init__(self, cache_root: str | Path, batch_size: int = 128, num_workers: int = 2):
+        self.dir = Path(os.path.expanduser(str(cache_root))) / "features"
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.hits = self.misses = 0
+
+    @staticmethod
+    def key(backbone_identity: dict, dataset: str, domain: str, paths: Sequence[Path], transform) -> str:
+        files = hashlib.sha1()
+        for p in paths:
+            st = p.stat()
+            files.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        blob = json.dumps(
+            {"backbone": backbone_identity, "dataset": dataset, "domain": domain, "files": files.hexdigest(), "transform": repr(transform)},
+            sort_keys=True,
+        )
+        return hashlib.sha1(blob.encode()).hexdigest()[:16]
+
+    def domain_features(self, backbone, dataset_cfg, domain: str) -> Features:
+        paths, labels = list_domain(dataset_cfg, domain)
+        key = self.key(backbone.identity(), dataset_cfg.name, domain, paths, backbone.preprocess)
+        file = self.dir / dataset_cfg.name / f"{domain}-{key}.safetensors"
+        if file.is_file():
+            self.hits += 1
+            t = load_file(str(file))
+            keep = t["index"].tolist()
+        else:
+            self.misses += 1
+            keep, x = self._encode(backbone, paths, f"{dataset_cfg.name}/{domain}")
+            t = {"x": x, "index": torch.tensor(keep, dtype=torch.long)}
+            file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_suffix(f".tmp{os.getpid()}")
+            save_file(t, str(tmp), metadata={"model": backbone.model_name, "weights": backbone.weights_id, "domain": domain})
+            os.replace(tmp, file)  # atomic: a half-written cache file is never read
+        return Features(
+            t["x"].float(),
+            torch.tensor([labels[i] for i in keep], dtype=torch.long),
+            [domain] * len(keep),
+            [str(paths[i]) for i in keep],
+        )
+
+    @torch.no_grad()
+    def _encode(self, backbone, paths: list[Path], what: str) -> tuple[list[int], torch.Tensor]:
+        loader = torch.utils.data.DataLoader(
+            _ImageFiles(paths, backbone.preprocess),
+            batch_size=self.batch_size,
+            num_workers=self.num_workers if len(paths) > 4 * self.batch_size else 0,
+            collate_fn=_collate,
+        )
+        keep, feats, bad = [], [], []
+        device = backbone.device
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+        for idx, images, skipped in tqdm(loader, desc=f"encoding {what}", unit="batch", leave=False):
+            bad += skipped
+            if images is None:
+                continue
+            with autocast:
+                f = backbone.encode_image(images.to(device), normalize=True)
+            keep += idx.tolist()
+            feats.append(f.float().cpu())
+        if bad:
+            warnings.warn(f"{what}: skipped {len(bad)} unreadable image file(s), e.g. {paths[bad[0]]}", stacklevel=2)
+        if not feats:
+            raise DatasetNotFound(f"{what}: none of the {len(paths)} image files could be read")
+        return keep, torch.cat(feats)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def split_features(cache: FeatureCache, backbone, dataset_cfg, split: Split, seed: int) -> Dict[str, Features]:
+    """train / val from the source domains (seeded 80/20), test = the whole target domain."""
+    train, val = [], []
+    for d in split.sources:
+        f = cache.domain_features(backbone, dataset_cfg, d)
+        tr, va = train_val_indices(len(f), seed, d, dataset_cfg.val_fraction)
+        train.append(f.subset(tr))
+        val.append(f.subset(va))
+    test = cache.domain_features(backbone, dataset_cfg, split.target)
+    return {"train": Features.cat(train), "val": Features.cat(val), "test": test}

@@ -1,0 +1,362 @@
+"""Running a config: splits, training through the method interface, checkpoints, records.
+
+A run directory holds Hydra's ``.hydra/`` dump, ``metrics.jsonl`` (one line per logged step or
+epoch), ``splits/<target>/`` (the checkpoint while a split trains, its final model and its
+``result.json`` once done) and ``results.json``, written atomically and last.
+
+* A finished run (``results.json`` with status ``finished`` and the same config hash) is skipped.
+* An interrupted run resumes: finished splits are read back, the split in progress restarts from
+  its last epoch checkpoint (methods checkpoint every epoch through ``TrainContext``).
+* A failed run writes ``results.json`` with status ``failed`` and the error, and exits non-zero.
+* Checkpoints are ``torch.save`` files read back with ``weights_only=True``; final models and the
+  feature cache are safetensors: loading never executes code from a file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import socket
+import subprocess
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from . import __version__
+from .config import ConfigError, UserError, config_hash
+from .data import FeatureCache, Features, class_names, make_splits, split_features
+from .methods import get_method
+
+log = logging.getLogger("promptdg")
+
+
+class RunLocked(UserError, RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------- small file helpers
+def write_json_atomic(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def torch_save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5,
+        )
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but no CUDA device is available. Valid here: auto, cpu")
+    return torch.device(name)
+
+
+def peak_memory_mb(device: torch.device) -> dict:
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {"cpu_rss": round(rss_kb / 1024, 1), "cuda": None if cuda is None else round(cuda, 1)}
+
+
+class _Lock:
+    """One process per run directory; a stale lock (dead pid on this host) is taken over."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+
+    def __enter__(self):
+        me = f"{socket.gethostname()}:{os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+                os.write(fd, me.encode())
+                os.close(fd)
+                return self
+            except FileExistsError:
+                host, _, pid = self.path.read_text().partition(":")
+                alive = host == socket.gethostname() and pid.isdigit() and _pid_alive(int(pid))
+                if alive:
+                    raise RunLocked(f"{self.path.parent} is being written by process {pid} on {host}; not starting a second copy.")
+                self.path.unlink(missing_ok=True)
+        raise RunLocked(f"could not lock {self.path}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+        return False
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+# --------------------------------------------------------------------- training context
+class TrainContext:
+    """What a method's ``fit`` may use: seed, checkpoints, metrics, progress, evaluation."""
+
+    def __init__(self, run_dir: Path, split_dir: Path, target: str, seed: int, device: torch.device):
+        self.run_dir, self.split_dir, self.target, self.seed, self.device = run_dir, split_dir, target, seed, device
+        self.ckpt = split_dir / "checkpoint.pt"
+
+    def load_checkpoint(self) -> Optional[dict]:
+        if not self.ckpt.is_file():
+            return None
+        state = torch.load(self.ckpt, map_location=self.device, weights_only=True)
+        log.info("resuming %s from its checkpoint (epoch %s)", self.target, state.get("epoch"))
+        return state
+
+    def save_checkpoint(self, state: dict) -> None:
+        torch_save_atomic(state, self.ckpt)
+
+    def log(self, **metrics) -> None:
+        line = {"time": round(time.time(), 3), "target": self.target, **metrics}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line, default=float) + "\n")
+
+    @staticmethod
+    def progress(iterable, desc: str, **kw):
+        return tqdm(iterable, desc=desc, unit="it", leave=False, dynamic_ncols=True, **kw)
+
+    @torch.no_grad()
+    def accuracy(self, method, feats: Features) -> float:
+        return evaluate(method, feats)["top1"]
+
+
+@torch.no_grad()
+def evaluate(method, feats: Features, chunk: int = 8192) -> dict:
+    """Top-1 accuracy and mean per-class accuracy (%), on cached features."""
+    preds = torch.cat([method.logits(feats.x[i : i + chunk]).argmax(-1).cpu() for i in range(0, len(feats), chunk)])
+    y = feats.y
+    correct = (preds == y).float()
+    per_class = [correct[y == c].mean().item() for c in torch.unique(y)]
+    return {"top1": 100 * correct.mean().item(), "mean_per_class": 100 * sum(per_class) / len(per_class), "n": len(y)}
+
+
+# --------------------------------------------------------------------- train / eval
+def run(cfg: DictConfig, run_dir: Path, mode: str = "train") -> dict:
+    """Train (or only evaluate) one config in ``run_dir``; returns the results record."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results_path = run_dir / "results.json"
+    chash = config_hash(cfg)
+    if results_path.is_file():
+        old = json.loads(results_path.read_text())
+        if old.get("config_hash") != chash:
+            raise RuntimeError(
+                f"{run_dir} already holds results of a different config (hash {old.get('config_hash')} != {chash}); "
+                f"refusing to overwrite them. Choose another hydra.run.dir."
+            )
+        if old.get("status") == "finished" and not cfg.force:
+            print(f"[promptdg] skipped: {run_dir} already finished with this config (force=true reruns it)")
+            return old
+    with _Lock(run_dir):
+        try:
+            record = _run_locked(cfg, run_dir, chash, mode)
+        except BaseException as e:
+            failed = _base_record(cfg, run_dir, chash) | {
+                "status": "failed",
+                "error": f"{type(e).__name__}: {e}",
+                "traceback": traceback.format_exc(),
+            }
+            write_json_atomic(results_path, failed)
+            raise
+    write_json_atomic(results_path, record)
+    return record
+
+
+def _base_record(cfg: DictConfig, run_dir: Path, chash: str) -> dict:
+    return {
+        "status": "running",
+        "method": cfg.method.name,
+        "variant": cfg.method.variant,
+        "dataset": cfg.dataset.name,
+        "backbone": cfg.backbone.name,
+        "model": cfg.backbone.model,
+        "pretrained": str(cfg.backbone.pretrained),
+        "protocol": cfg.dataset.protocol,
+        "seed": cfg.seed,
+        "domains": list(cfg.dataset.domains),
+        "config_hash": chash,
+        "run_dir": str(run_dir),
+        "version": __version__,
+        "git_revision": git_revision(),
+        "host": platform.node(),
+    }
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path, chash: str, mode: str) -> dict:
+    from .backbone import ClipBackbone
+
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    device = select_device(cfg.device)
+    method_cls = get_method(cfg.method.name)
+    if mode == "train" and not method_cls.trains:
+        log.info("%s trains nothing: evaluating only", cfg.method.name)
+    splits = make_splits(cfg.dataset, cfg.target, cfg.source)
+    backbone = ClipBackbone.from_config(cfg.backbone, device=device)
+    if method_cls.needs_vit and backbone.arch != "vit":
+        raise ConfigError(f"method={cfg.method.name} needs a ViT backbone; backbone={cfg.backbone.name} is a {backbone.arch}.")
+    cache = FeatureCache(cfg.cache_root, num_workers=cfg.num_workers)
+    names = class_names(cfg.dataset)
+    record = _base_record(cfg, run_dir, chash)
+    record.update(target_domains=[], source_domains={}, accuracy={}, mean_per_class_accuracy={}, val_accuracy={})
+    timings = {"train_s": 0.0, "eval_s": 0.0}
+    for split in splits:
+        split_dir = run_dir / "splits" / split.target
+        split_dir.mkdir(parents=True, exist_ok=True)
+        done = split_dir / "result.json"
+        if done.is_file():
+            res = json.loads(done.read_text())
+            print(f"[promptdg] {split.target}: finished earlier, read back")
+        else:
+            res = _run_split(cfg, method_cls, backbone, cache, names, split, split_dir, run_dir, device)
+            write_json_atomic(done, res)
+            print(f"[promptdg] {cfg.method.name} {cfg.dataset.name} target={split.target}: top-1 {res['test']['top1']:.1f}%")
+        record["target_domains"].append(split.target)
+        record["source_domains"][split.target] = split.sources
+        record["accuracy"][split.target] = res["test"]["top1"]
+        record["mean_per_class_accuracy"][split.target] = res["test"]["mean_per_class"]
+        if res.get("val") is not None:
+            record["val_accuracy"][split.target] = res["val"]["top1"]
+        timings["train_s"] += res["train_s"]
+        timings["eval_s"] += res["eval_s"]
+    if cfg.dataset.metric != "mean_per_class":
+        record.pop("mean_per_class_accuracy")
+    acc = record["accuracy"]
+    record["avg_accuracy"] = sum(acc.values()) / len(acc)
+    record["timings"] = timings | {"total_s": time.time() - t0}
+    record["peak_memory_mb"] = peak_memory_mb(device)
+    record["feature_cache"] = {"hits": cache.hits, "misses": cache.misses}
+    record["status"] = "finished"
+    return record
+
+
+def _run_split(cfg, method_cls, backbone, cache, names, split, split_dir, run_dir, device) -> dict:
+    data = split_features(cache, backbone, cfg.dataset, split, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    method = method_cls(cfg.method, backbone, names, device)
+    ctx = TrainContext(run_dir, split_dir, split.target, cfg.seed, device)
+    t = time.time()
+    if method_cls.trains:
+        method.fit(data, ctx)
+    train_s = time.time() - t
+    state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+    if state:
+        save_file(state, str(split_dir / "model.safetensors"))
+    ctx.ckpt.unlink(missing_ok=True)  # the final model replaces the resume checkpoint
+    t = time.time()
+    test = evaluate(method, data["test"])
+    val = evaluate(method, data["val"]) if len(data["val"]) else None
+    return {
+        "target": split.target,
+        "sources": split.sources,
+        "test": test,
+        "val": val,
+        "n_train": len(data["train"]),
+        "train_s": train_s,
+        "eval_s": time.time() - t,
+    }
+
+
+def load_split_model(cfg, run_dir: Path, target: str, backbone, device) -> Any:
+    """A finished split's method with its saved model (for ``promptdg eval run_dir=...``)."""
+    method = get_method(cfg.method.name)(cfg.method, backbone, class_names(cfg.dataset), device)
+    f = run_dir / "splits" / target / "model.safetensors"
+    if f.is_file():
+        method.load_state_dict(load_file(str(f)))
+    return method
+
+
+def reevaluate(cfg: DictConfig, source_run: Path, out_dir: Path) -> dict:
+    """Re-evaluate the saved models of a finished run, on its dataset or on another one.
+
+    The method and backbone come from the finished run's config; the dataset from this command
+    (``dataset=...``), which must have the same classes. Each saved split model is tested on
+    ``target`` when given, else on its own held-out domain when that exists in the dataset, else on
+    every domain of the dataset (a run with several split models then needs ``target=``).
+    """
+    from .backbone import ClipBackbone
+
+    run_cfg_file = source_run / ".hydra" / "config.yaml"
+    results = source_run / "results.json"
+    if not run_cfg_file.is_file() or not results.is_file() or json.loads(results.read_text()).get("status") != "finished":
+        raise ConfigError(f"run_dir={str(source_run)!r} is not a finished promptdg run (needs .hydra/config.yaml and a finished results.json)")
+    run_cfg = OmegaConf.load(run_cfg_file)
+    if list(run_cfg.dataset.classes.values()) != list(cfg.dataset.classes.values()):
+        raise ConfigError(
+            f"dataset={cfg.dataset.name} has other classes than the run's dataset ({run_cfg.dataset.name}); "
+            f"a trained classifier can only be re-evaluated on a dataset with the same classes."
+        )
+    t0 = time.time()
+    device = select_device(cfg.device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backbone = ClipBackbone.from_config(run_cfg.backbone, device=device)
+    cache = FeatureCache(cfg.cache_root, num_workers=cfg.num_workers)
+    targets = sorted(p.name for p in (source_run / "splits").iterdir() if (p / "result.json").is_file())
+    plan = {}
+    for t in targets:
+        if cfg.target:
+            plan[t] = [cfg.target]
+        elif t in cfg.dataset.domains:
+            plan[t] = [t]
+        else:
+            plan[t] = list(cfg.dataset.domains)
+    if len(targets) > 1 and any(len(v) > 1 for v in plan.values()):
+        raise ConfigError(f"run_dir has {len(targets)} split models ({targets}); choose the domain to test with target=<domain>")
+    record = _base_record(cfg, out_dir, config_hash(cfg)) | {
+        "method": run_cfg.method.name,
+        "variant": run_cfg.method.variant,
+        "backbone": run_cfg.backbone.name,
+        "model": run_cfg.backbone.model,
+        "pretrained": str(run_cfg.backbone.pretrained),
+        "evaluated_run": str(source_run),
+        "target_domains": [],
+        "source_domains": {},
+        "accuracy": {},
+    }
+    for t, domains in plan.items():
+        method = load_split_model(run_cfg, source_run, t, backbone, device)
+        sources = json.loads((source_run / "splits" / t / "result.json").read_text())["sources"]
+        for d in domains:
+            res = evaluate(method, cache.domain_features(backbone, cfg.dataset, d))
+            record["target_domains"].append(d)
+            record["source_domains"][d] = sources
+            record["accuracy"][d] = res["top1"]
+            print(f"[promptdg] re-evaluated {source_run.name} (model for {t}) on {cfg.dataset.name}/{d}: top-1 {res['top1']:.1f}%")
+    record["avg_accuracy"] = sum(record["accuracy"].values()) / len(record["accuracy"])
+    record["timings"] = {"total_s": time.time() - t0}
+    record["peak_memory_mb"] = peak_memory_mb(device)
+    record["status"] = "finished"
+    write_json_atomic(out_dir / "results.json", record)
+    return record

@@ -1,0 +1,37 @@
+"""The method interface: what the engine asks of every method.
+
+A method is built from its config, the frozen backbone and the class names; ``fit`` trains it on
+the source data of one split (cached image features, or no images at all), and ``logits`` scores
+cached image features. Training state goes through ``TrainContext`` so checkpoints, resume,
+metrics and model selection are the engine's business, not each method's.
+"""
+from __future__ import annotations
+
+from typing import ClassVar, Dict, Type
+
+import torch
+
+from ..schema import MethodConfig
+
+
+class Method:
+    Config: ClassVar[Type[MethodConfig]] = MethodConfig
+    trains: ClassVar[bool] = True  # False: evaluation only (zero-shot)
+    needs_vit: ClassVar[bool] = False  # True: a ResNet backbone is a config error
+
+    def __init__(self, cfg, backbone, classnames: list[str], device: torch.device):
+        self.cfg, self.backbone, self.classnames, self.device = cfg, backbone, classnames, device
+
+    def fit(self, data: Dict[str, "object"], ctx) -> None:
+        """Train on data['train'], select on data['val'] (both source only)."""
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) normalised image features -> (B, C) class scores."""
+        raise NotImplementedError
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        pass

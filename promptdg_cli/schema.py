@@ -1,0 +1,53 @@
+"""Dataclass schemas of the config groups.
+
+Every YAML file in ``conf/dataset``, ``conf/backbone`` and ``conf/method`` is merged onto one of
+these schemas at composition time, so a misspelled key (in a YAML file or on the command line) is an
+error before anything runs, and every value is type-checked.
+
+Method schemas live next to their method (``promptdg_cli/methods/<name>.py``) and subclass
+:class:`MethodConfig`; :func:`register_configs` stores all of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import MISSING
+
+
+@dataclass
+class DatasetConfig:
+    name: str = MISSING  # the config's name, e.g. "pacs"
+    folder: str = MISSING  # directory under the data root, e.g. "PACS" -> <root>/PACS/<domain>/<class>/<img>
+    root: str = "${data_root}"  # data root; defaults to $PROMPTDG_DATA (see conf/train.yaml)
+    protocol: str = "dg"  # dg (leave-one-domain-out) | uda (labelled source -> unlabelled target)
+    domains: List[str] = MISSING  # exact domain folder names
+    classes: Dict[str, str] = MISSING  # class folder name -> human name used in prompts, in label order
+    metric: str = "top1"  # top1 | mean_per_class (VisDA-2017 reports both)
+    val_fraction: float = 0.2  # DomainBed's 80/20 train/validation split of each source domain
+    prepare: str = ""  # how to obtain and lay out the data; printed when the folder is missing
+    generator: Optional[str] = None  # built-in generator that writes the dataset on first use (demo world)
+    generator_args: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BackboneConfig:
+    name: str = MISSING  # the config's name, e.g. "vit_b16"
+    model: str = MISSING  # open_clip model name, e.g. "ViT-B-16"
+    pretrained: str = MISSING  # open_clip tag ("openai", "laion2b_s34b_b79k") or a local checkpoint path
+    arch: str = "vit"  # vit | resnet; methods that need visual prompts require vit
+    # Where open_clip keeps downloaded weights (None: the Hugging Face cache). Pre-download there.
+    cache_dir: Optional[str] = None
+    # Built-in recipe that creates the checkpoint on first use (only the demo CLIP has one).
+    builder: Optional[str] = None
+    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+
+
+@dataclass
+class MethodConfig:
+    """Keys every method has. A method's own schema subclasses this."""
+
+    name: str = MISSING
+    variant: str = ""  # shown next to the name in tables, e.g. the zero-shot template
+    batch_size: int = 32
+    epochs: int = 0  # 0: the method does not train

@@ -1,0 +1,406 @@
+"""Tests of `promptdg collect` on fake results.json files (no torch, no data, no GPU)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+
+from promptdg_cli import collect
+from promptdg_cli.collect import CollectError, collect_tables, load_records, main, parse_filters
+
+DIGITS = ["handwritten", "printed", "sketch", "photo", "painting"]  # painting: never a target
+VISDA = ["synthetic", "real"]
+ZS = "a photo of a [class]."
+ZS_LABEL = f"zeroshot ({ZS})"
+
+
+def make_record(method, backbone, seed, accuracy, *, dataset="demo_digits", protocol="dg",
+                domains=DIGITS, variant="", mpc=None, targets=None, status="finished", error=None):
+    targets = list(targets if targets is not None else accuracy)
+    rec = {
+        "status": status,
+        "method": method,
+        "variant": variant,
+        "dataset": dataset,
+        "backbone": backbone,
+        "model": "demo-clip-vit",
+        "pretrained": "/tmp/demo.pt",
+        "protocol": protocol,
+        "seed": seed,
+        "domains": list(domains),
+        "target_domains": targets,
+        "source_domains": {t: [d for d in domains if d != t] for t in targets},
+        "timings": {"total_s": 1.0},
+        "peak_memory_mb": {"cpu_rss": 900.0, "cuda": None},
+        "version": "0.1.0",
+        "git_revision": "abc123",
+        "config_hash": "3fa2c1d0",
+    }
+    if status == "finished":
+        rec["accuracy"] = dict(accuracy)
+        rec["avg_accuracy"] = sum(accuracy.values()) / len(accuracy)
+        rec["val_accuracy"] = {t: 90.0 for t in targets}
+        if mpc is not None:
+            rec["mean_per_class_accuracy"] = dict(mpc)
+    else:
+        rec["error"] = error
+    return rec
+
+
+def write(root: Path, name: str, rec) -> None:
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    if isinstance(rec, dict):
+        rec = dict(rec, run_dir=str(run_dir))
+        text = json.dumps(rec)
+    else:
+        text = rec
+    (run_dir / "results.json").write_text(text)
+    (run_dir / "train.log").write_text("accuracy 0.0 -- logs must never be parsed\n")
+
+
+def build_tree(root: Path) -> None:
+    """The fixture, with the expected numbers worked out by hand in the tests below.
+
+    demo_digits (dg), 3 seeds:
+      zeroshot vit_b16  all-target runs, seeds 1-3, identical numbers (std 0)
+      zeroshot rn50     one all-target run, seed 1
+      coop vit_b16      single-target runs; photo has only seeds 1, 2
+      coop rn50         all-target runs, seeds 1, 2; seed 3 failed
+      dapl vit_b16      seed 1 all-target; seeds 2, 3 single-target on sketch and photo only
+      linear_probe      seed 1, sketch only
+    demo_visda (uda), target "real", with mean-per-class accuracy for two methods.
+    """
+    for s in (1, 2, 3):
+        write(root, f"digits/zeroshot/vit_b16/s{s}", make_record(
+            "zeroshot", "vit_b16", s, {"handwritten": 50.0, "printed": 80.0, "sketch": 40.0, "photo": 70.0},
+            variant=ZS))
+    write(root, "digits/zeroshot/rn50/s1", make_record(
+        "zeroshot", "rn50", 1, {"handwritten": 45.0, "printed": 75.0, "sketch": 35.0, "photo": 65.0}, variant=ZS))
+
+    coop = {  # domain -> per-seed values (seed 3 never ran on photo)
+        "handwritten": [60.0, 62.0, 64.0],
+        "printed": [90.0, 92.0, 94.0],
+        "sketch": [60.0, 63.0, 66.0],
+        "photo": [70.0, 75.0],
+    }
+    for domain, values in coop.items():
+        for s, v in enumerate(values, start=1):
+            write(root, f"digits/coop/vit_b16/s{s}_{domain}", make_record("coop", "vit_b16", s, {domain: v}))
+
+    write(root, "digits/coop/rn50/s1", make_record(
+        "coop", "rn50", 1, {"handwritten": 55.0, "printed": 85.0, "sketch": 50.0, "photo": 60.0}))
+    write(root, "digits/coop/rn50/s2", make_record(
+        "coop", "rn50", 2, {"handwritten": 57.0, "printed": 87.0, "sketch": 52.0, "photo": 62.0}))
+    write(root, "digits/coop/rn50/s3", make_record(
+        "coop", "rn50", 3, {}, targets=["handwritten", "printed", "sketch", "photo"], status="failed",
+        error="RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\nTraceback (most recent call last):\n  ..."))
+
+    # accuracy keys deliberately not in canonical order
+    write(root, "digits/dapl/vit_b16/s1", make_record(
+        "dapl", "vit_b16", 1, {"photo": 80.0, "sketch": 70.0, "printed": 93.0, "handwritten": 65.0},
+        targets=["handwritten", "printed", "sketch", "photo"]))
+    for s, (sk, ph) in {2: (72.0, 81.0), 3: (74.0, 82.0)}.items():
+        write(root, f"digits/dapl/vit_b16/s{s}_sketch", make_record("dapl", "vit_b16", s, {"sketch": sk}))
+        write(root, f"digits/dapl/vit_b16/s{s}_photo", make_record("dapl", "vit_b16", s, {"photo": ph}))
+
+    write(root, "digits/linear_probe/vit_b16/s1_sketch", make_record("linear_probe", "vit_b16", 1, {"sketch": 75.0}))
+
+    kw = dict(dataset="demo_visda", protocol="uda", domains=VISDA)
+    write(root, "visda/zeroshot/s1", make_record("zeroshot", "vit_b16", 1, {"real": 80.0}, mpc={"real": 78.0}, **kw))
+    write(root, "visda/dapl/s1", make_record("dapl", "vit_b16", 1, {"real": 85.0}, mpc={"real": 83.0}, **kw))
+    write(root, "visda/dapl/s2", make_record("dapl", "vit_b16", 2, {"real": 87.0}, mpc={"real": 86.0}, **kw))
+    write(root, "visda/linear_probe/s1", make_record("linear_probe", "vit_b16", 1, {"real": 82.0}, **kw))
+
+    write(root, "broken/run", '{"status": "finished", "method": "coop", "accur')  # corrupt
+
+
+@pytest.fixture()
+def tree(tmp_path):
+    root = tmp_path / "runs"
+    build_tree(root)
+    return root
+
+
+@pytest.fixture()
+def tables(tree):
+    records, skipped = load_records(tree)
+    return collect_tables(records)
+
+
+def digits(tables):
+    (t,) = [t for t in tables if t.dataset == "demo_digits" and t.metric == "accuracy"]
+    return t
+
+
+def assert_cell(cell, mean, std, n):
+    assert cell.n == n
+    assert cell.mean == pytest.approx(mean)
+    if std is None:
+        assert cell.std is None
+    else:
+        assert cell.std == pytest.approx(std)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_load_records_skips_corrupt(tree):
+    records, skipped = load_records(tree)
+    # 3+1 zeroshot, 11 coop vit, 3 coop rn50 (1 failed), 1+4 dapl, 1 linear probe, 4 visda
+    assert len(records) == 28
+    assert len(skipped) == 1
+    assert skipped[0][0].endswith("broken/run/results.json")
+    assert "invalid JSON" in skipped[0][1]
+
+
+def test_table_layout(tables):
+    assert [(t.dataset, t.protocol, t.metric) for t in tables] == [
+        ("demo_digits", "dg", "accuracy"),
+        ("demo_visda", "uda", "accuracy"),
+        ("demo_visda", "uda", "mean_per_class_accuracy"),
+    ]
+    t = digits(tables)
+    # canonical order from `domains` (not alphabetical, not first-seen); painting never tested
+    assert t.columns == ["handwritten", "printed", "sketch", "photo"]
+    assert [(r.label, r.backbone) for r in t.rows] == [
+        (ZS_LABEL, "rn50"),
+        (ZS_LABEL, "vit_b16"),
+        ("coop", "rn50"),
+        ("coop", "vit_b16"),
+        ("dapl", "vit_b16"),
+        ("linear_probe", "vit_b16"),
+    ]
+    assert t.max_seeds == 3
+
+
+def test_numbers_by_hand(tables):
+    t = digits(tables)
+    # zero-shot: same numbers for each seed -> std 0; one seed -> no std
+    assert_cell(t.cell(ZS_LABEL, "vit_b16", "sketch"), 40.0, 0.0, 3)
+    assert_cell(t.cell(ZS_LABEL, "vit_b16", "Avg"), 60.0, 0.0, 3)
+    assert_cell(t.cell(ZS_LABEL, "rn50", "photo"), 65.0, None, 1)
+    assert_cell(t.cell(ZS_LABEL, "rn50", "Avg"), 55.0, None, 1)
+
+    # coop vit_b16: merged from 11 single-target runs
+    assert_cell(t.cell("coop", "vit_b16", "handwritten"), 62.0, 2.0, 3)  # 60, 62, 64
+    assert_cell(t.cell("coop", "vit_b16", "printed"), 92.0, 2.0, 3)  # 90, 92, 94
+    assert_cell(t.cell("coop", "vit_b16", "sketch"), 63.0, 3.0, 3)  # 60, 63, 66
+    assert_cell(t.cell("coop", "vit_b16", "photo"), 72.5, math.sqrt(12.5), 2)  # 70, 75
+    # Avg: seed 1 = (60+90+60+70)/4 = 70, seed 2 = (62+92+63+75)/4 = 73; seed 3 lacks photo
+    avg = t.cell("coop", "vit_b16", "Avg")
+    assert_cell(avg, 71.5, math.sqrt(4.5), 2)
+    assert avg.seeds == (1, 2)
+    assert t.row("coop", "vit_b16").max_seeds == 3
+
+    # coop rn50: 2 finished seeds, the failed seed is never averaged
+    assert_cell(t.cell("coop", "rn50", "handwritten"), 56.0, math.sqrt(2), 2)
+    assert_cell(t.cell("coop", "rn50", "Avg"), 63.5, math.sqrt(2), 2)  # 62.5, 64.5
+
+    # dapl: all-target run for seed 1 merged with single-target runs for seeds 2, 3
+    assert_cell(t.cell("dapl", "vit_b16", "handwritten"), 65.0, None, 1)
+    assert_cell(t.cell("dapl", "vit_b16", "sketch"), 72.0, 2.0, 3)  # 70, 72, 74
+    assert_cell(t.cell("dapl", "vit_b16", "photo"), 81.0, 1.0, 3)  # 80, 81, 82
+    assert_cell(t.cell("dapl", "vit_b16", "Avg"), 77.0, None, 1)  # (65+93+70+80)/4
+
+    # linear probe: only sketch -> other cells and Avg missing
+    lp = t.row("linear_probe", "vit_b16")
+    assert [lp.cells[c].n for c in t.columns] == [0, 0, 1, 0]
+    assert lp.avg.n == 0 and lp.avg.mean is None
+
+    # failed runs are listed, not averaged
+    assert len(t.failed) == 1
+    f = t.failed[0]
+    assert (f.label, f.backbone, f.seed) == ("coop", "rn50", 3)
+    assert f.error == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert f.run_dir.endswith("digits/coop/rn50/s3")
+    assert not f.superseded
+
+
+def test_mean_per_class_table(tables):
+    acc = [t for t in tables if t.dataset == "demo_visda" and t.metric == "accuracy"][0]
+    mpc = [t for t in tables if t.dataset == "demo_visda" and t.metric == "mean_per_class_accuracy"][0]
+    assert acc.columns == mpc.columns == ["real"]  # synthetic is only ever a source
+    assert [r.label for r in acc.rows] == ["zeroshot", "dapl", "linear_probe"]  # variant "" -> bare name
+    assert [r.label for r in mpc.rows] == ["zeroshot", "dapl"]  # linear probe reported no mpc
+    assert_cell(acc.cell("dapl", "vit_b16", "real"), 86.0, math.sqrt(2), 2)
+    assert_cell(mpc.cell("dapl", "vit_b16", "real"), 84.5, math.sqrt(4.5), 2)
+    assert_cell(mpc.cell("zeroshot", "vit_b16", "Avg"), 78.0, None, 1)
+
+
+def test_markdown_marks(tables):
+    md = collect.render_markdown(tables)
+    assert "### demo_digits (dg) — top-1 accuracy (%)" in md
+    assert "sample standard deviation (ddof=1)" in md
+    assert "| Method | Backbone | handwritten | printed | sketch | photo | Avg |" in md
+    assert (f"| {ZS_LABEL} | vit_b16 | 50.0 ± 0.0 | 80.0 ± 0.0 | 40.0 ± 0.0 | 70.0 ± 0.0 | 60.0 ± 0.0 |") in md
+    assert (f"| {ZS_LABEL} (1/3 seeds) | rn50 | 45.0 | 75.0 | 35.0 | 65.0 | 55.0 |") in md
+    assert ("| coop | vit_b16 | 62.0 ± 2.0 | 92.0 ± 2.0 | 63.0 ± 3.0 | 72.5 ± 3.5 (2/3 seeds) "
+            "| 71.5 ± 2.1 (2/3 seeds) |") in md
+    assert "| coop (2/3 seeds) | rn50 | 56.0 ± 1.4 | 86.0 ± 1.4 | 51.0 ± 1.4 | 61.0 ± 1.4 | 63.5 ± 1.4 |" in md
+    assert ("| dapl | vit_b16 | 65.0 (1/3 seeds) | 93.0 (1/3 seeds) | 72.0 ± 2.0 | 81.0 ± 1.0 "
+            "| 77.0 (1/3 seeds) |") in md
+    assert "| linear_probe (1/3 seeds) | vit_b16 | – | – | 75.0 | – | – |" in md
+    assert "Failed runs: 1" in md
+    assert "CUDA out of memory" in md and "Traceback" not in md
+    assert "### demo_visda (uda) — mean per-class accuracy (%)" in md
+
+
+def test_filters(tables, tree):
+    records, _ = load_records(tree)
+    t = digits(collect_tables(records, parse_filters(["method=coop,dapl", "backbone=vit_b16"])))
+    assert [(r.label, r.backbone) for r in t.rows] == [("coop", "vit_b16"), ("dapl", "vit_b16")]
+    assert t.failed == []  # the failed run is rn50
+
+    t = digits(collect_tables(records, parse_filters(["seed=1"])))
+    assert_cell(t.cell("coop", "vit_b16", "sketch"), 60.0, None, 1)
+    assert_cell(t.cell("coop", "vit_b16", "Avg"), 70.0, None, 1)
+
+    t = digits(collect_tables(records, parse_filters([f"label={ZS_LABEL}"])))
+    assert {r.method for r in t.rows} == {"zeroshot"}
+
+    t = digits(collect_tables(records, parse_filters(["domain=photo,sketch", "method=dapl"])))
+    assert t.columns == ["sketch", "photo"]
+    assert_cell(t.cell("dapl", "vit_b16", "Avg"), 76.5, 1.5, 3)  # 75, 76.5, 78
+
+    with pytest.raises(CollectError, match="valid keys: method, variant"):
+        parse_filters(["optimizer=sgd"])
+    with pytest.raises(CollectError, match="key=value"):
+        parse_filters(["coop"])
+
+
+def test_main_writes_outputs(tree, capsys):
+    assert main([str(tree)]) == 0
+    out, err = capsys.readouterr()
+    assert "| coop | vit_b16 | 62.0 ± 2.0 |" in out
+    assert "skipped 1 unreadable or invalid results.json" in err
+    for name in ("results.md", "results.csv", "results.tex", "results.png"):
+        assert (tree / name).stat().st_size > 0, name
+    assert (tree / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out in (tree / "results.md").read_text()
+
+    rows = list(csv.DictReader(io.StringIO((tree / "results.csv").read_text())))
+    assert list(rows[0]) == ["dataset", "protocol", "metric", "method", "backbone", "domain", "mean", "std", "n_seeds"]
+    by_key = {(r["dataset"], r["metric"], r["method"], r["backbone"], r["domain"]): r for r in rows}
+    sk = by_key[("demo_digits", "accuracy", "coop", "vit_b16", "sketch")]
+    assert (float(sk["mean"]), float(sk["std"]), int(sk["n_seeds"])) == (63.0, 3.0, 3)
+    ph = by_key[("demo_digits", "accuracy", "coop", "vit_b16", "photo")]
+    assert float(ph["mean"]) == 72.5 and float(ph["std"]) == pytest.approx(math.sqrt(12.5), abs=1e-4)
+    assert ph["n_seeds"] == "2"
+    avg = by_key[("demo_digits", "accuracy", "coop", "vit_b16", "Avg")]
+    assert (float(avg["mean"]), avg["n_seeds"]) == (71.5, "2")
+    one = by_key[("demo_digits", "accuracy", ZS_LABEL, "rn50", "sketch")]
+    assert (one["mean"], one["std"], one["n_seeds"]) == ("35.0000", "", "1")
+    miss = by_key[("demo_digits", "accuracy", "linear_probe", "vit_b16", "handwritten")]
+    assert (miss["mean"], miss["n_seeds"]) == ("", "0")
+    mpc = by_key[("demo_visda", "mean_per_class_accuracy", "dapl", "vit_b16", "real")]
+    assert float(mpc["mean"]) == 84.5
+    # 6 digits rows x 5 (4 domains + Avg) + visda 3 x 2 + mpc 2 x 2
+    assert len(rows) == 6 * 5 + 3 * 2 + 2 * 2
+
+    tex = (tree / "results.tex").read_text()
+    assert r"\toprule" in tex and r"\midrule" in tex and r"\bottomrule" in tex
+    assert r"\begin{tabular}{llccccc}" in tex
+    assert r"coop & vit\_b16 & 62.0 $\pm$ 2.0 & 92.0 $\pm$ 2.0 & 63.0 $\pm$ 3.0 & 72.5 $\pm$ 3.5" in tex
+    assert r"linear\_probe" in tex and "--" in tex
+    assert "84.5 $\\pm$ 2.1" in tex
+
+
+def test_main_filter_and_errors(tree, tmp_path, capsys):
+    out_dir = tmp_path / "report"
+    assert main([str(tree), "method=coop,dapl", "backbone=vit_b16", "seed=1", "-o", str(out_dir)]) == 0
+    rows = list(csv.DictReader(io.StringIO((out_dir / "results.csv").read_text())))
+    assert {(r["method"], r["backbone"]) for r in rows} == {("coop", "vit_b16"), ("dapl", "vit_b16")}
+    assert {r["n_seeds"] for r in rows} <= {"0", "1"}
+    capsys.readouterr()
+
+    assert main([str(tree), "optimizer=sgd"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown filter key 'optimizer'" in err and "backbone" in err and "seed" in err
+
+    assert main([str(tree), "method=nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no record" in err and "method values: coop, dapl, linear_probe, zeroshot" in err
+
+
+def test_zero_records_exits_2(tmp_path, capsys):
+    empty = tmp_path / "empty"
+    (empty / "run1").mkdir(parents=True)
+    (empty / "run1" / "train.log").write_text("acc 99\n")
+    assert main([str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "no usable results.json" in err and str(empty) in err
+    assert not (empty / "results.md").exists()
+
+    bad = tmp_path / "bad"
+    write(bad, "r", "not json")
+    assert main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "skipped 1" in err and str(bad) in err
+
+    assert main([str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+
+
+def test_duplicates_keep_later_record():
+    a = make_record("coop", "vit_b16", 1, {"sketch": 50.0})
+    b = make_record("coop", "vit_b16", 1, {"sketch": 60.0, "photo": 70.0})
+    (t,) = collect_tables([a, b])
+    assert_cell(t.cell("coop", "vit_b16", "sketch"), 60.0, None, 1)
+    assert len(t.notes) == 1 and "duplicate" in t.notes[0]
+    # a failed run later re-run successfully is still listed, marked superseded
+    failed = make_record("coop", "vit_b16", 1, {}, targets=["sketch"], status="failed", error="boom")
+    (t,) = collect_tables([failed, a])
+    assert t.failed[0].superseded and t.failed[0].error == "boom"
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "promptdg collect" in out and "method=coop,dapl backbone=vit_b16 seed=1" in out
+
+
+def test_collect_500_records_timing(tmp_path, capsys):
+    """Timing only (printed, never asserted): 500 single- and all-target records."""
+    root = tmp_path / "many"
+    n = 0
+    domains = ["handwritten", "printed", "sketch", "photo"]
+    for m, method in enumerate(["zeroshot", "coop", "dapl", "dapt", "linear_probe"]):
+        for backbone in ("vit_b16", "rn50"):
+            for seed in range(1, 11):
+                for i, d in enumerate(domains):
+                    rec = make_record(method, backbone, seed, {d: 50.0 + m + i + seed / 10})
+                    write(root, f"{method}/{backbone}/s{seed}/{d}", rec)
+                    n += 1
+            write(root, f"{method}/{backbone}/all", make_record(
+                method, backbone, 11, {d: 60.0 + m for d in domains}))
+            n += 1
+    write(root, "visda/s1", make_record("dapl", "vit_b16", 1, {"real": 80.0}, mpc={"real": 79.0},
+                                        dataset="demo_visda", protocol="uda", domains=VISDA))
+    n += 1
+    # top up to exactly 500
+    extra = 500 - n
+    for k in range(extra):
+        write(root, f"extra/{k}", make_record("coop", "vit_l14", k + 1, {"sketch": 70.0 + k % 5}))
+    records, _ = load_records(root)
+    assert len(records) == 500
+
+    t0 = time.perf_counter()
+    records, _ = load_records(root)
+    t1 = time.perf_counter()
+    tables = collect_tables(records)
+    t2 = time.perf_counter()
+    assert main([str(root)]) == 0
+    t3 = time.perf_counter()
+    capsys.readouterr()
+    with capsys.disabled():
+        print(f"\n[collect timing] 500 records: load {1e3 * (t1 - t0):.0f} ms, tables "
+              f"{1e3 * (t2 - t1):.0f} ms, full main() incl. md/csv/tex/png {1e3 * (t3 - t2):.0f} ms "
+              f"({len(tables)} tables)")
