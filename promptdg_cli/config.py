@@ -75,7 +75,8 @@ _UNHASHED = {
 
 def hashed_view(cfg: DictConfig) -> dict:
     """The part of a run config that determines its results (its identity for skip/resume)."""
-    c = OmegaConf.to_container(cfg, resolve=True)
+    c = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("method", "dataset", "backbone")}
+    c.update(seed=cfg.seed, target=cfg.target, source=OmegaConf.to_container(cfg.source) if cfg.source else None)
     view = {
         "method": c["method"],
         "dataset": {k: v for k, v in c["dataset"].items() if k not in _UNHASHED["dataset"]},

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .config import ConfigError, UserError, config_hash
-from .data import FeatureCache, Features, class_names, make_splits, split_features
+from .data import FeatureCache, Features, class_names, dataset_dir, make_splits, split_features
 from .methods import get_method
 
 log = logging.getLogger("promptdg")
@@ -160,7 +160,7 @@ def evaluate(method, feats: Features, chunk: int = 8192) -> dict:
     y = feats.y
     correct = (preds == y).float()
     per_class = [correct[y == c].mean().item() for c in torch.unique(y)]
-    return {"top1": 100 * correct.mean().item(), "mean_per_class": 100 * sum(per_class) / len(per_class), "n": len(y)}
+    return {"top1": round(100 * correct.mean().item(), 4), "mean_per_class": round(100 * sum(per_class) / len(per_class), 4), "n": len(y)}
 
 
 # --------------------------------------------------------------------- train / eval
@@ -224,6 +224,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, chash: str, mode: str) -> dict:
     if mode == "train" and not method_cls.trains:
         log.info("%s trains nothing: evaluating only", cfg.method.name)
     splits = make_splits(cfg.dataset, cfg.target, cfg.source)
+    dataset_dir(cfg.dataset)  # a missing dataset fails before any model is loaded
     backbone = ClipBackbone.from_config(cfg.backbone, device=device)
     if method_cls.needs_vit and backbone.arch != "vit":
         raise ConfigError(f"method={cfg.method.name} needs a ViT backbone; backbone={cfg.backbone.name} is a {backbone.arch}.")

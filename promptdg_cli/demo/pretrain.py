@@ -62,7 +62,7 @@ def pretraining_set(n_images: int, size: int):
         for digit in range(len(CLASSES)):
             render_rng = np.random.default_rng([PRETRAIN_SEED, d_idx, digit])
             for _ in range(max(1, round(n_images * share / len(CLASSES)))):
-                images.append(render(domain, digit, render_rng, size=size))
+                images.append(render(domain, digit, render_rng, size=size, split="pretrain"))
                 captions.append(caption(domain, digit, rng))
     return images, captions
 

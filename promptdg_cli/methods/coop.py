@@ -117,7 +117,7 @@ class CoOp(Method):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss) * len(idx)
+                total += loss.item() * len(idx)
             val_acc = ctx.accuracy(self, data["val"])
             if cfg.select == "last" or val_acc > best["acc"]:
                 best = {"acc": val_acc, "epoch": epoch, "ctx": self.prompt.ctx.detach().clone()}
@@ -125,7 +125,6 @@ class CoOp(Method):
             ctx.save_checkpoint({"epoch": epoch, "ctx": self.prompt.ctx.detach(), "optimizer": opt.state_dict(), "best": best})
         self.prompt.ctx.data.copy_(best["ctx"])
         ctx.log(selected_epoch=best["epoch"], selected_val_acc=best["acc"])
-        self._text = None
 
     @torch.no_grad()
     def logits(self, x):

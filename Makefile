@@ -1,0 +1,39 @@
+# promptdg: `make demo` and `make test` install whatever is missing into .venv, then do their job.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+
+.PHONY: install demo test test-all bench clean-demo
+
+install: $(STAMP)
+
+# Reinstalled when the pins or the package metadata change. torch/torchvision come from the pins in
+# constraints.txt (a CPU torch wheel where one is provided; never an unpinned CUDA download).
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(PIP) install --quiet -c constraints.txt torch torchvision
+	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+# The main job on the offline demo world: build the world and the demo CLIP if not cached, run the
+# baselines leave-one-domain-out for every target domain, print the collected table.
+DEMO_OUT ?= outputs/demo
+demo: $(STAMP)
+	$(VENV)/bin/promptdg train -m method=zeroshot,linear_probe,coop method.epochs=10 out_root=$(DEMO_OUT)
+	$(VENV)/bin/promptdg collect $(DEMO_OUT)
+
+test: $(STAMP)
+	$(PY) -m pytest -q --durations=10
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "slow or not slow"
+
+bench: $(STAMP)
+	$(PY) scripts/bench.py --out bench/bench.json
+
+clean-demo:
+	rm -rf $(DEMO_OUT)

@@ -1,0 +1,128 @@
+"""promptdg benchmark (``make bench``): what the truncated text path and the feature cache buy.
+
+Both measurements use the ViT-B/16 CLIP architecture with random weights (timing does not depend
+on the weights) and are reported as ratios measured in the same process:
+
+1. text encoder forward+backward through learned prompts (CoOp's 16 context vectors, the 65
+   Office-Home class names): all 77 positions vs. truncated at the last end-of-text token;
+2. a CoOp training epoch on cached image features vs. the same epoch re-encoding every image batch
+   with the frozen image encoder (what implementations without a feature cache do).
+
+Usage: python scripts/bench.py [--out bench/bench.json] [--device cpu] [--repeats 3]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import promptdg_cli.backbone  # noqa: F401  (torchvision shim before open_clip)
+import open_clip
+import torch
+from omegaconf import OmegaConf
+
+from promptdg_cli.backbone import ClipBackbone
+from promptdg_cli.config import conf_dir
+from promptdg_cli.methods.coop import CoOp, CoOpConfig
+
+
+def timed(fn, repeats: int, device: torch.device) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/bench.json")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--model", default="ViT-B-16-quickgelu")
+    ap.add_argument("--batches", type=int, default=4, help="batches in the timed CoOp 'epoch'")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms(args.model, pretrained=None, device=device)
+    clip = ClipBackbone(model, open_clip.get_tokenizer(args.model), preprocess, args.model, "random", "vit")
+    names = list(OmegaConf.load(conf_dir() / "dataset" / "officehome.yaml").classes.values())
+    coop = CoOp(OmegaConf.structured(CoOpConfig()), clip, names, device)
+    result = {"model": args.model, "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "host": platform.node(), "classes": len(names), "n_ctx": 16}
+
+    # 1. text encoder forward+backward, truncated vs all 77 positions --------------------------
+    prompts = coop.prompt()  # (C, L, W), L = last EOS + 1
+    eot = coop.prompt.eot
+    pad = clip.token_embedding(torch.zeros(len(names), clip.context_length - prompts.shape[1], dtype=torch.long, device=device))
+    full_prompts = lambda: torch.cat([coop.prompt(), pad], dim=1)  # noqa: E731  (C, 77, W)
+
+    def step(truncate: bool):
+        coop.prompt.ctx.grad = None
+        p = coop.prompt() if truncate else full_prompts()
+        clip.encode_prompts(p, eot, truncate=truncate).sum().backward()
+
+    full_s = timed(lambda: step(False), args.repeats, device)
+    trunc_s = timed(lambda: step(True), args.repeats, device)
+    result["text_fwd_bwd"] = {
+        "positions_full": clip.context_length,
+        "positions_truncated": int(eot.max()) + 1,
+        "full_s": round(full_s, 4),
+        "truncated_s": round(trunc_s, 4),
+        "speedup": round(full_s / trunc_s, 2),
+    }
+    print(f"text fwd+bwd, {len(names)} prompts: 77 positions {full_s:.3f}s, "
+          f"{int(eot.max()) + 1} positions {trunc_s:.3f}s -> {full_s / trunc_s:.2f}x", flush=True)
+
+    # 2. CoOp epoch: cached features vs re-encoding images --------------------------------------
+    bs, n = 32, 32 * args.batches
+    size = model.visual.image_size[0] if isinstance(model.visual.image_size, tuple) else model.visual.image_size
+    images = torch.randn(n, 3, size, size, device=device)
+    labels = torch.randint(len(names), (n,), device=device)
+    with torch.no_grad():
+        cached = torch.cat([clip.encode_image(images[i : i + bs]) for i in range(0, n, bs)])
+    opt = torch.optim.SGD([coop.prompt.ctx], lr=0.002, momentum=0.9)
+
+    def epoch(use_cache: bool):
+        for i in range(0, n, bs):
+            if use_cache:
+                x = cached[i : i + bs]
+            else:
+                with torch.no_grad():
+                    x = clip.encode_image(images[i : i + bs])
+            loss = coop.loss(x, labels[i : i + bs])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    reencode_s = timed(lambda: epoch(False), max(1, args.repeats - 1), device)
+    cached_s = timed(lambda: epoch(True), args.repeats, device)
+    result["coop_epoch"] = {
+        "images": n,
+        "batch_size": bs,
+        "reencode_s": round(reencode_s, 4),
+        "cached_s": round(cached_s, 4),
+        "speedup": round(reencode_s / cached_s, 2),
+    }
+    print(f"CoOp epoch of {n} images: re-encoding {reencode_s:.3f}s, cached features {cached_s:.3f}s "
+          f"-> {reencode_s / cached_s:.2f}x", flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

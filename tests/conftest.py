@@ -1,0 +1,67 @@
+"""Shared fixtures: a tiny demo world, a random-weight demo CLIP checkpoint, and a CLI runner.
+
+Tests never touch the network (HF_HUB_OFFLINE=1) nor the user's caches: every run gets its own
+cache and output roots under pytest's tmp dirs.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import promptdg_cli.backbone  # noqa: E402,F401  (the torchvision shim must precede open_clip)
+import open_clip  # noqa: E402
+from safetensors.torch import save_file  # noqa: E402
+
+from promptdg_cli.cli import main as cli_main  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def random_clip(tmp_path_factory) -> Path:
+    """A demo-clip-vit checkpoint with random weights: plumbing tests need no trained model."""
+    path = tmp_path_factory.mktemp("weights") / "random-demo-clip.safetensors"
+    torch.manual_seed(0)
+    model = open_clip.create_model("demo-clip-vit")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory) -> Path:
+    """One cache root for the session: the tiny world and its features are built once."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def run_cli(tmp_path, shared_cache, random_clip, monkeypatch, capsys):
+    """Run `promptdg <args>` in-process on the tiny demo world; returns (exit code, out, err, out_root)."""
+    out_root = tmp_path / "outputs"
+    monkeypatch.setenv("PROMPTDG_CACHE", str(shared_cache))
+    monkeypatch.setenv("PROMPTDG_OUT", str(out_root))
+
+    def run(*args: str, tiny: bool = True):
+        extra = list(TINY) + [f"backbone.pretrained={random_clip}"] if tiny else []
+        try:
+            flags = [a for a in args[1:] if a.startswith("-")]
+            overrides = [a for a in args[1:] if not a.startswith("-")]
+            code = cli_main([args[0], *flags, *extra, *overrides]) if args[0] != "collect" else cli_main(list(args))
+        except SystemExit as e:  # Hydra exits on errors
+            code = e.code if isinstance(e.code, int) else 1
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err, out_root
+
+    return run
+
+
+# a tiny world and a random demo CLIP: the whole CLI in seconds
+TINY = ("dataset.generator_args.per_class=8", "backbone.builder=null", "num_workers=0")
+
+
+def results(out_root: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(out_root.rglob("results.json"))]

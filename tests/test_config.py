@@ -1,0 +1,93 @@
+"""Config composition: every method x dataset x backbone composes; typos fail at composition."""
+import itertools
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from promptdg_cli.config import conf_dir, config_hash, register_configs, register_resolvers
+from promptdg_cli.methods import REGISTRY, get_method
+from promptdg_cli.config import ConfigError
+
+
+def choices(group):
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def hydra_ctx():
+    register_resolvers()
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
+def test_every_registered_method_has_a_config():
+    names = {OmegaConf.load(conf_dir() / "method" / f"{c}.yaml").name for c in choices("method")}
+    assert names == set(REGISTRY)
+
+
+@pytest.mark.parametrize(
+    "method,dataset,backbone", list(itertools.product(choices("method"), choices("dataset"), choices("backbone")))
+)
+def test_every_combination_composes(method, dataset, backbone):
+    cfg = compose("train", overrides=[f"method={method}", f"dataset={dataset}", f"backbone={backbone}"], return_hydra_config=True)
+    assert cfg.method.name in REGISTRY
+    assert cfg.dataset.name == dataset and cfg.backbone.name == backbone
+    assert len(cfg.dataset.classes) == len(set(cfg.dataset.classes.values()))
+    # the run directory is named by the hash of the config
+    run_dir = cfg.hydra.run.dir  # resolves the run-key interpolation
+    assert run_dir.endswith(config_hash(cfg)) and f"/{dataset}/{cfg.method.name}/{backbone}/" in run_dir
+    body = OmegaConf.masked_copy(cfg, [k for k in cfg.keys() if k != "hydra"])
+    OmegaConf.resolve(body)  # everything else resolves too
+
+
+@pytest.mark.parametrize(
+    "override,error",
+    [
+        ("method.lrr=0.1", ConfigCompositionException),  # misspelled method key
+        ("dataset.domainz=[a]", ConfigCompositionException),
+        ("backbone.pretraind=x", ConfigCompositionException),
+        ("seeed=3", ConfigCompositionException),
+        ("method.lr=fast", ConfigCompositionException),  # wrong type
+    ],
+)
+def test_typos_fail_at_composition(override, error):
+    with pytest.raises(error):
+        compose("train", overrides=["method=coop", override])
+
+
+def test_unknown_choice_lists_valid_ones():
+    with pytest.raises(MissingConfigException) as e:
+        compose("train", overrides=["method=nope"])
+    assert "coop" in str(e.value) and "linear_probe" in str(e.value)
+
+
+def test_registry_error_names_valid_methods_and_nearest():
+    with pytest.raises(ConfigError, match="Valid: zeroshot, linear_probe, coop.*Did you mean 'coop'"):
+        get_method("coopp")
+
+
+def test_run_key_separates_configs_and_is_stable():
+    a = compose("train", overrides=["method=coop", "seed=1"])
+    b = compose("train", overrides=["method=coop", "seed=2"])
+    c = compose("train", overrides=["method=coop", "seed=1", "num_workers=7", "device=cpu"])  # not results-changing
+    assert config_hash(a) != config_hash(b)
+    assert config_hash(a) == config_hash(c)
+    d = compose("train", overrides=["method=coop", "method.lr=0.01"])
+    assert config_hash(a) != config_hash(d)
+
+
+def test_eval_defaults_to_zeroshot_and_demo_world():
+    cfg = compose("eval")
+    assert cfg.method.name == "zeroshot" and cfg.dataset.name == "demo_digits" and cfg.backbone.name == "demo_clip"
+
+
+def test_paper_defaults_of_coop():
+    m = compose("train", overrides=["method=coop"]).method
+    assert (m.n_ctx, m.lr, m.batch_size, m.class_specific, m.momentum) == (16, 0.002, 32, False, 0.9)
