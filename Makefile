@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 # baselines leave-one-domain-out for every target domain, print the collected table.
 DEMO_OUT ?= outputs/demo
 demo: $(STAMP)
-	$(VENV)/bin/promptdg train -m method=zeroshot,linear_probe,coop method.epochs=10 out_root=$(DEMO_OUT)
+	$(VENV)/bin/promptdg train -m method=zeroshot,linear_probe,coop out_root=$(DEMO_OUT)
 	$(VENV)/bin/promptdg collect $(DEMO_OUT)
 
 test: $(STAMP)

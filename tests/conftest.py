@@ -11,6 +11,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -19,6 +20,7 @@ import promptdg_cli.backbone  # noqa: E402,F401  (the torchvision shim must prec
 import open_clip  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+from promptdg_cli.backbone import ClipBackbone  # noqa: E402
 from promptdg_cli.cli import main as cli_main  # noqa: E402
 
 
@@ -30,6 +32,13 @@ def random_clip(tmp_path_factory) -> Path:
     model = open_clip.create_model("demo-clip-vit")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def clip(random_clip):
+    """The random-weight demo CLIP as a ClipBackbone."""
+    cfg = SimpleNamespace(model="demo-clip-vit", pretrained=str(random_clip), builder=None, cache_dir=None, arch="vit")
+    return ClipBackbone.from_config(cfg)
 
 
 @pytest.fixture(scope="session")

@@ -9,16 +9,6 @@ from promptdg_cli.backbone import ClipBackbone, WeightsNotFound, resolve_weights
 from promptdg_cli.config import ConfigError
 
 
-def backbone(pretrained):
-    cfg = SimpleNamespace(model="demo-clip-vit", pretrained=str(pretrained), builder=None, cache_dir=None, arch="vit")
-    return ClipBackbone.from_config(cfg)
-
-
-@pytest.fixture(scope="module")
-def clip(random_clip):
-    return backbone(random_clip)
-
-
 PROMPTS = ["a photo of a seven.", "seven", "a sketch of the number seven drawn with a very thick pencil on paper"]
 
 

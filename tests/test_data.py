@@ -2,14 +2,12 @@
 invalidates; missing or mis-laid folders and corrupt images get clear treatment."""
 import os
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from promptdg_cli.backbone import ClipBackbone
 from promptdg_cli.data import (
     DatasetNotFound,
     FeatureCache,
@@ -35,11 +33,6 @@ def dataset_cfg(root, per_class=6, **kw):
         cfg[k] = v
     return cfg
 
-
-@pytest.fixture(scope="module")
-def clip(random_clip):
-    cfg = SimpleNamespace(model="demo-clip-vit", pretrained=str(random_clip), builder=None, cache_dir=None, arch="vit")
-    return ClipBackbone.from_config(cfg)
 
 
 @pytest.fixture

@@ -1,21 +1,14 @@
 """The baselines' math against hand computations on three vectors."""
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from promptdg_cli.backbone import ClipBackbone
 from promptdg_cli.methods.coop import CoOp, CoOpConfig
 from promptdg_cli.methods.zeroshot import zeroshot_weights
 from omegaconf import OmegaConf
 
-
-@pytest.fixture(scope="module")
-def clip(random_clip):
-    cfg = SimpleNamespace(model="demo-clip-vit", pretrained=str(random_clip), builder=None, cache_dir=None, arch="vit")
-    return ClipBackbone.from_config(cfg)
 
 
 def test_coop_loss_is_cross_entropy_of_scaled_cosines(clip):

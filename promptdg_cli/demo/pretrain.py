@@ -96,7 +96,11 @@ def build_demo_clip(path: Path, model_name: str, recipe: dict | None = None) -> 
     t0 = time.time()
     print(f"[promptdg] building the demo CLIP ({model_name}) once; it is cached at {path}")
     torch.manual_seed(PRETRAIN_SEED)
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
+    logging.disable(logging.WARNING)  # open_clip warns "initialized randomly": that is the point here
+    try:
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None)
+    finally:
+        logging.disable(logging.NOTSET)
     tokenizer = open_clip.get_tokenizer(model_name)
     clip = ClipBackbone(model, tokenizer, preprocess, model_name, "training", "vit")
     model.requires_grad_(True)
