@@ -17,7 +17,9 @@ def test_demo_clip_zero_shot_is_informative_but_not_perfect(run_cli, demo_cache,
     monkeypatch.setenv("PROMPTDG_CACHE", str(demo_cache))
     code, out, err, out_root = run_cli("eval", "method=zeroshot", "num_workers=0", tiny=False)
     assert code == 0, err
-    assert (demo_cache / "demo_clip" / "demo-clip-vit.safetensors").is_file()
+    from promptdg_cli.demo.pretrain import RECIPE_REVISION
+
+    assert (demo_cache / "demo_clip" / f"demo-clip-vit-r{RECIPE_REVISION}.safetensors").is_file()
     (rec,) = results(out_root)
     acc = rec["accuracy"]
     assert set(acc) == {"handwritten", "printed", "sketch", "photo"}

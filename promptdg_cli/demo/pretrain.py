@@ -30,9 +30,6 @@ from tqdm.auto import tqdm
 
 from .world import CLASSES, STYLE_WORDS, render
 
-log = logging.getLogger(__name__)
-
-DIGITS = {w: str(i) for i, w in enumerate(CLASSES)}
 DOMAIN_MIX = {"printed": 0.35, "photo": 0.35, "sketch": 0.15, "handwritten": 0.15}
 CAPTION_NOISE = 0.15  # fraction of captions that name a wrong digit
 PLAIN_SHARE = 0.9  # fraction of captions without a style word
@@ -46,6 +43,10 @@ TEMPLATES_STYLED = [
     "{style} {numeral}",
 ]
 TEMPLATES_PLAIN = ["the number {name}", "{name}", "a {name}", "digit {numeral}", "a picture of a {name}"]
+# The recipe's revision is part of the checkpoint's file name (conf/backbone/demo_clip.yaml):
+# bump both together when anything here changes, so that a cached checkpoint of an older recipe is
+# never reused and runs made with it are never mistaken for finished runs of the new one.
+RECIPE_REVISION = 2
 RECIPE = {
     "images": 8000,
     "epochs": 8,
@@ -112,8 +113,9 @@ def build_demo_clip(path: Path, model_name: str, recipe: dict | None = None) -> 
     n, bs = len(pixels), recipe["batch_size"]
     steps = recipe["epochs"] * (n // bs)
     # CLIP's AdamW: weight decay only on weight matrices (not gains, biases, embeddings, logit_scale)
-    decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "embedding" not in name]
-    no_decay = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in name)]
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": recipe["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
         lr=recipe["lr"],
