@@ -290,6 +290,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, chash: str, mode: str) -> dict:
             record["mean_per_class_accuracy"][domain] = test["mean_per_class"]
         if res.get("val") is not None:
             record["val_accuracy"][split.key] = res["val"]["top1"]
+        for k, v in res.get("extra", {}).items():  # counters of the method (DomainFusion: generated_images)
+            record[k] = record.get(k, 0) + v
         timings["train_s"] += res["train_s"]
         timings["eval_s"] += res["eval_s"]
     if method_cls.source_free:
@@ -369,6 +371,7 @@ def _run_split(cfg, method_cls, backbone, cache, names, split, split_dir, run_di
         "val": val,
         "n_train": len(data["train"]) if "train" in data else 0,
         "n_target_unlabelled": len(data["target"]) if "target" in data else 0,
+        "extra": method.extra_results(),
         "train_s": train_s,
         "eval_s": time.time() - t,
     }

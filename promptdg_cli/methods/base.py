@@ -37,6 +37,10 @@ class Method:
         """(B, D) normalised image features -> (B, C) class scores."""
         raise NotImplementedError
 
+    def extra_results(self) -> Dict[str, float]:
+        """Counters a split adds to the run's record (DomainFusion: images generated); summed over splits."""
+        return {}
+
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return {}
 
