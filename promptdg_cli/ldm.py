@@ -41,6 +41,7 @@ from . import _compat  # noqa: F401  (before diffusers: makes torchvision import
 from .config import ConfigError, UserError
 
 SD_PARTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
+DEMO_TEXT_LENGTH = 16  # token positions of the demo LDM's text conditioning
 DEMO_MARKER = "promptdg_ldm.json"  # a promptdg-built LDM: its text encoder is a CLIP backbone's text tower
 
 
@@ -59,17 +60,20 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
-def clip_token_states(clip, prompts: Sequence[str]) -> torch.Tensor:
-    """Per-token text states of an open_clip text tower, (B, L, width), ``ln_final`` applied.
+def clip_token_states(clip, prompts: Sequence[str], length: int = DEMO_TEXT_LENGTH) -> torch.Tensor:
+    """Per-token text states of an open_clip text tower, (B, length, width), ``ln_final`` applied.
 
     This is the demo LDM's text conditioning (Stable Diffusion conditions on the per-token states of
-    its CLIP text encoder in the same way). The sequence stops at the batch's last end-of-text token:
-    under the causal mask later positions carry nothing about the prompt, and cross-attention over
-    20 positions instead of 77 is ~4x cheaper.
+    its CLIP text encoder in the same way). The sequence is cut at a fixed ``length`` (16 covers
+    every demo prompt) instead of CLIP's 77: under the causal mask the positions kept are unchanged,
+    and cross-attention over 16 keys instead of 77 is ~5x cheaper. The length is fixed, not the
+    batch's longest prompt, so that a prompt's conditioning never depends on its batch.
     """
     m = clip.model
     tokens = clip.tokenize(prompts)
-    length = int(clip.eot_positions(tokens).max()) + 1
+    longest = int(clip.eot_positions(tokens).max()) + 1
+    if longest > length:
+        raise ConfigError(f"a prompt of {longest} tokens is longer than the demo LDM's text length {length}: {list(prompts)[:3]}")
     x = clip.token_embedding(tokens[:, :length]) + m.positional_embedding[:length]
     mask = m.attn_mask[:length, :length] if m.attn_mask is not None else None
     x = m.transformer(x, attn_mask=mask)
@@ -258,8 +262,8 @@ def load_ldm(source: str, device: torch.device, dtype: str = "auto", revision: O
                             truncation=True, return_tensors="pt").input_ids.to(device)
             return encoder(ids).last_hidden_state
 
-    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype).to(device)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype).to(device)
+    vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype, low_cpu_mem_usage=False).to(device)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype, low_cpu_mem_usage=False).to(device)
     scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
     return LatentDiffusion(vae, unet, scheduler, text, name=source, dtype=torch_dtype)
 

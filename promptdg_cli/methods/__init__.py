@@ -12,6 +12,7 @@ from .base import Method
 from .coop import CoOp
 from .dapl import DAPL
 from .dapt import DAPT
+from .domainfusion import DomainFusion
 from .linear_probe import LinearProbe
 from .promptstyler import PromptStyler
 from .zeroshot import ZeroShot
@@ -23,6 +24,7 @@ REGISTRY: dict[str, type[Method]] = {
     "promptstyler": PromptStyler,
     "dapl": DAPL,
     "dapt": DAPT,
+    "domainfusion": DomainFusion,
 }
 
 

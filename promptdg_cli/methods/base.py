@@ -21,6 +21,7 @@ class Method:
     # True: trains on no images at all (source-free DG); fit() gets an empty data dict and the
     # model is tested on every domain of the dataset
     source_free: ClassVar[bool] = False
+    cache_root: Optional[str] = None  # the run's cache root (methods that build cached models: the demo LDM)
     num_workers: int = 0  # image-loading workers, for methods that read images (set by the engine from the run)
     # "uda": always runs the UDA protocol (labelled sources, unlabelled target in training);
     # None: the dataset's protocol
