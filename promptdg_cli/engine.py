@@ -324,7 +324,7 @@ def run_protocol(cfg, method_cls) -> str:
 def _run_split(cfg, method_cls, backbone, cache, names, split, split_dir, run_dir, device) -> dict:
     torch.manual_seed(cfg.seed)
     method = method_cls(cfg.method, backbone, names, device)
-    method.num_workers = cfg.num_workers
+    method.num_workers, method.cache_root = cfg.num_workers, cfg.cache_root
     shots = cfg.get("shots")
     ctx = TrainContext(run_dir, split_dir, split.key, cfg.seed, device, dataset=cfg.dataset.name, shots=shots)
     protocol = run_protocol(cfg, method_cls)
@@ -388,7 +388,7 @@ def _class_names(dataset_cfg) -> list:
 def load_split_model(cfg, run_dir: Path, target: str, backbone, device) -> Any:
     """A finished split's method with its saved model (for ``promptdg eval run_dir=...``)."""
     method = get_method(cfg.method.name)(cfg.method, backbone, _class_names(cfg.dataset), device)
-    method.num_workers = cfg.num_workers
+    method.num_workers, method.cache_root = cfg.num_workers, cfg.cache_root
     f = run_dir / "splits" / target / "model.safetensors"
     if f.is_file():
         method.load_state_dict(load_file(str(f)))
