@@ -69,8 +69,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default="ViT-B-16-quickgelu")
     ap.add_argument("--batches", type=int, default=4, help="batches in the timed CoOp 'epoch'")
-    ap.add_argument("--only", default="text,coop,promptstyler,dapl,dapt", help="comma-separated sections to run")
+    ap.add_argument("--only", default="text,coop,promptstyler,dapl,dapt,domainfusion,domainfusion_count", help="comma-separated sections to run")
     ap.add_argument("--dapt-batch", type=int, default=32)
+    ap.add_argument("--df-batch", type=int, default=4, help="images per DomainFusion img2img / distillation batch")
     args = ap.parse_args(argv)
     only = set(args.only.split(","))
     device = torch.device(args.device)
@@ -92,6 +93,10 @@ def main(argv=None) -> int:
         dapl_section(result, clip, model, names, device, args)
     if "dapt" in only:
         dapt_section(result, clip, model, names, device, args)
+    if "domainfusion" in only:
+        domainfusion_section(result, device, args)
+    if "domainfusion_count" in only:
+        domainfusion_count_section(result)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -299,6 +304,87 @@ def dapt_section(result, clip, model, names, device, args):
                            "step_s": round(step_s, 4), "memory": peak}
     print(f"DAPT training step, batch {bs} (ViT-B/16 with 16 visual prompts + 16-token text context, {len(names)} classes): "
           f"{step_s:.3f}s; memory peak {peak}", flush=True)
+
+
+def domainfusion_section(result, device, args):
+    """6. DomainFusion on the SD-1.x architecture (random weights) at 256 px: img2img candidates per
+    second (strength 0.5, 20 DDIM steps, CFG) and latent-distillation steps per second (VAE encoder
+    forward + backward, one guided UNet call), in the dtype a run would use (fp16 on a GPU)."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from promptdg_cli.ldm import LatentDiffusion, resolve_dtype
+    from promptdg_cli.methods.domainfusion import DomainFusionConfig, latent_distillation_loss
+
+    cfg = DomainFusionConfig()
+    dtype = resolve_dtype("auto", device)
+    torch.manual_seed(0)
+    vae = AutoencoderKL(  # Stable Diffusion v1.x's VAE
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=256,
+    ).to(device, dtype)
+    unet = UNet2DConditionModel(sample_size=32, cross_attention_dim=768).to(device, dtype)  # SD v1.x's UNet
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    text = lambda prompts: torch.randn(len(prompts), 77, 768)  # noqa: E731 - CLIP ViT-L/14 text states (cached per class in a run)
+    ldm = LatentDiffusion(vae, unet, sched, text, "sd1-random", dtype)
+    bs = args.df_batch
+    x01 = torch.rand(bs, 3, 256, 256, device=device)
+    prompts = [f"a photo of a class{i}" for i in range(bs)]
+    g = torch.Generator(device=device).manual_seed(0)
+    i2i = timed(lambda: ldm.img2img(x01 * 2 - 1, prompts, cfg.strength, cfg.img2img_steps, cfg.img2img_guidance, g), 1, device)
+    head = torch.nn.Linear(16, 10).to(device)
+    feats = torch.randn(bs, 16, device=device)
+    cond = ldm.encode_text(prompts)
+
+    def distill():
+        p = head(feats).softmax(-1)[:, 0]
+        t = torch.randint(20, 980, (bs,), device=device)
+        loss, _ = latent_distillation_loss(ldm, p, x01, cond, t, torch.randn(bs, 4, 32, 32, device=device), cfg.distill_guidance)
+        loss.backward()
+
+    dist_s = timed(distill, 1, device)
+    result["domainfusion"] = {
+        "architecture": "SD-1.x VAE + UNet (random weights), 256 px, latents 4x32x32", "dtype": str(dtype), "batch": bs,
+        "img2img": {"strength": cfg.strength, "ddim_steps": cfg.img2img_steps, "unet_calls": round(cfg.img2img_steps * cfg.strength),
+                    "guidance": cfg.img2img_guidance, "batch_s": round(i2i, 3), "candidates_per_s": round(bs / i2i, 4)},
+        "distillation": {"images_per_step": bs, "step_s": round(dist_s, 3), "steps_per_s": round(1 / dist_s, 4)},
+    }
+    if device.type == "cuda":
+        result["domainfusion"]["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    print(f"DomainFusion, SD-1.x at 256 px ({dtype}): img2img {bs / i2i:.3f} candidates/s "
+          f"({i2i:.2f}s for {bs}); latent distillation {1 / dist_s:.3f} steps/s ({dist_s:.2f}s a step of {bs} images)", flush=True)
+
+
+# DomainNet's domain sizes (DomainBed's full DomainNet: 586,575 images)
+DOMAINNET_SIZES = {"clipart": 48129, "infograph": 51605, "painting": 72266, "quickdraw": 172500, "real": 172947, "sketch": 69128}
+OFFLINE_AUGMENTATION = 5_000_000  # images generated offline for DomainNet by the diffusion-based DG methods the paper compares to
+
+
+def domainfusion_count_section(result):
+    """7. Images the DomainNet sweep would generate (conf/experiment/domainfusion_domainnet.yaml over
+    conf/method/domainfusion.yaml), against 5 million of offline augmentation."""
+    method = OmegaConf.load(conf_dir() / "method" / "domainfusion.yaml")
+    exp = OmegaConf.load(conf_dir() / "experiment" / "domainfusion_domainnet.yaml")
+    frac = exp.method.get("synthetic_fraction", method.synthetic_fraction)
+    rounds = (method.epochs - 1) // method.augment_every  # rounds start at epochs T, 2T, ... < epochs
+    val = OmegaConf.load(conf_dir() / "dataset" / "domainnet.yaml").val_fraction
+    per_target = {}
+    for target in DOMAINNET_SIZES:
+        n_train = sum(n - round(n * val) for d, n in DOMAINNET_SIZES.items() if d != target)
+        synthetic = max(1, int(round(frac * n_train)))
+        per_target[target] = {"source_train": n_train, "synthetic_set": synthetic, "candidates": rounds * synthetic * method.candidates}
+    one_seed = sum(v["candidates"] for v in per_target.values())
+    seeds = len(str(exp.hydra.sweeper.params.seed).split(","))
+    result["domainfusion_domainnet_count"] = {
+        "synthetic_fraction": frac, "rounds": rounds, "candidates_per_image": method.candidates, "per_target": per_target,
+        "one_seed_all_targets": one_seed, "all_seeds": one_seed * seeds, "offline": OFFLINE_AUGMENTATION,
+        "reduction_one_run_pct": round(100 * (1 - max(v["candidates"] for v in per_target.values()) / OFFLINE_AUGMENTATION), 2),
+        "reduction_one_seed_pct": round(100 * (1 - one_seed / OFFLINE_AUGMENTATION), 2),
+        "reduction_all_seeds_pct": round(100 * (1 - one_seed * seeds / OFFLINE_AUGMENTATION), 2),
+    }
+    print(f"DomainFusion DomainNet sweep: {rounds} rounds x {method.candidates} candidates x {frac:.3%} of the source images: "
+          f"{max(v['candidates'] for v in per_target.values()):,} images per run at most, {one_seed:,} for the 6 held-out domains of one seed "
+          f"({100 * one_seed / OFFLINE_AUGMENTATION:.1f}% of 5M: {result['domainfusion_domainnet_count']['reduction_one_seed_pct']}% fewer), "
+          f"{one_seed * seeds:,} for {seeds} seeds", flush=True)
 
 
 if __name__ == "__main__":
