@@ -32,6 +32,12 @@ commands:
 
 `promptdg <command> --help` lists the config groups (method, dataset, backbone) and their choices;
 `promptdg train --cfg job` prints the composed config without running it.
+
+sweeps (-m) run one job after another here, or in parallel through submitit:
+  promptdg train -m hydra/launcher=local method=zeroshot,linear_probe           (local processes)
+  promptdg train -m hydra/launcher=slurm resources=gpu1 hydra.launcher.partition=<p> seed=1,2,3
+A rerun of the same sweep skips finished runs and retries failed ones; a sweep with a failed run
+exits 1 and lists the failed run directories (each holds results.json with the error).
 """
 
 COMMANDS = ("train", "eval", "generate", "collect")
@@ -76,11 +82,21 @@ def _hydra_command(cmd: str, rest: list[str]) -> int:
     app = hydra.main(config_path=str(conf_dir()), config_name=cmd, version_base="1.3")(task)
     saved = sys.argv
     sys.argv = [f"promptdg {cmd}"] + rest
+    previous = commands.start_sweep_report()
+    code = 0
     try:
         app()
+    except SystemExit as e:  # Hydra's own errors (composition, a launcher that failed), and _guard's
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
+        if code == 0 or commands._SWEEP["report"] is None:
+            raise
     finally:
         sys.argv = saved
-    return 0
+        report = commands.finish_sweep_report(previous)
+    # a sweep (-m): one summary line; "N of M runs failed: <dirs>" and exit 1 when a job failed
+    if report is not None:
+        code = max(code, commands.print_sweep_summary(report, stopped=code))
+    return code
 
 
 if __name__ == "__main__":  # python -m promptdg_cli.cli
