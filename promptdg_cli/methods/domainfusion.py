@@ -241,19 +241,13 @@ class DomainFusion(Method):
     def logits(self, x):
         return self.classify(x.to(self.device))
 
-    @torch.no_grad()
     def features_for(self, feats, batch_size: int = 128):
         """A fine-tuned encoder re-encodes the test images (cached features are the pretrained encoder's)."""
         if not self.cfg.train_encoder:
             return feats
-        from ..data import Features, image_batches
+        from ..data import Features
 
-        out = []
-        for _, x, bad in image_batches(feats.paths, self.backbone.preprocess, batch_size, self.num_workers):
-            if bad:
-                raise OSError(f"cannot read {feats.paths[bad[0]]} any more")
-            out.append(self.image_features(x).cpu())
-        return Features(torch.cat(out), feats.y, feats.domain, feats.paths)
+        return Features(self.encode_files(feats.paths, batch_size), feats.y, feats.domain, feats.paths)
 
     def state_dict(self):
         state = {"head.weight": self.head.weight.detach(), "head.bias": self.head.bias.detach()}
@@ -343,10 +337,14 @@ class DomainFusion(Method):
         syn_dir = ctx.split_dir / "synthetic"
         if rnd:
             syn_paths = [str(syn_dir / f"round{rnd}" / f"{k:06d}.png") for k in range(len(syn_src))]
-        clf_tf = self.backbone.preprocess
+        # a frozen encoder sees each image once: source features come from the feature cache, the
+        # synthetic set's are computed once per round; only the distilled images' pixels are read
+        frozen = not cfg.train_encoder
+        clf_tf = None if frozen else self.backbone.preprocess
         size = self.ldm_size()
         lo, hi = (int(f * (self.ldm().num_train_timesteps - 1)) for f in cfg.t_range)
         ctx.log(synthetic_set=len(syn_src), ldm=resolve_ldm(cfg.ldm, self.backbone), ldm_resolution=size, t_min=lo, t_max=hi)
+        feats_all = torch.cat([train.x, self.encode_files(syn_paths)]) if frozen else None
         for epoch in ctx.progress(range(start, cfg.epochs), desc="domainfusion epochs", initial=start, total=cfg.epochs):
             if epoch > 0 and epoch % cfg.augment_every == 0 and rnd < epoch // cfg.augment_every:
                 rnd = epoch // cfg.augment_every  # online augmentation: the synthetic set is replaced
@@ -356,6 +354,8 @@ class DomainFusion(Method):
                 # an interrupted round resumes from its files: count every image of the round exactly once
                 self.counts = {k: before[k] + (cfg.candidates if k == "generated_images" else 1) * len(syn_src) for k in before}
                 syn_paths = [str(o) for o in outs]
+                if frozen:
+                    feats_all = torch.cat([train.x, self.encode_files(syn_paths)])
             paths = list(train.paths) + syn_paths
             labels = torch.cat([train.y, torch.as_tensor(syn_labels, dtype=torch.long)]).to(self.device)
             is_source = torch.arange(len(paths)) < n
@@ -363,14 +363,10 @@ class DomainFusion(Method):
             sums, steps = np.zeros(3), 0
             for b, (pos, x_clf, x01) in enumerate(_loader(paths, clf_tf, size, cfg.batch_size, self.num_workers, order)):
                 y = labels[pos.to(self.device)]
-                if cfg.train_encoder:
-                    logits = self.classify(self.image_features(x_clf))
-                else:
-                    with torch.no_grad():
-                        f = self.image_features(x_clf)
-                    logits = self.classify(f)
+                f = feats_all[pos].to(self.device) if frozen else self.image_features(x_clf)
+                logits = self.classify(f)
                 ce = F.cross_entropy(logits, y)
-                loss_ld = torch.zeros((), device=self.device)
+                loss_ld, g_rms = torch.zeros((), device=self.device), 0.0
                 src = is_source[pos].nonzero().flatten()[: cfg.distill_per_step]
                 if cfg.distill_weight and len(src):
                     ldm = self.ldm()
@@ -380,24 +376,37 @@ class DomainFusion(Method):
                     noise = torch.randn(z_shape, generator=g).to(ldm.device)
                     p = logits[src].softmax(-1).gather(1, y[src, None]).squeeze(1)  # p_θ(y|x)
                     cond = ldm.encode_text(self.prompts(y[src]))
-                    loss_ld, _ = latent_distillation_loss(ldm, p.to(ldm.device), x01[src].to(ldm.device), cond,
-                                                          t.to(ldm.device), noise, cfg.distill_guidance, cfg.weighting)
-                    loss_ld = loss_ld.to(self.device)
+                    loss_ld, grad = latent_distillation_loss(ldm, p.to(ldm.device), x01[src].to(ldm.device), cond,
+                                                             t.to(ldm.device), noise, cfg.distill_guidance, cfg.weighting)
+                    loss_ld, g_rms = loss_ld.to(self.device), grad.pow(2).mean().sqrt().item()
                 loss = ce + cfg.distill_weight * loss_ld
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                sums += [loss.item(), ce.item(), loss_ld.item()]
+                # the surrogate's value means nothing (only its gradient does): log the size of w(t)(ε̂ − ε)
+                sums += [loss.item(), ce.item(), g_rms]
                 steps += 1
             val_acc = ctx.accuracy(self, data["val"]) if len(data.get("val") or ()) else 0.0
             if cfg.select == "last" or val_acc > best["acc"]:
                 best = {"acc": val_acc, "epoch": epoch, "state": {k: v.clone() for k, v in self.state_dict().items()}}
-            ctx.log(epoch=epoch, round=rnd, val_acc=val_acc, **dict(zip(("loss", "ce", "l_ld"), (sums / max(steps, 1)).tolist())))
+            ctx.log(epoch=epoch, round=rnd, val_acc=val_acc, **dict(zip(("loss", "ce", "ld_grad_rms"), (sums / max(steps, 1)).tolist())))
             ctx.save_checkpoint({"epoch": epoch, "round": rnd, "model": self.state_dict(), "optimizer": opt.state_dict(),
                                  "best": best, "counts": self.counts})
         if best["state"] is not None:
             self.load_state_dict(best["state"])
         ctx.log(selected_epoch=best["epoch"], selected_val_acc=best["acc"], **self.counts)
+
+    @torch.no_grad()
+    def encode_files(self, paths: Sequence[str], batch_size: int = 128) -> torch.Tensor:
+        """Normalised features of image files by the (frozen) encoder, (N, D) on the CPU."""
+        from ..data import image_batches
+
+        out = []
+        for _, x, bad in image_batches(paths, self.backbone.preprocess, batch_size, self.num_workers):
+            if bad:
+                raise OSError(f"cannot read {paths[bad[0]]}")
+            out.append(self.image_features(x).cpu())
+        return torch.cat(out)
 
     def vae_factor(self) -> int:
         return 2 ** (len(self.ldm().vae.config.block_out_channels) - 1)
