@@ -6,8 +6,15 @@ epoch), ``splits/<target>/`` (the checkpoint while a split trains, its final mod
 
 * A finished run (``results.json`` with status ``finished`` and the same config hash) is skipped.
 * An interrupted run resumes: finished splits are read back, the split in progress restarts from
-  its last epoch checkpoint (methods checkpoint every epoch through ``TrainContext``).
+  its last checkpoint (methods checkpoint every epoch through ``TrainContext``, and after the step
+  in progress when preempted).
 * A failed run writes ``results.json`` with status ``failed`` and the error, and exits non-zero.
+* A preempted run (SIGTERM, SIGUSR1 or SIGUSR2: Slurm's preemption / time-limit signals) saves a
+  checkpoint at the next step boundary, writes ``results.json`` with status ``preempted``, hands the
+  signal on to the handler that was there before (submitit's, which requeues the job) and exits with
+  128 + the signal number; the same command resumes it exactly (see "Preemption and requeue" below).
+* Under ``torchrun`` every rank runs this same code on its shard of each batch (``dist.py``); rank 0
+  alone writes files (lock, checkpoints, metrics, split results, ``results.json``).
 * Checkpoints are ``torch.save`` files read back with ``weights_only=True``; final models and the
   feature cache are safetensors: loading never executes code from a file.
 """
@@ -18,10 +25,13 @@ import logging
 import os
 import platform
 import resource
+import signal
 import socket
 import subprocess
+import threading
 import time
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -31,6 +41,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
+from . import dist
 from .config import ConfigError, UserError, config_hash
 from .data import (
     FeatureCache, Features, Split, class_names, dataset_dir, few_shot_features, make_splits, sample_shots,
@@ -74,10 +85,13 @@ def git_revision() -> str:
 
 
 def select_device(name: str) -> torch.device:
+    """The run's device; under torchrun ``auto``/``cuda`` mean this rank's GPU, ``cuda:LOCAL_RANK``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but no CUDA device is available. Valid here: auto, cpu")
+    if name == "cuda" and dist.env_world_size() > 1:
+        return torch.device("cuda", dist.local_rank())
     return torch.device(name)
 
 
@@ -124,9 +138,147 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
+# --------------------------------------------------------------------- preemption
+# Preemption and requeue.
+#
+# While a method's ``fit`` runs, SIGTERM, SIGUSR1 and SIGUSR2 only set a flag (``_StopRequest``; in
+# the rest of ``run``, where nothing is in progress that a checkpoint could keep, e.g. while features
+# are extracted or a model is evaluated, they stop the run at once). Training code polls it at safe points: ``TrainContext.preempt_point`` (a step boundary: the method passes the
+# state to resume from, the checkpoint then carries the step index) and ``save_checkpoint`` (an epoch,
+# style or C-value boundary). There the checkpoint is written and ``Preempted`` is raised; ``run``
+# records ``status: preempted`` (not ``failed``: the run is resumable), restores the handlers that
+# were installed before, calls the previous handler of that signal ("chaining") and, if that returns,
+# exits with 128 + the signal number. Rerunning the same command (same config -> same run directory)
+# resumes from the checkpoint; mid-epoch it skips the batches already done (the per-epoch orders are
+# seeded by (seed, epoch)), so the result equals an uninterrupted run's.
+#
+# With hydra-submitit-launcher (submitit 1.5): the job process runs submitit's ``process_job``, which
+# installs ``checkpoint_and_try_requeue`` on the preemption signal (SIGUSR2 by default, or
+# $SUBMITIT_PREEMPT_SIGNAL; sbatch gets ``--signal=USR2@<signal_delay_s>``) and a logging-only
+# ``bypass`` on SIGTERM, then calls the launcher, which runs this task function. Our handlers replace
+# those for the duration of ``run`` and remember them. On the signal we first finish the step and
+# write the checkpoint, then call submitit's handler ourselves: it calls the launcher's
+# ``checkpoint()`` (a DelayedSubmission of the same sweep overrides), pickles it, runs ``scontrol
+# requeue`` and ``sys.exit(-1)``. The requeued job composes the same config, lands in the same run
+# directory (named by the config hash), takes over the stale lock (dead host:pid) and resumes. Had
+# submitit's handler run first (at the signal), it would have exited mid-step and lost the progress
+# since the last epoch checkpoint. On SIGTERM (Slurm's preemption with PreemptMode=REQUEUE, where
+# Slurm requeues by itself) the chained ``bypass`` only logs, and we exit 143.
+#
+# Under torchrun a signal may reach some ranks only (torchrun forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT,
+# and SIGUSR1/2 with ``--signals-to-handle``); the flag is all-reduced (max) at every safe point so
+# all ranks stop at the same step, rank 0 writes the checkpoint and all leave after a barrier.
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
+
+
+class Preempted(SystemExit):
+    """Training stopped at a safe point after a preemption signal; the checkpoint is on disk.
+
+    A ``SystemExit`` (exit code 128 + signal number), so that Hydra's job runner and submitit's
+    ``process_job`` (which catch ``Exception``) neither record it as a failure nor swallow it."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signum = signum
+        self.signame = signal.Signals(signum).name
+
+
+class _StopRequest:
+    """The process's preemption flag and the signal handlers ``run`` installs for its duration."""
+
+    def __init__(self):
+        self.signum = 0  # the first preemption signal received during this run (0: none)
+        self.previous: Dict[int, Any] = {}
+        self.deferring = False  # True while training: stop at the next safe point, not at once
+
+    def install(self) -> None:
+        self.signum = 0
+        if threading.current_thread() is not threading.main_thread():
+            log.warning("not on the main thread: preemption signals are not handled")
+            return
+        for name in PREEMPT_SIGNALS:
+            sig = getattr(signal, name, None)
+            prev = signal.getsignal(sig) if sig is not None else None
+            # SIG_IGN: someone chose to ignore it; None: a handler not set from Python we could not restore
+            if sig is None or prev is None or prev is signal.SIG_IGN:
+                continue
+            self.previous[sig] = prev
+            signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, signum, frame) -> None:
+        if not self.signum:
+            self.signum = signum
+        if not self.deferring:  # nothing to checkpoint (files are written atomically): stop right here
+            self.deferring = True  # (a second signal while stopping does not interrupt the stopping)
+            raise Preempted(signum)
+        # training: only the flag; acting here would interrupt the step at an arbitrary point
+
+    @contextmanager
+    def deferred(self):
+        """Signals during the block (a method's fit) only ask to stop at the next safe point."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+
+    def restore(self) -> dict:
+        """Put the previous handlers back and clear the flag (a method's fit called outside ``run``
+        never sees a stale request); returns the previous handlers."""
+        previous, self.previous, self.signum, self.deferring = self.previous, {}, 0, False
+        for sig, prev in previous.items():
+            signal.signal(sig, prev)
+        return previous
+
+    def agreed(self) -> int:
+        """The signal number that asks to stop, agreed by all ranks (collective under torchrun); 0: go on."""
+        return dist.all_max(self.signum)
+
+
+_STOP = _StopRequest()
+
+
+def _chain_and_exit(signum: int, received: int, previous: dict) -> None:
+    """After a preempted (or finished-while-asked-to-stop) run: the previous handler of the signal this
+    process received (submitit's requeues and exits), then exit with 128 + signum."""
+    prev = previous.get(received) if received else None
+    if callable(prev):
+        log.info("handing %s on to the previous handler (%s)", signal.Signals(received).name, getattr(prev, "__qualname__", prev))
+        prev(received, None)
+    raise Preempted(signum)
+
+
 # --------------------------------------------------------------------- training context
 class TrainContext:
-    """What a method's ``fit`` may use: seed, checkpoints, metrics, progress, evaluation."""
+    """What a method's ``fit`` may use: seed, checkpoints, metrics, progress, evaluation, and the
+    data-parallel and preemption helpers (identities on one process).
+
+    A fit loop (``methods/coop.py``: DDP; ``methods/dapt.py``: sync_grads)::
+
+        state = ctx.load_checkpoint()
+        start, done = resume_point(state)          # (epoch, its steps done): "step" after a preemption
+        <load params and optimizer from state>
+        model = ctx.ddp(self.prompt)               # EITHER train through the DDP wrapper ...
+        ctx.broadcast_params(params)               # ... OR keep the modules and sync_grads (below)
+        for epoch in range(start, epochs):
+            order = <permutation seeded by (ctx.seed, epoch)>          # the same on every rank
+            first = done if epoch == start else 0                     # skip the steps done before a stop
+            for step, i in enumerate(range(first * bs, n, bs), start=first):
+                batch = order[i : i + bs]
+                idx = ctx.shard(batch)                                 # this rank's part (may be empty)
+                loss = ctx.batch_share(mean_loss(idx), len(idx), len(batch))
+                opt.zero_grad(); loss.backward()
+                ctx.sync_grads(params)                                 # (not with ctx.ddp: it syncs itself)
+                opt.step()
+                ctx.preempt_point(lambda: {"epoch": epoch, "step": step + 1, <params, optimizer, ...>})
+            <metrics: ctx.all_sum(local sums); validation: ctx.accuracy (all ranks) or ctx.broadcast>
+            ctx.log(...)                                               # rank 0 writes
+            ctx.save_checkpoint({"epoch": epoch, ...})                 # rank 0 writes; may stop here too
+
+    Every rank must run the same steps and reach the same collectives (``preempt_point``,
+    ``save_checkpoint``, ``sync_grads`` / the DDP backward, ``all_sum``, ``broadcast``, ``accuracy``):
+    a rank with an empty shard still runs them (with DDP: a forward and ``(out.sum() * 0).backward()``).
+    """
 
     def __init__(self, run_dir: Path, split_dir: Path, target: str, seed: int, device: torch.device, dataset: str = "", shots=None):
         self.run_dir, self.split_dir, self.target, self.seed, self.device = run_dir, split_dir, target, seed, device
@@ -134,44 +286,160 @@ class TrainContext:
         self.shots = shots  # k images per class (None: all), for schedules that depend on it
         self.ckpt = split_dir / "checkpoint.pt"
 
+    # ----------------------------------------------------------------- ranks (torchrun)
+    @property
+    def rank(self) -> int:
+        return dist.rank()
+
+    @property
+    def world(self) -> int:
+        return dist.world()
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 (always true on one process): the only writer."""
+        return dist.is_main()
+
+    @property
+    def distributed(self) -> bool:
+        return dist.world() > 1
+
+    @staticmethod
+    def shard(batch):
+        """This rank's contiguous part of a global batch of indices (all of it on one process)."""
+        return dist.shard(batch)
+
+    def batch_share(self, loss: torch.Tensor, n_local: int, n_global: int) -> torch.Tensor:
+        """``loss`` (a mean over this rank's n_local samples) as its share of the mean over the global
+        batch: ``loss * n_local / n_global``; summed over ranks (``sync_grads``/``ddp`` sum) that is
+        the global mean, also for uneven shards. Unchanged on one process."""
+        if not self.distributed:
+            return loss
+        return loss * (n_local / n_global) if n_global else loss * 0.0
+
+    @staticmethod
+    def sync_grads(params) -> None:
+        """After ``backward``: sum the gradients of ``params`` over ranks (one all-reduce; every rank
+        must call it every step, a rank with nothing to do too). No-op on one process."""
+        dist.sync_grads(params)
+
+    @staticmethod
+    def broadcast_params(params) -> None:
+        """Rank 0's values of ``params`` on every rank: call once before training (after loading a
+        checkpoint) when gradients go through ``sync_grads`` (``ddp`` does it itself)."""
+        dist.broadcast_params(params)
+
+    @staticmethod
+    def ddp(module: torch.nn.Module) -> torch.nn.Module:
+        """The trainable module in DistributedDataParallel (gradients summed, see ``batch_share``);
+        train through the returned wrapper, evaluate and save through ``module``. Identity on one process."""
+        return dist.ddp(module)
+
+    @staticmethod
+    def all_sum(x):
+        """Sum over ranks (a number, an array or a tensor): e.g. the logged loss sums of an epoch."""
+        return dist.all_sum(x)
+
+    @staticmethod
+    def broadcast(obj):
+        """Rank 0's value on every rank (e.g. a validation accuracy every rank selects by)."""
+        return dist.broadcast(obj)
+
+    @staticmethod
+    def all_gather(obj) -> list:
+        """Every rank's (picklable) object, in rank order ([obj] on one process)."""
+        return dist.all_gather(obj)
+
+    @staticmethod
+    def barrier() -> None:
+        dist.barrier()
+
+    @staticmethod
+    def main_first(what: str = "preparing"):
+        """Context manager: rank 0 runs the block first (e.g. writes a cache of generated images),
+        the other ranks after it succeeded (e.g. to read that cache)."""
+        return dist.main_first(what)
+
+    # ----------------------------------------------------------------- checkpoints and stopping
     def load_checkpoint(self) -> Optional[dict]:
         if not self.ckpt.is_file():
             return None
         state = torch.load(self.ckpt, map_location=self.device, weights_only=True)
-        log.info("resuming %s from its checkpoint (epoch %s)", self.target, state.get("epoch"))
+        log.info("resuming %s from its checkpoint (epoch %s%s)", self.target, state.get("epoch"),
+                 f", step {state['step']}" if state.get("step") else "")
         return state
 
-    def save_checkpoint(self, state: dict) -> None:
-        torch_save_atomic(state, self.ckpt)
+    def _write_checkpoint(self, state: dict) -> None:
+        if self.is_main:
+            torch_save_atomic(state, self.ckpt)
+        dist.barrier()  # no rank goes on (or exits) before the checkpoint is on disk
 
+    def save_checkpoint(self, state: dict) -> None:
+        """Write the checkpoint (rank 0); then, if a preemption signal came, stop here (``Preempted``)."""
+        self._write_checkpoint(state)
+        self.preempt_point()
+
+    def should_stop(self) -> bool:
+        """Whether a preemption signal asks to stop (agreed by all ranks: a collective under torchrun)."""
+        return bool(_STOP.agreed())
+
+    def preempt_point(self, state=None) -> None:
+        """A safe point (a step boundary). If a preemption signal came: write ``state`` (a dict, or a
+        callable returning it, called only then, on every rank) as the checkpoint and raise
+        ``Preempted``. Every rank must reach the same preempt points."""
+        signum = _STOP.agreed()
+        if not signum:
+            return
+        if state is not None:
+            self._write_checkpoint(state() if callable(state) else state)
+        log.warning("%s: stopping at a checkpoint after %s; rerun the same command to resume", self.target, signal.Signals(signum).name)
+        raise Preempted(signum)
+
+    # ----------------------------------------------------------------- records and progress
     def log(self, **metrics) -> None:
+        if not self.is_main:
+            return
         line = {"time": round(time.time(), 3), "target": self.target, **metrics}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(line, default=float) + "\n")
 
     @staticmethod
     def progress(iterable, desc: str, **kw):
-        return tqdm(iterable, desc=desc, unit="it", leave=False, dynamic_ncols=True, **kw)
+        return tqdm(iterable, desc=desc, unit="it", leave=False, dynamic_ncols=True, disable=not dist.is_main(), **kw)
 
     @torch.no_grad()
     def accuracy(self, method, feats: Features) -> float:
         return evaluate(method, feats)["top1"]
 
 
+def resume_point(state: Optional[dict]) -> tuple[int, int]:
+    """(epoch, steps of it already done) to continue from: a mid-epoch checkpoint carries ``step``,
+    an epoch-end one only ``epoch`` (finished)."""
+    if state is None:
+        return 0, 0
+    if state.get("step"):
+        return int(state["epoch"]), int(state["step"])
+    return int(state["epoch"]) + 1, 0
+
+
 @torch.no_grad()
 def evaluate(method, feats: Features, chunk: int = 8192, subset=None) -> dict:
     """Top-1 accuracy and mean per-class accuracy (%), on cached features (re-encoded first by a
     method whose prompts change the image features: ``features_for``). ``subset``: class indices
-    the test set covers (ImageNet-A/R: 200 of 1000); the prediction is restricted to them."""
-    if hasattr(method, "features_for"):
+    the test set covers (ImageNet-A/R: 200 of 1000); the prediction is restricted to them.
+    Under torchrun each rank predicts its contiguous part and every rank gets all the predictions."""
+    y = feats.y
+    if dist.world() > 1:  # (DAPT re-encodes images: the ranks share that work)
+        a, b = dist.shard_range(len(feats))
+        feats = feats.subset(range(a, b))
+    if hasattr(method, "features_for") and len(feats):
         feats = method.features_for(feats)
     keep = None if subset is None else torch.as_tensor(list(subset), dtype=torch.long)
-    preds = []
+    preds = [torch.empty(0, dtype=torch.long)]
     for i in range(0, len(feats), chunk):
         logits = method.logits(feats.x[i : i + chunk]).cpu()
         preds.append(logits.argmax(-1) if keep is None else keep[logits[:, keep].argmax(-1)])
-    preds = torch.cat(preds)
-    y = feats.y
+    preds = dist.gather_cat(torch.cat(preds))
     correct = (preds == y).float()
     per_class = [correct[y == c].mean().item() for c in torch.unique(y)]
     return {"top1": round(100 * correct.mean().item(), 4), "mean_per_class": round(100 * sum(per_class) / len(per_class), 4), "n": len(y)}
@@ -181,6 +449,8 @@ def evaluate(method, feats: Features, chunk: int = 8192, subset=None) -> dict:
 def run(cfg: DictConfig, run_dir: Path, mode: str = "train") -> dict:
     """Train (or only evaluate) one config in ``run_dir``; returns the results record."""
     check_backbone(cfg)
+    if dist.env_world_size() > 1:  # under torchrun: join the process group (once per process)
+        dist.init(select_device(cfg.device))
     run_dir.mkdir(parents=True, exist_ok=True)
     results_path = run_dir / "results.json"
     chash = config_hash(cfg)
@@ -192,21 +462,65 @@ def run(cfg: DictConfig, run_dir: Path, mode: str = "train") -> dict:
                 f"refusing to overwrite them. Choose another hydra.run.dir."
             )
         if old.get("status") == "finished" and not cfg.force:
-            print(f"[promptdg] skipped: {run_dir} already finished with this config (force=true reruns it)")
+            if dist.is_main():
+                print(f"[promptdg] skipped: {run_dir} already finished with this config (force=true reruns it)")
             return old
-    with _Lock(run_dir):
-        try:
-            record = _run_locked(cfg, run_dir, chash, mode)
-        except BaseException as e:
-            failed = _base_record(cfg, run_dir, chash) | {
-                "status": "failed",
-                "error": f"{type(e).__name__}: {e}",
-                "traceback": traceback.format_exc(),
-            }
-            write_json_atomic(results_path, failed)
-            raise
-    write_json_atomic(results_path, record)
+    signum = 0
+    _STOP.install()  # preemption signals only set a flag while the run trains (see "Preemption and requeue")
+    try:
+        with _run_lock(run_dir):
+            try:
+                record = _run_locked(cfg, run_dir, chash, mode)
+            except Preempted as e:
+                _STOP.deferring = True  # a further signal does not interrupt the record
+                if dist.is_main():
+                    preempted = _base_record(cfg, run_dir, chash) | {
+                        "status": "preempted",
+                        "error": f"stopped by {e.signame} at a checkpoint; rerun the same command to resume",
+                    }
+                    write_json_atomic(results_path, preempted)
+                raise
+            except BaseException as e:
+                if dist.is_main():
+                    failed = _base_record(cfg, run_dir, chash) | {
+                        "status": "failed",
+                        "error": f"{type(e).__name__}: {e}",
+                        "traceback": traceback.format_exc(),
+                    }
+                    write_json_atomic(results_path, failed)
+                raise
+        if dist.is_main():
+            write_json_atomic(results_path, record)
+        signum = _STOP.agreed()  # a signal during the final evaluation: the run is finished, the process still stops
+    except Preempted as e:
+        signum = e.signum
+    finally:
+        received, previous = _STOP.signum, _STOP.restore()
+    if signum:
+        _chain_and_exit(signum, received, previous)
     return record
+
+
+@contextmanager
+def _run_lock(run_dir: Path):
+    """Rank 0 holds the run's lock; the other ranks of a torchrun job learn whether it got it."""
+    if not dist.is_main():
+        err = dist.broadcast(None)
+        if err:
+            raise RunLocked(err)
+        yield
+        return
+    lock = _Lock(run_dir)
+    try:
+        lock.__enter__()
+    except RunLocked as e:
+        dist.broadcast(str(e))
+        raise
+    dist.broadcast(None)
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def check_backbone(cfg) -> None:
@@ -263,27 +577,38 @@ def _run_locked(cfg: DictConfig, run_dir: Path, chash: str, mode: str) -> dict:
         splits = uda_splits(cfg.dataset, cfg.target, cfg.source)
     else:
         splits = make_splits(cfg.dataset, cfg.target, cfg.source)
-    if protocol != "fewshot":
-        dataset_dir(cfg.dataset)  # a missing dataset fails before any model is loaded
-    names = _class_names(cfg.dataset)  # (a few-shot dataset's split file: read here, before any model)
-    backbone = ClipBackbone.from_config(cfg.backbone, device=device)
+    with dist.main_first("preparing the dataset and the backbone"):  # (generated / built on first use)
+        if protocol != "fewshot":
+            dataset_dir(cfg.dataset)  # a missing dataset fails before any model is loaded
+        names = _class_names(cfg.dataset)  # (a few-shot dataset's split file: read here, before any model)
+        backbone = ClipBackbone.from_config(cfg.backbone, device=device)
     cache = FeatureCache(cfg.cache_root, num_workers=cfg.num_workers)
     record = _base_record(cfg, run_dir, chash) | {"protocol": protocol, "shots": cfg.get("shots")}
     record.update(target_domains=[], source_domains={}, accuracy={}, mean_per_class_accuracy={}, val_accuracy={})
     timings = {"train_s": 0.0, "eval_s": 0.0}
+    main = dist.is_main()
     for split in splits:
+        _stop_here()  # a preemption signal during the previous split's evaluation
         split_dir = run_dir / "splits" / split.dirname
         split_dir.mkdir(parents=True, exist_ok=True)
         done = split_dir / "result.json"
         if done.is_file():
             res = json.loads(done.read_text())
-            print(f"[promptdg] {split.target}: finished earlier, read back")
+            if main:
+                print(f"[promptdg] {split.target}: finished earlier, read back")
+                (split_dir / "checkpoint.pt").unlink(missing_ok=True)  # (left by a stop just after the result)
         else:
             res = _run_split(cfg, method_cls, backbone, cache, names, split, split_dir, run_dir, device)
-            write_json_atomic(done, res)
+            if main:
+                write_json_atomic(done, res)
+                # the final model replaces the resume checkpoint once the split's result is on disk
+                # (kept until then: a run stopped during the evaluation resumes after its last epoch)
+                (split_dir / "checkpoint.pt").unlink(missing_ok=True)
+            dist.barrier()
         tests = res["tests"] if "tests" in res else {split.key: res["test"]}
         for domain, test in tests.items():
-            print(f"[promptdg] {cfg.method.name} {cfg.dataset.name} target={domain}: top-1 {test['top1']:.1f}%")
+            if main:
+                print(f"[promptdg] {cfg.method.name} {cfg.dataset.name} target={domain}: top-1 {test['top1']:.1f}%")
             record["target_domains"].append(domain)
             record["source_domains"][domain] = split.sources
             record["accuracy"][domain] = test["top1"]
@@ -305,6 +630,13 @@ def _run_locked(cfg: DictConfig, run_dir: Path, chash: str, mode: str) -> dict:
     record["feature_cache"] = {"hits": cache.hits, "misses": cache.misses}
     record["status"] = "finished"
     return record
+
+
+def _stop_here() -> None:
+    """A safe point outside training (before a split, before fit): stop if a preemption signal came."""
+    signum = _STOP.agreed()
+    if signum:
+        raise Preempted(signum)
 
 
 def _protocol_or_dataset(cfg) -> str:
@@ -329,30 +661,32 @@ def _run_split(cfg, method_cls, backbone, cache, names, split, split_dir, run_di
     ctx = TrainContext(run_dir, split_dir, split.key, cfg.seed, device, dataset=cfg.dataset.name, shots=shots)
     protocol = run_protocol(cfg, method_cls)
     views = int(cfg.method.get("aug_views", 0) or 0)
-    if method_cls.source_free:  # no data at all; it trains before any image is read
-        data = {}
-    elif protocol == "fewshot" and not method_cls.trains:  # zero-shot: the test split is all it needs
-        from .fewshot import read_split
+    with dist.main_first("extracting image features"):  # rank 0 fills the feature cache, the others read it
+        if method_cls.source_free:  # no data at all; it trains before any image is read
+            data = {}
+        elif protocol == "fewshot" and not method_cls.trains:  # zero-shot: the test split is all it needs
+            from .fewshot import read_split
 
-        paths, labels, _ = read_split(cfg.dataset, "test")
-        data = {"test": cache.list_features(backbone, cfg.dataset.name, "test", paths, labels)}
-    elif protocol == "fewshot":
-        data, _ = few_shot_features(cache, backbone, cfg.dataset, shots, cfg.seed)
-    else:
-        data = split_features(cache, backbone, cfg.dataset, split, cfg.seed, uda=protocol == "uda", views=views)
-        if shots:  # k shots per class of the source training data; validation min(k, 4) per class
-            if views:
-                raise ConfigError("shots= with method.aug_views is not supported; choose one")
-            data["train"] = sample_shots(data["train"], shots, cfg.seed)
-            data["val"] = sample_shots(data["val"], shots, cfg.seed, cap=4)
+            paths, labels, _ = read_split(cfg.dataset, "test")
+            data = {"test": cache.list_features(backbone, cfg.dataset.name, "test", paths, labels)}
+        elif protocol == "fewshot":
+            data, _ = few_shot_features(cache, backbone, cfg.dataset, shots, cfg.seed)
+        else:
+            data = split_features(cache, backbone, cfg.dataset, split, cfg.seed, uda=protocol == "uda", views=views)
+            if shots:  # k shots per class of the source training data; validation min(k, 4) per class
+                if views:
+                    raise ConfigError("shots= with method.aug_views is not supported; choose one")
+                data["train"] = sample_shots(data["train"], shots, cfg.seed)
+                data["val"] = sample_shots(data["val"], shots, cfg.seed, cap=4)
     t = time.time()
     if method_cls.trains:
-        method.fit({k: v for k, v in data.items() if k != "test"}, ctx)  # the target's labels stay here
+        with _STOP.deferred():  # a preemption signal stops at the method's next checkpoint
+            method.fit({k: v for k, v in data.items() if k != "test"}, ctx)  # the target's labels stay here
+        _stop_here()  # a signal after fit's last safe point
     train_s = time.time() - t
     state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
-    if state:
+    if state and dist.is_main():
         save_file(state, str(split_dir / "model.safetensors"))
-    ctx.ckpt.unlink(missing_ok=True)  # the final model replaces the resume checkpoint
     t = time.time()
     if "test" in data:  # DG / UDA / few-shot: the target domain or test split, loaded with the split
         subset = None
@@ -362,7 +696,9 @@ def _run_split(cfg, method_cls, backbone, cache, names, split, split_dir, run_di
             subset = class_subset(cfg.dataset)  # ImageNet-A/R: predict among their 200 classes
         tests = {split.key: evaluate(method, data["test"], subset=subset)}
     else:
-        tests = {d: evaluate(method, cache.domain_features(backbone, cfg.dataset, d)) for d in split.tests}
+        with dist.main_first("extracting image features"):
+            feats = {d: cache.domain_features(backbone, cfg.dataset, d) for d in split.tests}
+        tests = {d: evaluate(method, f) for d, f in feats.items()}
     val = evaluate(method, data["val"]) if len(data.get("val") or ()) else None
     return {
         "target": split.target,

@@ -88,41 +88,58 @@ class CoOp(Method):
         super().__init__(cfg, backbone, classnames, device)
         self.prompt = PromptLearner(backbone, classnames, cfg.n_ctx, cfg.ctx_init, cfg.class_specific)
 
-    def class_features(self) -> torch.Tensor:
-        return self.backbone.encode_prompts(self.prompt(), self.prompt.eot)  # (C, D), normalised
+    def class_features(self, prompt=None) -> torch.Tensor:
+        """(C, D) normalised; ``prompt``: the module to run (training: its DDP wrapper), default self.prompt."""
+        return self.backbone.encode_prompts((self.prompt if prompt is None else prompt)(), self.prompt.eot)
 
-    def loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        logits = self.backbone.logit_scale * x @ self.class_features().T  # (B, C)
+    def loss(self, x: torch.Tensor, y: torch.Tensor, prompt=None) -> torch.Tensor:
+        logits = self.backbone.logit_scale * x @ self.class_features(prompt).T  # (B, C)
         return F.cross_entropy(logits, y)
 
     def lr_at(self, epoch: int) -> float:
         return warmup_cosine_lr(epoch, self.cfg.lr, self.cfg.epochs, self.cfg.warmup_epochs, self.cfg.warmup_lr)
 
     def fit(self, data, ctx):
+        """Resume: a checkpoint after every epoch and, when a preemption signal comes, after the step
+        in progress (it carries the step index; the epoch's order is seeded by (seed, epoch), so the
+        resumed epoch skips the batches done). torchrun: each rank takes its shard of every batch,
+        through the prompt learner in DDP (gradients summed, losses weighted by shard size)."""
+        from ..engine import resume_point
+
         cfg = self.cfg
         opt = torch.optim.SGD([self.prompt.ctx], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         train = data["train"]
         x_all, y_all = train.x.to(self.device), train.y.to(self.device)
         best = {"acc": -1.0, "epoch": -1, "ctx": self.prompt.ctx.detach().clone()}
-        start = 0
         state = ctx.load_checkpoint()
-        if state is not None:  # resume after the last finished epoch
+        start, done = resume_point(state)  # (epoch, its steps already done)
+        loss_sum = 0.0  # the resumed epoch's train-loss sum before the stop
+        if state is not None:
             self.prompt.ctx.data.copy_(state["ctx"])
             opt.load_state_dict(state["optimizer"])
             best = state["best"]
-            start = state["epoch"] + 1
+            loss_sum = state.get("loss_sum", 0.0) if done else 0.0
+        prompt = ctx.ddp(self.prompt)  # the module itself on one process
         for epoch in ctx.progress(range(start, cfg.epochs), desc="coop epochs", initial=start, total=cfg.epochs):
             for g in opt.param_groups:
                 g["lr"] = self.lr_at(epoch)
             order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(ctx.seed * 100003 + epoch))
-            total = 0.0
-            for i in range(0, len(order), cfg.batch_size):
-                idx = order[i : i + cfg.batch_size].to(self.device)
-                loss = self.loss(x_all[idx], y_all[idx])
+            first = done if epoch == start else 0
+            base, total = (loss_sum if first else 0.0), 0.0  # total: this rank's part since (re)start
+            for step, i in enumerate(range(first * cfg.batch_size, len(order), cfg.batch_size), start=first):
+                batch = order[i : i + cfg.batch_size]
+                idx = ctx.shard(batch).to(self.device)
+                if len(idx):
+                    loss = ctx.batch_share(self.loss(x_all[idx], y_all[idx], prompt), len(idx), len(batch))
+                else:  # a last batch smaller than the number of ranks: nothing here, DDP still syncs
+                    loss = prompt().sum() * 0.0
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += loss.item() * len(idx)
+                total += loss.item() * len(batch)
+                ctx.preempt_point(lambda: {"epoch": epoch, "step": step + 1, "ctx": self.prompt.ctx.detach(),
+                                           "optimizer": opt.state_dict(), "best": best, "loss_sum": base + ctx.all_sum(total)})
+            total = base + ctx.all_sum(total)
             val_acc = ctx.accuracy(self, data["val"])
             if cfg.select == "last" or val_acc > best["acc"]:
                 best = {"acc": val_acc, "epoch": epoch, "ctx": self.prompt.ctx.detach().clone()}

@@ -157,11 +157,12 @@ class DAPL(Method):
         cfg = self.cfg
         self.prompt = DomainPromptLearner(self.backbone, self.classnames, len(domains), cfg.n_ctx, cfg.n_dom_ctx, cfg.class_specific, seed)
 
-    def text_features(self, domains: Optional[list[int]] = None) -> torch.Tensor:
-        """(n, C, D) normalised features of the prompts of ``domains`` (default: all), one text batch."""
+    def text_features(self, domains: Optional[list[int]] = None, prompt=None) -> torch.Tensor:
+        """(n, C, D) normalised features of the prompts of ``domains`` (default: all), one text batch;
+        ``prompt``: the module to run (training: its DDP wrapper), default self.prompt."""
         idx = list(range(self.prompt.n_domains)) if domains is None else domains
         eot = self.prompt.eot_per_class.repeat(len(idx))
-        f = self.backbone.encode_prompts(self.prompt(idx), eot)
+        f = self.backbone.encode_prompts((self.prompt if prompt is None else prompt)(idx), eot)
         return f.view(len(idx), self.prompt.n_classes, -1)
 
     def lr_at(self, epoch: int) -> float:
@@ -180,6 +181,8 @@ class DAPL(Method):
         return round(100 * (pred == feats.y).float().mean().item(), 4)
 
     def fit(self, data, ctx):
+        from ..engine import resume_point
+
         cfg = self.cfg
         train, target = data["train"], data["target"]
         assert bool((target.y < 0).all()), "UDA training must not see target labels"
@@ -201,13 +204,22 @@ class DAPL(Method):
         params = [self.prompt.ctx, self.prompt.dom]
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
         best = {"acc": -1.0, "epoch": -1, "ctx": self.prompt.ctx.detach().clone(), "dom": self.prompt.dom.detach().clone()}
-        start = 0
         state = ctx.load_checkpoint()
+        # resume: after the last epoch, or mid-epoch after the step in progress when a preemption
+        # signal came (the epoch's orders are seeded by (seed, epoch): the steps done are skipped)
+        start, done = resume_point(state)
+        resumed_sums = torch.zeros(4, dtype=torch.float64)
         if state is not None:
             self.prompt.ctx.data.copy_(state["ctx"])
             self.prompt.dom.data.copy_(state["dom"])
             opt.load_state_dict(state["optimizer"])
-            best, start = state["best"], state["epoch"] + 1
+            best = state["best"]
+            if done:
+                resumed_sums = state["sums"].cpu().double()
+        # torchrun: every rank takes its shard of the source and of the target batch; the prompt
+        # learner (run once per step) is in DDP, gradients summed; the source term is weighted by the
+        # shard's share of the source batch, the target term by its share of the kept target images
+        prompt = ctx.ddp(self.prompt)
         n_src, n_tgt = ys.shape[0], xt.shape[1]
         for epoch in ctx.progress(range(start, cfg.epochs), desc="dapl epochs", initial=start, total=cfg.epochs):
             for grp in opt.param_groups:
@@ -217,29 +229,40 @@ class DAPL(Method):
             order_t = torch.randperm(n_tgt, generator=g).to(dev)
             view_s = torch.randint(xs.shape[0], (n_src,), generator=g).to(dev)
             view_t = torch.randint(xt.shape[0], (n_tgt,), generator=g).to(dev)
-            sums = {"loss": 0.0, "l_src": 0.0, "l_tgt": 0.0, "kept": 0}
-            steps = 0
-            for b, i in enumerate(range(0, n_src, cfg.batch_size)):
-                si = order_s[i : i + cfg.batch_size]
-                tj = order_t[(torch.arange(cfg.target_batch_size, device=dev) + b * cfg.target_batch_size) % n_tgt]
-                loss, l_src, l_tgt = dapl_loss(
-                    self.text_features(), scale,
-                    xs[view_s[si], si], ds[si], ys[si],
-                    xt[view_t[tj], tj], self.target_row, pseudo[tj], keep[tj], cfg.U,
-                )
+            first = done if epoch == start else 0
+            base = resumed_sums if first else torch.zeros(4, dtype=torch.float64)  # loss, l_src, l_tgt, kept
+            sums = torch.zeros(4, dtype=torch.float64)  # this rank's part since (re)start
+            for b, i in enumerate(range(first * cfg.batch_size, n_src, cfg.batch_size), start=first):
+                si_all = order_s[i : i + cfg.batch_size]
+                tj_all = order_t[(torch.arange(cfg.target_batch_size, device=dev) + b * cfg.target_batch_size) % n_tgt]
+                si, tj = ctx.shard(si_all), ctx.shard(tj_all)
+                text = self.text_features(prompt=prompt)
+                if len(si):
+                    _, l_src, l_tgt = dapl_loss(
+                        text, scale,
+                        xs[view_s[si], si], ds[si], ys[si],
+                        xt[view_t[tj], tj], self.target_row, pseudo[tj], keep[tj], cfg.U,
+                    )
+                else:  # a last source batch smaller than the number of ranks
+                    l_src = text.sum() * 0.0
+                    l_tgt = masked_cross_entropy(scale * xt[view_t[tj], tj] @ text[self.target_row].T, pseudo[tj], keep[tj])
+                l_src = ctx.batch_share(l_src, len(si), len(si_all))
+                l_tgt = ctx.batch_share(l_tgt, int(keep[tj].sum()), int(keep[tj_all].sum()))
+                loss = l_src + cfg.U * l_tgt
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                steps += 1
-                sums["loss"] += loss.item()
-                sums["l_src"] += l_src.item()
-                sums["l_tgt"] += l_tgt.item()
-                sums["kept"] += int(keep[tj].sum())
+                sums += torch.tensor([loss.item(), l_src.item(), l_tgt.item(), int(keep[tj].sum())], dtype=torch.float64)
+                ctx.preempt_point(lambda: {"epoch": epoch, "step": b + 1, "ctx": self.prompt.ctx.detach(), "dom": self.prompt.dom.detach(),
+                                           "optimizer": opt.state_dict(), "best": best, "sums": base + ctx.all_sum(sums)})
+            sums = (base + ctx.all_sum(sums)).tolist()
+            steps = -(-n_src // cfg.batch_size)
             val_acc = self.source_accuracy(data["val"]) if len(data["val"]) else float("nan")
+            val_acc = ctx.broadcast(val_acc)  # every rank selects the same epoch
             if cfg.select == "last" or not len(data["val"]) or val_acc > best["acc"]:
                 best = {"acc": val_acc, "epoch": epoch, "ctx": self.prompt.ctx.detach().clone(), "dom": self.prompt.dom.detach().clone()}
-            ctx.log(epoch=epoch, lr=self.lr_at(epoch), loss=sums["loss"] / steps, l_src=sums["l_src"] / steps,
-                    l_tgt=sums["l_tgt"] / steps, kept_per_step=sums["kept"] / steps, val_acc=val_acc)
+            ctx.log(epoch=epoch, lr=self.lr_at(epoch), loss=sums[0] / steps, l_src=sums[1] / steps,
+                    l_tgt=sums[2] / steps, kept_per_step=sums[3] / steps, val_acc=val_acc)
             ctx.save_checkpoint({"epoch": epoch, "ctx": self.prompt.ctx.detach(), "dom": self.prompt.dom.detach(),
                                  "optimizer": opt.state_dict(), "best": best})
         self.prompt.ctx.data.copy_(best["ctx"])

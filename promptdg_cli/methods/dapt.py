@@ -112,6 +112,23 @@ class DAPTConfig(MethodConfig):
     augment: bool = True  # random resized crop + flip of the training images (Dassl's); false: the plain preprocessing
 
 
+def _epoch_batches(paths, transform, batch_size: int, num_workers: int, seed: int, first: int, shard):
+    """The epoch's batches of ``paths`` (already in the epoch's order) from batch ``first`` on, each
+    cut to this rank's ``shard``: ``(positions in the epoch order, images, unreadable positions)``.
+    An image's random augmentation is seeded by (seed, its position in the epoch order), so it is
+    the same whichever rank loads it and whether or not the epoch was resumed (``image_batches``)."""
+    from ..data import _collate, _ImageFiles
+
+    n = len(paths)
+    index = [list(shard(range(i, min(i + batch_size, n)))) for i in range(first * batch_size, n, batch_size)]
+    return torch.utils.data.DataLoader(
+        _ImageFiles(paths, transform, seed),
+        batch_sampler=index,
+        num_workers=num_workers if n > 4 * batch_size else 0,  # as image_batches: none for a handful of batches
+        collate_fn=_collate,
+    )
+
+
 class DAPT(Method):
     Config = DAPTConfig
     needs_vit = True
@@ -148,7 +165,15 @@ class DAPT(Method):
         return ce + beta_v * l_intra + beta_t * l_inter, ce, l_intra, l_inter
 
     def fit(self, data, ctx):
-        from ..data import augmented_transform, image_batches
+        """Epochs over images are long: when a preemption signal comes, training stops after the
+        step in progress with a checkpoint that carries the step index; the resumed epoch loads only
+        the remaining batches (the order is seeded by (seed, epoch), each image's augmentation by its
+        position in it). torchrun: each rank loads and encodes its shard of every batch; the
+        gradients of the two prompts are summed over ranks (``ctx.sync_grads``: two modules, the
+        text prompts run once per step and the visual prompts on the images), each rank's loss
+        weighted by its share of the images read in the step."""
+        from ..data import augmented_transform
+        from ..engine import resume_point
 
         cfg, s = self.cfg, self.settings(ctx.dataset, ctx.shots)
         shots = data["train"]  # the engine has drawn the k shots per class (run key shots=k)
@@ -157,13 +182,16 @@ class DAPT(Method):
         ctx.log(shots=len(shots), **s)
         params = [self.prompt.ctx, self.visual.prompts]
         opt = torch.optim.SGD(params, lr=s["lr"], momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        start = 0
         state = ctx.load_checkpoint()
+        start, done = resume_point(state)  # (epoch, its steps already done)
+        resumed = (np.zeros(4), 0)
         if state is not None:
             self.prompt.ctx.data.copy_(state["ctx"])
             self.visual.prompts.data.copy_(state["visual"])
             opt.load_state_dict(state["optimizer"])
-            start = state["epoch"] + 1
+            if done:
+                resumed = (state["sums"].cpu().double().numpy(), int(state["n"]))
+        ctx.broadcast_params(params)  # torchrun: every rank starts from rank 0's prompts
         aug = augmented_transform(self.backbone.preprocess) if cfg.augment else self.backbone.preprocess
         y_all = shots.y.to(self.device)
         for epoch in ctx.progress(range(start, s["epochs"]), desc="dapt epochs", initial=start, total=s["epochs"]):
@@ -171,19 +199,30 @@ class DAPT(Method):
             for g in opt.param_groups:
                 g["lr"] = lr
             order = np.random.default_rng([ctx.seed, epoch]).permutation(len(shots))
-            batches = image_batches([shots.paths[i] for i in order], aug, cfg.batch_size, self.num_workers, seed=ctx.seed * 10007 + epoch)
-            sums = np.zeros(4)
-            n = 0
-            for pos, x, _ in batches:  # an unreadable image is left out of its batch
-                if x is None:
-                    continue
-                y = y_all[torch.as_tensor(order[pos.numpy()], device=self.device)]
-                loss, ce, l_intra, l_inter = self.loss(x, y, protos, s["beta_v"], s["beta_t"])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sums += [loss.item(), ce.item(), l_intra.item(), l_inter.item()]
-                n += 1
+            first = done if epoch == start else 0
+            base_sums, base_n = resumed if first else (np.zeros(4), 0)
+            batches = _epoch_batches([shots.paths[i] for i in order], aug, cfg.batch_size, self.num_workers,
+                                     ctx.seed * 10007 + epoch, first, ctx.shard)
+            sums = np.zeros(4)  # this rank's part since (re)start
+            n = 0  # steps with at least one image read (all ranks)
+            for step, (pos, x, _) in enumerate(batches, start=first):  # an unreadable image is left out of its batch
+                n_local = 0 if x is None else len(pos)
+                n_global = ctx.all_sum(n_local)
+                if n_global:
+                    opt.zero_grad(set_to_none=True)
+                    if n_local:
+                        y = y_all[torch.as_tensor(order[pos.numpy()], device=self.device)]
+                        terms = self.loss(x, y, protos, s["beta_v"], s["beta_t"])
+                        loss, ce, l_intra, l_inter = (ctx.batch_share(t, n_local, n_global) for t in terms)
+                        loss.backward()
+                        sums += [loss.item(), ce.item(), l_intra.item(), l_inter.item()]
+                    ctx.sync_grads(params)
+                    opt.step()
+                    n += 1
+                ctx.preempt_point(lambda: {"epoch": epoch, "step": step + 1, "ctx": self.prompt.ctx.detach(),
+                                           "visual": self.visual.prompts.detach(), "optimizer": opt.state_dict(),
+                                           "sums": torch.from_numpy(base_sums + ctx.all_sum(sums)), "n": base_n + n})
+            sums, n = base_sums + ctx.all_sum(sums), base_n + n
             ctx.log(epoch=epoch, lr=lr, **dict(zip(("loss", "ce", "l_intra", "l_inter"), (sums / n).tolist())))
             ctx.save_checkpoint({"epoch": epoch, "ctx": self.prompt.ctx.detach(), "visual": self.visual.prompts.detach(),
                                  "optimizer": opt.state_dict()})

@@ -4,6 +4,11 @@ Supervision", ICML 2021, Sec. 3.2, https://arxiv.org/abs/2103.00020).
 A multinomial logistic regression (L-BFGS, L2-regularised) on frozen, cached CLIP image features of
 the labelled source images. The inverse regularisation strength C is chosen on the source
 validation split, never on the target.
+
+Resume: a checkpoint after every fitted C (its validation accuracy, and the weights of the best fit
+so far); a preemption signal stops the sweep after the fit in progress. torchrun: the C values are
+shared out over the ranks (rank r fits every world-th value), the accuracies and the best weights
+gathered on every rank; the fits are deterministic, so the result is a single process's.
 """
 from __future__ import annotations
 
@@ -42,38 +47,50 @@ class LinearProbe(Method):
         xtr, ytr = data["train"].x.numpy(), data["train"].y.numpy()
         xva, yva = data["val"].x.numpy(), data["val"].y.numpy()
 
-        def val_accuracy(c: float) -> tuple[float, LogisticRegression]:
-            clf = LogisticRegression(C=c, max_iter=self.cfg.max_iter, random_state=ctx.seed)
+        def fit_one(c: float) -> dict:
+            # C as a NumPy float64, as np.logspace gives it: under NumPy 2's promotion rules a Python
+            # float would let sklearn compute parts of a float32 problem in float32 (other results)
+            clf = LogisticRegression(C=np.float64(c), max_iter=self.cfg.max_iter, random_state=ctx.seed)
             with warnings.catch_warnings():
                 # weakly regularised fits (large C) may stop at max_iter; they are still valid candidates
                 warnings.simplefilter("ignore", ConvergenceWarning)
                 clf.fit(xtr, ytr)
-            return float((clf.predict(xva) == yva).mean() * 100), clf
+            return {"C": c, "acc": float((clf.predict(xva) == yva).mean() * 100), "classes": torch.as_tensor(clf.classes_),
+                    "coef": torch.as_tensor(clf.coef_), "intercept": torch.as_tensor(clf.intercept_)}
 
-        coarse = np.logspace(np.log10(self.cfg.c_min), np.log10(self.cfg.c_max), 13)
-        scores = {}
-        for c in ctx.progress(coarse, desc="linear probe: C sweep"):
-            scores[c] = val_accuracy(c)
-            ctx.log(C=float(c), val_acc=scores[c][0])
-        best = max(scores, key=lambda c: scores[c][0])
-        for c in np.logspace(np.log10(best) - 1, np.log10(best) + 1, self.cfg.refine_steps + 2)[1:-1]:
-            scores[c] = val_accuracy(c)
-            ctx.log(C=float(c), val_acc=scores[c][0])
-        best = max(scores, key=lambda c: scores[c][0])
-        clf = scores[best][1]
-        ctx.log(selected_C=float(best), val_acc=scores[best][0])
-        self._set(clf)
+        state = ctx.load_checkpoint() or {}
+        scores = {float(c): float(a) for c, a in state.get("scores", [])}  # C -> val accuracy, in fitting order
+        best = state.get("best")  # the first fit of the highest accuracy so far, with its weights
 
-    def _set(self, clf: LogisticRegression):
+        def sweep(values, desc: str) -> None:
+            nonlocal best
+            todo = [float(c) for c in values if float(c) not in scores]
+            rounds = range(0, len(todo), ctx.world)  # one C per rank and round
+            for r in ctx.progress(rounds, desc=desc):
+                mine = [fit_one(c) for c in ctx.shard(todo[r : r + ctx.world])]
+                for res in (res for part in ctx.all_gather(mine) for res in part):  # in C order
+                    scores[res["C"]] = res["acc"]
+                    ctx.log(C=res["C"], val_acc=res["acc"])
+                    if best is None or res["acc"] > best["acc"]:
+                        best = res
+                ctx.save_checkpoint({"scores": [[c, a] for c, a in scores.items()], "best": best})
+
+        coarse = [float(c) for c in np.logspace(np.log10(self.cfg.c_min), np.log10(self.cfg.c_max), 13)]
+        sweep(coarse, "linear probe: C sweep")
+        center = max(coarse, key=lambda c: scores[c])
+        sweep(np.logspace(np.log10(center) - 1, np.log10(center) + 1, self.cfg.refine_steps + 2)[1:-1], "linear probe: refine")
+        ctx.log(selected_C=best["C"], val_acc=best["acc"])
+        self._set(best["classes"], best["coef"], best["intercept"])
+
+    def _set(self, classes: torch.Tensor, coef: torch.Tensor, intercept: torch.Tensor):
+        """The weights of a fitted sklearn LogisticRegression (classes_, coef_, intercept_)."""
         w = torch.zeros_like(self.weight)
         b = torch.zeros_like(self.bias)
-        classes = torch.as_tensor(clf.classes_, dtype=torch.long)
-        coef = torch.as_tensor(clf.coef_, dtype=torch.float32)
+        classes = classes.to(torch.long)
         if coef.shape[0] == 1:  # sklearn's binary case: one row for class 1
             coef = torch.cat([-coef, coef]) / 2
-            icpt = torch.as_tensor(np.r_[-clf.intercept_, clf.intercept_] / 2, dtype=torch.float32)
-        else:
-            icpt = torch.as_tensor(clf.intercept_, dtype=torch.float32)
+            intercept = torch.cat([-intercept, intercept]) / 2
+        coef, icpt = coef.to(torch.float32), intercept.to(torch.float32)
         w[classes], b[classes] = coef, icpt
         # classes absent from the source data can never win
         missing = torch.ones(len(b), dtype=torch.bool)

@@ -30,7 +30,9 @@ Speed (the math is unchanged): the K·L iterations dominate. Each iteration enco
 and all N style-content prompts in one batch through the text transformer truncated at the last
 end-of-text token (about 10-15 positions, not 77); the content features and the earlier styles'
 features are computed once. Resume: a checkpoint after every learned style and every classifier
-epoch.
+epoch. A preemption signal (SIGTERM/SIGUSR1/SIGUSR2) stops the run at the next of these checkpoints
+(``ctx.save_checkpoint`` is a stopping point): a style is L text-encoder steps, seconds even on
+large label sets, so no mid-style state is kept; the resumed run equals an uninterrupted one.
 
 Choices the paper leaves open, with the defaults used here:
 * the placeholder of S_i is the single token "x", whose embedding is replaced by S_i;

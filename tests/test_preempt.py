@@ -1,0 +1,254 @@
+"""Preemption: a real SIGUSR1/SIGTERM stops every training method at a checkpoint (mid-epoch where
+epochs are long), the run is recorded as ``preempted`` (resumable, not failed), and rerunning the
+same command finishes with the results of an uninterrupted run of the same seed.
+
+Tolerance: accuracies (per domain and validation) must be exactly equal; the saved model tensors
+within 1e-6 (CPU float non-determinism between identical runs is ~1e-9; in practice they are equal).
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TINY, results
+from promptdg_cli.engine import TrainContext
+
+
+# method -> (overrides, split folder, which preempt point (1-based) gets the signal, mid-epoch checkpoint?)
+# preempt points: one after every optimisation step (coop, dapl, dapt) and one at every checkpoint
+# (epoch end; linear probe: every C value; promptstyler: every style and classifier epoch)
+CASES = {
+    # 192 source images, batch 32: 6 steps + 1 epoch checkpoint per epoch -> signal at epoch 1, step 2
+    "coop": (["method=coop", "method.epochs=3", "method.n_ctx=4", "target=sketch"], "sketch", 9, True),
+    # 17 C values (13 + 4 refined; strongly regularised ones only: quick fits): stop after the 5th fit
+    "linear_probe": (["method=linear_probe", "method.c_max=100", "method.refine_steps=4", "target=sketch"], "sketch", 5, False),
+    # 2 styles then 2 classifier epochs: stop after the second style
+    "promptstyler": (["method=promptstyler", "method.n_styles=2", "method.style_iters=3", "method.epochs=2"], "all", 2, False),
+    # UDA printed -> sketch: 64 source images, batch 16: 4 steps + 1 per epoch -> epoch 1, step 2
+    "dapl": (["method=dapl", "method.epochs=2", "method.n_ctx=2", "method.n_dom_ctx=2", "method.batch_size=16",
+              "method.target_batch_size=16", "source=[printed]", "target=sketch"], "printed_to_sketch", 7, True),
+    # 2 shots x 10 classes = 20 images, batch 8: steps of 8, 8, 4 -> stop in epoch 0 after step 2
+    "dapt": (["method=dapt", "method.epochs=2", "shots=2", "method.n_visual=2", "method.n_ctx=2", "method.batch_size=8",
+              "target=sketch"], "sketch", 2, True),
+}
+
+
+REAL_PREEMPT_POINT = TrainContext.preempt_point
+
+
+def _signal_at_preempt_point(monkeypatch, n: int, sig=signal.SIGUSR1) -> list:
+    """Deliver a real signal to this process just before the n-th preempt point (the engine's
+    handler sets the flag; the point then checkpoints and stops). Undo: ``_unhook``."""
+    real, calls = REAL_PREEMPT_POINT, []
+
+    def counting(self, state=None):
+        calls.append(1)
+        if len(calls) == n:
+            os.kill(os.getpid(), sig)
+        return real(self, state)
+
+    monkeypatch.setattr(TrainContext, "preempt_point", counting)
+    return calls
+
+
+def _unhook(monkeypatch):
+    # (not monkeypatch.undo(): it would also drop run_cli's PROMPTDG_CACHE / PROMPTDG_OUT)
+    monkeypatch.setattr(TrainContext, "preempt_point", REAL_PREEMPT_POINT)
+
+
+def _model(rec, split):
+    return load_file(str(Path(rec["run_dir"]) / "splits" / split / "model.safetensors"))
+
+
+def _assert_same(resumed, reference, split):
+    assert resumed["status"] == "finished"
+    assert resumed["accuracy"] == reference["accuracy"]
+    assert resumed["val_accuracy"] == reference["val_accuracy"]
+    a, b = _model(resumed, split), _model(reference, split)
+    assert a.keys() == b.keys()
+    worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+    print(f"{resumed['method']}: largest tensor difference resumed vs uninterrupted: {worst:.3g}")
+    assert worst <= 1e-6, worst
+
+
+@pytest.mark.parametrize("method", sorted(CASES))
+def test_signal_stops_at_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(run_cli, monkeypatch, tmp_path, method):
+    args, split, at, mid_epoch = CASES[method]
+    code, _, err, out_root = run_cli("train", *args)
+    assert code == 0, err
+    (reference,) = results(out_root)
+
+    monkeypatch.setenv("PROMPTDG_OUT", str(tmp_path / "preempted"))
+    before = signal.getsignal(signal.SIGUSR1)
+    calls = _signal_at_preempt_point(monkeypatch, at)
+    code, _, err, _ = run_cli("train", *args)
+    assert code == 128 + signal.SIGUSR1, err  # non-zero: the job did not finish
+    assert len(calls) == at  # stopped at the very point the signal preceded
+    assert signal.getsignal(signal.SIGUSR1) == before  # the engine's handler is gone again
+    (stopped,) = results(tmp_path / "preempted")
+    assert stopped["status"] == "preempted" and "SIGUSR1" in stopped["error"]  # resumable, not "failed"
+    run_dir = Path(stopped["run_dir"])
+    assert not (run_dir / ".lock").exists()
+    state = torch.load(run_dir / "splits" / split / "checkpoint.pt", weights_only=True)
+    assert bool(state.get("step")) == mid_epoch  # a mid-epoch checkpoint carries the step index
+    _unhook(monkeypatch)
+
+    code, _, err, _ = run_cli("train", *args)
+    assert code == 0, err
+    (resumed,) = results(tmp_path / "preempted")
+    _assert_same(resumed, reference, split)
+    assert not (run_dir / "splits" / split / "checkpoint.pt").exists()
+    # every epoch (style, C value) was logged exactly once: the resumed run redid none of them
+    lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    ref_lines = [json.loads(l) for l in (Path(reference["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    for key in ("epoch", "style", "C"):
+        assert [l[key] for l in lines if key in l] == [l[key] for l in ref_lines if key in l]
+
+
+def test_dapt_resumes_mid_epoch_reading_only_the_remaining_images(run_cli, monkeypatch, tmp_path):
+    """The resumed epoch starts at the batch after the stop: no image of the done batches is loaded again."""
+    from promptdg_cli.methods import dapt
+
+    args, split, at, _ = CASES["dapt"]
+    monkeypatch.setenv("PROMPTDG_OUT", str(tmp_path / "p"))
+    _signal_at_preempt_point(monkeypatch, at)
+    code, _, err, _ = run_cli("train", *args)
+    assert code == 128 + signal.SIGUSR1, err
+    _unhook(monkeypatch)
+    starts, real = [], dapt._epoch_batches
+    monkeypatch.setattr(dapt, "_epoch_batches", lambda *a: starts.append(a[5]) or real(*a))
+    code, _, err, _ = run_cli("train", *args)
+    assert code == 0, err
+    assert starts == [2, 0]  # epoch 0 from its third batch, then epoch 1 whole
+
+
+def test_sigterm_from_outside_stops_a_cli_process_and_the_rerun_resumes(run_cli, random_clip, shared_cache, tmp_path, monkeypatch):
+    """A real SIGTERM from another process, at whatever step the run is in: exit 143, a resumable
+    record, and the rerun equals an uninterrupted run."""
+    args = ["method=coop", "method.epochs=4", "method.n_ctx=4", "method.batch_size=8", "target=photo"]
+    code, _, err, out_root = run_cli("train", *args)
+    assert code == 0, err
+    (reference,) = results(out_root)
+
+    out = tmp_path / "killed"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PROMPTDG_CACHE": str(shared_cache), "PROMPTDG_OUT": str(out)}
+    cmd = [sys.executable, "-m", "promptdg_cli", "train", *TINY, f"backbone.pretrained={random_clip}", *args]
+    with open(tmp_path / "log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 300
+        while not list(out.rglob("metrics.jsonl")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        # the first epoch is logged: the run is training (its order is seeded, so any step will do)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=300)
+    assert rc == 128 + signal.SIGTERM, (tmp_path / "log").read_text()[-3000:]
+    (stopped,) = results(out)
+    assert stopped["status"] == "preempted"
+    assert list(out.rglob("checkpoint.pt"))
+
+    monkeypatch.setenv("PROMPTDG_OUT", str(out))
+    code, _, err, _ = run_cli("train", *args)
+    assert code == 0, err
+    (resumed,) = results(out)
+    _assert_same(resumed, reference, "photo")
+
+
+def test_a_failure_is_still_failed_and_sigint_is_not_preemption(run_cli, monkeypatch):
+    """Only the preemption signals stop at a checkpoint; an error or Ctrl-C still ends as "failed"."""
+    def interrupted(self, state=None):
+        raise KeyboardInterrupt("Ctrl-C")
+
+    monkeypatch.setattr(TrainContext, "preempt_point", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli("train", *CASES["coop"][0])
+    _unhook(monkeypatch)
+    (rec,) = results(Path(os.environ["PROMPTDG_OUT"]))
+    assert rec["status"] == "failed" and "Ctrl-C" in rec["error"]
+
+
+def test_requeue_through_submitit_resumes(run_cli, random_clip, shared_cache, tmp_path):
+    """hydra-submitit-launcher (local executor): submitit's preemption signal (SIGUSR2) reaches the
+    job while it trains; our handler finishes the step and writes the checkpoint, then hands the
+    signal on to submitit's handler, which checkpoints the launcher, requeues the job (the local
+    executor restarts it) and exits; the requeued job resumes and the sweep finishes with the
+    results of an uninterrupted run."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    args = ["method=coop", "method.epochs=3", "method.n_ctx=4", "target=sketch"]
+    code, _, err, out_root = run_cli("train", *args)
+    assert code == 0, err
+    (reference,) = results(out_root)
+
+    # the job sends itself submitit's signal at its 9th preempt point, in its first attempt only
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "if os.environ.get('SUBMITIT_LOCAL_JOB_ID') and not os.path.exists(os.environ['PDG_SIGNALLED']):\n"
+        "    import promptdg_cli.engine as e\n"
+        "    real, calls = e.TrainContext.preempt_point, []\n"
+        "    def hooked(self, state=None):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 9:\n"
+        "            open(os.environ['PDG_SIGNALLED'], 'w').close()\n"
+        "            os.kill(os.getpid(), signal.SIGUSR2)\n"
+        "        return real(self, state)\n"
+        "    e.TrainContext.preempt_point = hooked\n"
+    )
+    out = tmp_path / "sweep"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PROMPTDG_CACHE": str(shared_cache), "PROMPTDG_OUT": str(out),
+           "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]), "PDG_SIGNALLED": str(tmp_path / "signalled")}
+    # (the local executor allows 3 requeues after a timeout: submitit counts a signal within the last
+    # 10 minutes of timeout_min as one)
+    cmd = [sys.executable, "-m", "promptdg_cli", "train", "-m", "hydra/launcher=submitit_local",
+           "hydra.launcher.timeout_min=10", "hydra.launcher.name=promptdg_preempt_test", *TINY, f"backbone.pretrained={random_clip}", *args]
+    r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    logs = "".join(p.read_text() for p in sorted(out.rglob(".submitit/*/*_log.*")))
+    assert r.returncode == 0, r.stderr[-3000:] + logs[-3000:]
+    assert (tmp_path / "signalled").exists()
+    assert "Caught signal SIGUSR2" in logs and "Requeued job" in logs  # submitit's own handler ran
+    (rec,) = [x for x in results(out) if x.get("method") == "coop"]
+    _assert_same(rec, reference, "sketch")
+    metrics = [json.loads(l) for l in (Path(rec["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [m["epoch"] for m in metrics if "epoch" in m] == [0, 1, 2]  # epoch 1 was finished after the requeue
+
+
+def test_signal_outside_training_stops_at_once_and_the_rerun_does_not_retrain(run_cli, monkeypatch, tmp_path):
+    """During the evaluation nothing is left to checkpoint: the run stops right away (status
+    "preempted"); the final checkpoint is kept until the split's result is written, so the rerun
+    only evaluates again."""
+    from promptdg_cli import engine
+
+    args = CASES["coop"][0]
+    code, _, err, out_root = run_cli("train", *args)
+    assert code == 0, err
+    (reference,) = results(out_root)
+
+    monkeypatch.setenv("PROMPTDG_OUT", str(tmp_path / "p"))
+    real_eval, calls = engine.evaluate, []
+
+    def evaluate_and_get_signalled(method, feats, **kw):
+        calls.append(1)
+        if len(calls) == 4:  # 3 validations in fit (one per epoch), then the test domain's evaluation
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("not reached: the handler stops the run at once")
+        return real_eval(method, feats, **kw)
+
+    monkeypatch.setattr(engine, "evaluate", evaluate_and_get_signalled)
+    code, _, err, _ = run_cli("train", *args)
+    assert code == 128 + signal.SIGTERM, err
+    (stopped,) = results(tmp_path / "p")
+    assert stopped["status"] == "preempted"
+    monkeypatch.setattr(engine, "evaluate", real_eval)
+    steps = _signal_at_preempt_point(monkeypatch, 10**9)  # counts the safe points, never signals
+    code, _, err, _ = run_cli("train", *args)
+    assert code == 0, err
+    assert steps == []  # no training step, no epoch: fit found its last epoch's checkpoint
+    (resumed,) = results(tmp_path / "p")
+    _assert_same(resumed, reference, "sketch")
