@@ -36,6 +36,11 @@ CASES = {
     # 2 shots x 10 classes = 20 images, batch 7: 7 (4 + 3), 7, 6 (3 + 3); the test domain re-encoded by both ranks
     "dapt": (["method=dapt", "method.epochs=2", "shots=2", "method.n_visual=2", "method.n_ctx=2", "method.batch_size=7",
               "method.lr=0.5", "target=sketch"], "sketch"),
+    # 192 source + 192 synthetic images, batch 27 (uneven last batch); 4 distilled images a batch split
+    # over the ranks; the augmentation round at epoch 1 shared out by batch; the encoder fine-tuned
+    "domainfusion": (["method=domainfusion", "method.ldm={ldm}", "method.epochs=2", "method.augment_every=1",
+                      "method.candidates=2", "method.img2img_steps=4", "method.distill_per_step=4", "method.batch_size=27",
+                      "target=sketch"], "sketch"),
 }
 ATOL = 1e-5
 
@@ -49,7 +54,7 @@ def torchrun(args, out: Path, random_clip, shared_cache, log: Path, nproc: int =
         return subprocess.run(cmd, cwd=log.parent, env=e, stdout=f, stderr=subprocess.STDOUT, timeout=600).returncode
 
 
-def compare(rec, ref, split) -> float:
+def compare(rec, ref, split, atol=ATOL) -> float:
     """Asserts the tolerance; returns the largest difference of a learned tensor."""
     assert rec["status"] == "finished"
     assert rec["accuracy"] == ref["accuracy"], (rec["accuracy"], ref["accuracy"])
@@ -57,7 +62,7 @@ def compare(rec, ref, split) -> float:
     a = load_file(str(Path(rec["run_dir"]) / "splits" / split / "model.safetensors"))
     b = load_file(str(Path(ref["run_dir"]) / "splits" / split / "model.safetensors"))
     worst = max(((a[k].double() - b[k].double()).abs().max().item() for k in a), default=0.0)
-    assert worst <= ATOL, worst
+    assert worst <= atol, worst
     return worst
 
 
@@ -71,8 +76,10 @@ def _one_writer(run_dir: Path, ref_dir: Path):
 
 
 @pytest.mark.parametrize("method", sorted(CASES))
-def test_two_processes_match_one(run_cli, random_clip, shared_cache, tmp_path, method):
+def test_two_processes_match_one(run_cli, random_clip, shared_cache, tmp_path, method, request):
     args, split = CASES[method]
+    if method == "domainfusion":
+        args = [a.format(ldm=request.getfixturevalue("tiny_ldm_dir")) for a in args]
     code, _, err, out_root = run_cli("train", *args)  # one process (also fills the feature cache)
     assert code == 0, err
     (ref,) = results(out_root)
@@ -82,7 +89,9 @@ def test_two_processes_match_one(run_cli, random_clip, shared_cache, tmp_path, m
     assert rc == 0, log.read_text()[-4000:]
     (rec,) = results(tmp_path / "ddp")
     assert rec["run_dir"] != ref["run_dir"] and Path(rec["run_dir"]).name == Path(ref["run_dir"]).name  # same config, same key
-    worst = compare(rec, ref, split)
+    # DomainFusion fine-tunes the encoder with Adam: its per-weight rescaling turns summation-order noise
+    # (~1e-9) into steps of up to lr = 5e-5 where a gradient is ~0, hence 1e-4 (accuracies exactly equal)
+    worst = compare(rec, ref, split, atol=1e-4 if method == "domainfusion" else ATOL)
     print(f"{method}: largest tensor difference 2 ranks vs 1 process: {worst:.3g}")
     if method == "linear_probe":
         assert worst == 0.0

@@ -12,34 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from promptdg_cli.ldm import DEMO_MARKER, LDMNotFound, load_ldm, locate, to_ldm_pixels
+from promptdg_cli.ldm import LDMNotFound, load_ldm, locate, to_ldm_pixels
 from promptdg_cli.methods import domainfusion as dfm
 from promptdg_cli.methods.domainfusion import darken, fuse_candidates, latent_distillation_loss, style_content
 
 from conftest import results
-
-
-def build_tiny_ldm(folder: Path, seed: int = 0) -> Path:
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
-                        latent_channels=4, norm_num_groups=4, sample_size=32)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4,
-                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(16, 32),
-                                layers_per_block=1, cross_attention_dim=128, attention_head_dim=4, norm_num_groups=4)
-    vae.save_pretrained(folder / "vae")
-    unet.save_pretrained(folder / "unet")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
-    (folder / DEMO_MARKER).write_text(json.dumps({"clip_model": "demo-clip-vit"}))
-    return folder
-
-
-@pytest.fixture(scope="module")
-def tiny_ldm_dir(tmp_path_factory):
-    return build_tiny_ldm(tmp_path_factory.mktemp("tiny_ldm"))
 
 
 @pytest.fixture(scope="module")

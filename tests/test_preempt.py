@@ -37,6 +37,14 @@ CASES = {
     # 2 shots x 10 classes = 20 images, batch 8: steps of 8, 8, 4 -> stop in epoch 0 after step 2
     "dapt": (["method=dapt", "method.epochs=2", "shots=2", "method.n_visual=2", "method.n_ctx=2", "method.batch_size=8",
               "target=sketch"], "sketch", 2, True),
+    # 192 source + 192 synthetic images, batch 32: 12 steps + 1 checkpoint in epoch 0 -> stop after step 5,
+    # with the image encoder fine-tuned
+    "domainfusion": (DF := ["method=domainfusion", "method.ldm={ldm}", "method.epochs=2", "method.augment_every=1",
+                            "method.candidates=2", "method.img2img_steps=4", "method.distill_per_step=4", "target=sketch"],
+                     "sketch", 5, True),
+    # the same on a frozen encoder, stopped inside the augmentation round at the start of epoch 1
+    # (13 points in epoch 0, then one per generated batch of 16): the round resumes from its files
+    "domainfusion_round": (DF + ["method.train_encoder=false"], "sketch", 16, False),
 }
 
 
@@ -67,7 +75,7 @@ def _model(rec, split):
     return load_file(str(Path(rec["run_dir"]) / "splits" / split / "model.safetensors"))
 
 
-def _assert_same(resumed, reference, split):
+def _assert_same(resumed, reference, split, tol=1e-6):
     assert resumed["status"] == "finished"
     assert resumed["accuracy"] == reference["accuracy"]
     assert resumed["val_accuracy"] == reference["val_accuracy"]
@@ -75,12 +83,14 @@ def _assert_same(resumed, reference, split):
     assert a.keys() == b.keys()
     worst = max((a[k].double() - b[k].double()).abs().max().item() for k in a)
     print(f"{resumed['method']}: largest tensor difference resumed vs uninterrupted: {worst:.3g}")
-    assert worst <= 1e-6, worst
+    assert worst <= tol, worst
 
 
 @pytest.mark.parametrize("method", sorted(CASES))
-def test_signal_stops_at_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(run_cli, monkeypatch, tmp_path, method):
+def test_signal_stops_at_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(run_cli, monkeypatch, tmp_path, method, request):
     args, split, at, mid_epoch = CASES[method]
+    if method.startswith("domainfusion"):
+        args = [a.format(ldm=request.getfixturevalue("tiny_ldm_dir")) for a in args]
     code, _, err, out_root = run_cli("train", *args)
     assert code == 0, err
     (reference,) = results(out_root)
@@ -103,7 +113,10 @@ def test_signal_stops_at_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(
     code, _, err, _ = run_cli("train", *args)
     assert code == 0, err
     (resumed,) = results(tmp_path / "preempted")
-    _assert_same(resumed, reference, split)
+    # DomainFusion fine-tunes the encoder with Adam, which rescales each gradient by its running rms: the
+    # ~1e-9 float noise of identical CPU runs becomes steps of up to lr (5e-5) on weights whose gradient
+    # is ~0, so tensors agree to 1e-4 there (accuracies stay exactly equal); 1e-6 for the other methods
+    _assert_same(resumed, reference, split, tol=1e-4 if method == "domainfusion" else 1e-6)
     assert not (run_dir / "splits" / split / "checkpoint.pt").exists()
     # every epoch (style, C value) was logged exactly once: the resumed run redid none of them
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]

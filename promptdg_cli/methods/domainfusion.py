@@ -194,11 +194,11 @@ class _Images(torch.utils.data.Dataset):
             return i, clf, self.ldm(im) if self.ldm is not None else torch.zeros(0)
 
 
-def _loader(paths, clf_transform, ldm_size, batch_size, num_workers, order=None):
+def _loader(paths, clf_transform, ldm_size, batch_size, num_workers, batches):
+    """The images of ``batches`` (lists of indices into ``paths``), batch by batch."""
     ds = _Images(paths, clf_transform, ldm_size)
-    sampler = None if order is None else list(order)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, sampler=sampler,
-                                       num_workers=num_workers if len(ds) > 4 * batch_size else 0)
+    return torch.utils.data.DataLoader(ds, batch_sampler=batches,
+                                       num_workers=num_workers if sum(map(len, batches)) > 4 * batch_size else 0)
 
 
 def save_png(x01: torch.Tensor, path: Path) -> None:
@@ -298,13 +298,19 @@ class DomainFusion(Method):
         return (ldm.decode(fused) + 1) / 2
 
     def augment_files(self, inputs: Sequence[str], labels: Sequence[int], outputs: Sequence[Path], seed: int, desc: str,
-                      progress=None) -> None:
+                      progress=None, ctx=None) -> None:
         """Augment ``inputs`` into ``outputs`` (PNG), skipping outputs that exist (an interrupted
-        round resumes); each batch has its own seeded generator, so a resumed round is identical."""
+        round resumes); each batch has its own seeded generator, so a resumed round is identical.
+        Under torchrun rank r generates batches r, r + world, ... (every file has one writer); a
+        preemption signal stops the round after the batch in progress (its files are kept)."""
         bs = self.cfg.generate_batch
-        todo = [i for i in range(0, len(inputs), bs) if not all(Path(o).is_file() for o in outputs[i : i + bs])]
+        rank, world = (ctx.rank, ctx.world) if ctx is not None else (0, 1)
+        todo = [i for n, i in enumerate(range(0, len(inputs), bs)) if n % world == rank]
+        todo = [i for i in todo if not all(Path(o).is_file() for o in outputs[i : i + bs])]
         bar = progress(todo, desc=desc) if progress else todo
         for start in bar:
+            if ctx is not None and world == 1:
+                ctx.preempt_point()  # the last epoch checkpoint stands; the round resumes from its files
             idx = list(range(start, min(start + bs, len(inputs))))
             ds = _Images([inputs[i] for i in idx], None, self.ldm_size())
             x01 = torch.stack([ds[j][2] for j in range(len(idx))])
@@ -313,9 +319,14 @@ class DomainFusion(Method):
             out = self.augment(x01, y, g)
             for j, i in enumerate(idx):
                 save_png(out[j], Path(outputs[i]))
+        if ctx is not None and world > 1:
+            ctx.barrier()  # every rank reads the whole round next
+            ctx.preempt_point()
 
     # ----------------------------------------------------------------- training
     def fit(self, data, ctx):
+        from ..engine import resume_point
+
         cfg = self.cfg
         if cfg.select not in ("val", "last"):
             raise ConfigError(f"method.select={cfg.select!r}. Valid: val, last")
@@ -328,12 +339,15 @@ class DomainFusion(Method):
         params = list(self.head.parameters()) + (list(self.encoder.parameters()) if cfg.train_encoder else [])
         opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         best = {"acc": -1.0, "epoch": -1, "state": None}
-        start, rnd = 0, 0
+        rnd, sums0 = 0, np.zeros(3)
         state = ctx.load_checkpoint()
+        start, done = resume_point(state)
         if state is not None:
             self.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
-            best, start, rnd, self.counts = state["best"], state["epoch"] + 1, state["round"], state["counts"]
+            best, rnd, self.counts = state["best"], state["round"], state["counts"]
+            sums0 = np.asarray(state.get("sums", sums0))
+        ctx.broadcast_params(params)
         syn_dir = ctx.split_dir / "synthetic"
         if rnd:
             syn_paths = [str(syn_dir / f"round{rnd}" / f"{k:06d}.png") for k in range(len(syn_src))]
@@ -345,51 +359,73 @@ class DomainFusion(Method):
         lo, hi = (int(f * (self.ldm().num_train_timesteps - 1)) for f in cfg.t_range)
         ctx.log(synthetic_set=len(syn_src), ldm=resolve_ldm(cfg.ldm, self.backbone), ldm_resolution=size, t_min=lo, t_max=hi)
         feats_all = torch.cat([train.x, self.encode_files(syn_paths)]) if frozen else None
+        bs = cfg.batch_size
         for epoch in ctx.progress(range(start, cfg.epochs), desc="domainfusion epochs", initial=start, total=cfg.epochs):
             if epoch > 0 and epoch % cfg.augment_every == 0 and rnd < epoch // cfg.augment_every:
-                rnd = epoch // cfg.augment_every  # online augmentation: the synthetic set is replaced
-                outs = [syn_dir / f"round{rnd}" / f"{k:06d}.png" for k in range(len(syn_src))]
-                before = dict(self.counts)
-                self.augment_files(syn_paths, syn_labels, outs, seed=ctx.seed * 1009 + rnd, desc=f"augmentation round {rnd}", progress=ctx.progress)
-                # an interrupted round resumes from its files: count every image of the round exactly once
-                self.counts = {k: before[k] + (cfg.candidates if k == "generated_images" else 1) * len(syn_src) for k in before}
+                r = epoch // cfg.augment_every  # online augmentation: the synthetic set is replaced
+                outs = [syn_dir / f"round{r}" / f"{k:06d}.png" for k in range(len(syn_src))]
+                self.augment_files(syn_paths, syn_labels, outs, seed=ctx.seed * 1009 + r, desc=f"augmentation round {r}",
+                                   progress=ctx.progress, ctx=ctx)
+                # counted once per round, however often an interrupted round was resumed or shared out
+                rnd = r
+                self.counts = {"generated_images": self.counts["generated_images"] + cfg.candidates * len(syn_src),
+                               "synthetic_images": self.counts["synthetic_images"] + len(syn_src)}
                 syn_paths = [str(o) for o in outs]
                 if frozen:
                     feats_all = torch.cat([train.x, self.encode_files(syn_paths)])
             paths = list(train.paths) + syn_paths
             labels = torch.cat([train.y, torch.as_tensor(syn_labels, dtype=torch.long)]).to(self.device)
-            is_source = torch.arange(len(paths)) < n
+            is_source = np.arange(len(paths)) < n
             order = np.random.default_rng([ctx.seed, epoch]).permutation(len(paths))
-            sums, steps = np.zeros(3), 0
-            for b, (pos, x_clf, x01) in enumerate(_loader(paths, clf_tf, size, cfg.batch_size, self.num_workers, order)):
-                y = labels[pos.to(self.device)]
-                f = feats_all[pos].to(self.device) if frozen else self.image_features(x_clf)
-                logits = self.classify(f)
-                ce = F.cross_entropy(logits, y)
-                loss_ld, g_rms = torch.zeros((), device=self.device), 0.0
-                src = is_source[pos].nonzero().flatten()[: cfg.distill_per_step]
-                if cfg.distill_weight and len(src):
-                    ldm = self.ldm()
-                    g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + epoch * 10_007 + b)
-                    t = torch.randint(lo, hi + 1, (len(src),), generator=g)
-                    z_shape = (len(src), ldm.unet.config.in_channels, size // self.vae_factor(), size // self.vae_factor())
-                    noise = torch.randn(z_shape, generator=g).to(ldm.device)
-                    p = logits[src].softmax(-1).gather(1, y[src, None]).squeeze(1)  # p_θ(y|x)
-                    cond = ldm.encode_text(self.prompts(y[src]))
-                    loss_ld, grad = latent_distillation_loss(ldm, p.to(ldm.device), x01[src].to(ldm.device), cond,
-                                                             t.to(ldm.device), noise, cfg.distill_guidance, cfg.weighting)
-                    loss_ld, g_rms = loss_ld.to(self.device), grad.pow(2).mean().sqrt().item()
+            first = done if epoch == start else 0
+            sums = sums0.copy() if epoch == start else np.zeros(3)
+            steps = [(k, order[i : i + bs]) for k, i in enumerate(range(0, len(order), bs))][first:]
+            local = [np.asarray(ctx.shard(batch)) for _, batch in steps]  # this rank's part of each global batch
+            loader = iter(_loader(paths, clf_tf, size, bs, self.num_workers, batches=[b.tolist() for b in local if len(b)]))
+            for (k, batch), mine in zip(steps, local):
+                ce, loss_ld, g_rms = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0.0
+                # the distilled images: the first distill_per_step source images of the global batch
+                src_global = [int(i) for i in batch if is_source[i]][: cfg.distill_per_step]
+                if len(mine):
+                    pos, x_clf, x01 = next(loader)
+                    y = labels[pos.to(self.device)]
+                    f = feats_all[pos].to(self.device) if frozen else self.image_features(x_clf)
+                    logits = self.classify(f)
+                    ce = ctx.batch_share(F.cross_entropy(logits, y), len(mine), len(batch))
+                    where = {int(i): j for j, i in enumerate(pos.tolist())}
+                    src = [s_ for s_ in src_global if s_ in where]
+                    if cfg.distill_weight and src:
+                        ldm = self.ldm()
+                        # t and ε are drawn for the global list and indexed: the same as on one process
+                        g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + epoch * 10_007 + k)
+                        t_all = torch.randint(lo, hi + 1, (len(src_global),), generator=g)
+                        z_shape = (len(src_global), ldm.unet.config.in_channels, size // self.vae_factor(), size // self.vae_factor())
+                        noise_all = torch.randn(z_shape, generator=g)
+                        sel = torch.as_tensor([src_global.index(s_) for s_ in src])
+                        rows = torch.as_tensor([where[s_] for s_ in src], device=self.device)
+                        p = logits[rows].softmax(-1).gather(1, y[rows, None]).squeeze(1)  # p_θ(y|x)
+                        cond = ldm.encode_text(self.prompts(y[rows]))
+                        loss_ld, grad = latent_distillation_loss(ldm, p.to(ldm.device), x01[rows.cpu()].to(ldm.device), cond,
+                                                                 t_all[sel].to(ldm.device), noise_all[sel].to(ldm.device),
+                                                                 cfg.distill_guidance, cfg.weighting)
+                        loss_ld = ctx.batch_share(loss_ld.to(self.device), len(src), len(src_global))
+                        g_rms = grad.pow(2).mean().sqrt().item() * len(src)
                 loss = ce + cfg.distill_weight * loss_ld
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
+                if loss.requires_grad:
+                    loss.backward()
+                ctx.sync_grads(params)
                 opt.step()
-                # the surrogate's value means nothing (only its gradient does): log the size of w(t)(ε̂ − ε)
-                sums += [loss.item(), ce.item(), g_rms]
-                steps += 1
+                # logged: the global batch means (summed shares); the surrogate's value means nothing
+                # (only its gradient does), so the size of w(t)(ε̂ − ε) is logged instead
+                sums += ctx.all_sum(np.array([loss.item(), ce.item(), g_rms / max(len(src_global), 1)]))
+                ctx.preempt_point(lambda: {"epoch": epoch, "step": k + 1, "round": rnd, "model": self.state_dict(),
+                                           "optimizer": opt.state_dict(), "best": best, "counts": self.counts, "sums": sums.tolist()})
+            n_steps = -(-len(order) // bs)
             val_acc = ctx.accuracy(self, data["val"]) if len(data.get("val") or ()) else 0.0
             if cfg.select == "last" or val_acc > best["acc"]:
-                best = {"acc": val_acc, "epoch": epoch, "state": {k: v.clone() for k, v in self.state_dict().items()}}
-            ctx.log(epoch=epoch, round=rnd, val_acc=val_acc, **dict(zip(("loss", "ce", "ld_grad_rms"), (sums / max(steps, 1)).tolist())))
+                best = {"acc": val_acc, "epoch": epoch, "state": {k_: v.clone() for k_, v in self.state_dict().items()}}
+            ctx.log(epoch=epoch, round=rnd, val_acc=val_acc, **dict(zip(("loss", "ce", "ld_grad_rms"), (sums / n_steps).tolist())))
             ctx.save_checkpoint({"epoch": epoch, "round": rnd, "model": self.state_dict(), "optimizer": opt.state_dict(),
                                  "best": best, "counts": self.counts})
         if best["state"] is not None:
