@@ -20,12 +20,15 @@ FIELDS = {
 
 
 @pytest.mark.parametrize("method", sorted(REGISTRY))
-def test_each_method_end_to_end_writes_records(run_cli, method):
+def test_each_method_end_to_end_writes_records(run_cli, method, request):
     short = {
         "coop": ["method.epochs=2"],
         "promptstyler": ["method.n_styles=2", "method.style_iters=2", "method.epochs=2"],
         "dapl": ["method.epochs=2", "source=[printed]"],  # UDA: one source -> sketch
         "dapt": ["method.epochs=1", "shots=2", "method.n_visual=2"],
+        # the tiny random LDM (never the demo LDM, which takes minutes to build)
+        "domainfusion": [f"method.ldm={request.getfixturevalue('tiny_ldm_dir')}" if method == "domainfusion" else "",
+                         "method.epochs=2", "method.augment_every=1", "method.candidates=2", "method.img2img_steps=4"],
     }
     code, out, err, out_root = run_cli("train", f"method={method}", *short.get(method, ["seed=1"]), "target=sketch")
     assert code == 0, err
