@@ -293,8 +293,6 @@ class DomainFusion(Method):
         cands = torch.stack([ldm.img2img(x, prompts, cfg.strength, cfg.img2img_steps, cfg.img2img_guidance, generator)
                              for _ in range(cfg.candidates)])  # (N, B, c, h, w)
         fused, _, _ = fuse_candidates(z_in, cands)
-        self.counts["generated_images"] += cfg.candidates * len(y)
-        self.counts["synthetic_images"] += len(y)
         return (ldm.decode(fused) + 1) / 2
 
     def augment_files(self, inputs: Sequence[str], labels: Sequence[int], outputs: Sequence[Path], seed: int, desc: str,
