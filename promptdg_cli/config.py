@@ -71,16 +71,18 @@ def register_configs() -> None:
 # ---------------------------------------------------------------- identity of a run
 # Keys that never change a result: paths, prose, logging and hardware choices.
 _UNHASHED = {
-    "dataset": {"root", "prepare"},
+    # method_defaults: read by the method configs through interpolation, hashed there as values
+    "dataset": {"root", "prepare", "method_defaults"},
     "backbone": {"cache_dir", "builder"},
 }
 
 
 # Schema fields added after runs existed: left out of the hash while they hold their default, so
 # adding a field to a schema never renames the run directories of configs that do not use it.
-_FEW_SHOT_KEYS = ("split_format", "split_file", "image_dir", "split_paths", "classnames_file", "wnids", "subset_from_folders")
+_ADDED_LATER = ("split_format", "split_file", "image_dir", "split_paths", "classnames_file", "wnids", "subset_from_folders",
+                  "domain_names")
 _HASHED_UNLESS_DEFAULT = {
-    "dataset": {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(DatasetConfig)).items() if k in _FEW_SHOT_KEYS},
+    "dataset": {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(DatasetConfig)).items() if k in _ADDED_LATER},
 }
 
 
@@ -131,7 +133,18 @@ def _choices(group: str) -> str:
     return ", ".join(sorted(p.stem for p in (conf_dir() / group).glob("*.yaml")))
 
 
+def dapt_epochs(shots) -> int:
+    """DAPT's official script (scripts/main.sh) picks the config by shot count: vit_b16_ep50 for 1
+    shot, vit_b16_ep100 for 2 and 4, vit_b16 (200 epochs) for 8 and 16. Without shots (all the
+    source data, DG) promptdg uses 50, the ImageNet schedule (CoOp's choice for large training sets)."""
+    if not shots or int(shots) <= 1:
+        return 50
+    return 100 if int(shots) <= 4 else 200
+
+
 def register_resolvers() -> None:
+    if not OmegaConf.has_resolver("promptdg.dapt_epochs"):
+        OmegaConf.register_new_resolver("promptdg.dapt_epochs", dapt_epochs)
     if not OmegaConf.has_resolver("promptdg.run_key"):
         OmegaConf.register_new_resolver("promptdg.run_key", _run_key)
     if not OmegaConf.has_resolver("promptdg.choices"):

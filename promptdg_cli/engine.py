@@ -280,8 +280,10 @@ class TrainContext:
     a rank with an empty shard still runs them (with DDP: a forward and ``(out.sum() * 0).backward()``).
     """
 
-    def __init__(self, run_dir: Path, split_dir: Path, target: str, seed: int, device: torch.device, dataset: str = "", shots=None):
+    def __init__(self, run_dir: Path, split_dir: Path, target: str, seed: int, device: torch.device, dataset: str = "", shots=None,
+                 domain_names: Optional[dict] = None):
         self.run_dir, self.split_dir, self.target, self.seed, self.device = run_dir, split_dir, target, seed, device
+        self.domain_names = dict(domain_names or {})  # domain folder -> the words prompts use (dataset.domain_names)
         self.dataset = dataset  # the dataset's name, for methods whose paper defaults differ by dataset
         self.shots = shots  # k images per class (None: all), for schedules that depend on it
         self.ckpt = split_dir / "checkpoint.pt"
@@ -658,7 +660,8 @@ def _run_split(cfg, method_cls, backbone, cache, names, split, split_dir, run_di
     method = method_cls(cfg.method, backbone, names, device)
     method.num_workers, method.cache_root = cfg.num_workers, cfg.cache_root
     shots = cfg.get("shots")
-    ctx = TrainContext(run_dir, split_dir, split.key, cfg.seed, device, dataset=cfg.dataset.name, shots=shots)
+    ctx = TrainContext(run_dir, split_dir, split.key, cfg.seed, device, dataset=cfg.dataset.name, shots=shots,
+                       domain_names=OmegaConf.to_container(cfg.dataset.domain_names))
     protocol = run_protocol(cfg, method_cls)
     views = int(cfg.method.get("aug_views", 0) or 0)
     with dist.main_first("extracting image features"):  # rank 0 fills the feature cache, the others read it

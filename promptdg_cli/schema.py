@@ -28,6 +28,13 @@ class DatasetConfig:
     prepare: str = ""  # how to obtain and lay out the data; printed when the folder is missing
     generator: Optional[str] = None  # built-in generator that writes the dataset on first use (demo world)
     generator_args: Dict[str, Any] = field(default_factory=dict)
+    # Domain folder -> the words a prompt uses for it (DAPL writes "a {domain} image"); a domain not
+    # listed is written as its folder name, lower-cased, with "_" as a space ("Real World" -> "real world").
+    domain_names: Dict[str, str] = field(default_factory=dict)
+    # Values a method's paper or official code sets per dataset, read by the method's YAML through
+    # interpolation (e.g. conf/method/dapt.yaml: lr: ${oc.select:dataset.method_defaults.dapt.lr,...}),
+    # so `--cfg job --resolve` shows them: method name -> {key: value}.
+    method_defaults: Dict[str, Any] = field(default_factory=dict)
     # ---- few-shot benchmarks: protocol "fewshot" (CoOp's layout and splits, see promptdg_cli/fewshot.py).
     # Unused by dg/uda datasets. Paths are relative to <root>/<folder> unless said otherwise.
     # How the train/val/test splits are stored:

@@ -84,12 +84,18 @@ class VisualPrompts(nn.Module):
         self.n_layers = len(visual.transformer.resblocks) if deep else 1
         width = visual.conv1.out_channels
 
-        # VPT init, reproducible on any device: draw on CPU with a seeded generator, then move
-        bound = prompt_init_bound(tuple(visual.patch_size), width)
-        generator = torch.Generator(device="cpu").manual_seed(seed)
-        init = torch.rand(self.n_layers, self.n_prompts, width, generator=generator) * (2 * bound) - bound
         ref = visual.class_embedding
-        self.prompts = nn.Parameter(init.to(device=ref.device, dtype=ref.dtype))  # (L, n, width)
+        self.prompts = nn.Parameter(torch.empty(self.n_layers, self.n_prompts, width, device=ref.device, dtype=ref.dtype))  # (L, n, width)
+        self.initialize(seed)
+
+    @torch.no_grad()
+    def initialize(self, seed: int) -> None:
+        """VPT's init U(-b, b), reproducible on any device: drawn on the CPU from a generator seeded
+        by ``seed`` (a run passes its own seed, so seeds 1-3 start from different prompts)."""
+        bound = prompt_init_bound(tuple(self.visual.patch_size), self.prompts.shape[-1])
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        init = torch.rand(tuple(self.prompts.shape), generator=generator) * (2 * bound) - bound
+        self.prompts.copy_(init.to(self.prompts))
 
     @property
     def visual(self) -> VisionTransformer:

@@ -73,37 +73,87 @@ def test_all_masked_target_batch_adds_zero_not_nan():
 
 # --------------------------------------------------------------------- prompt layout
 def test_prompt_rows_are_domain_major_with_shared_and_domain_context(clip):
+    """The official prompt: 32 context slots, then "{class} , a {domain} image.." (DAPrompt's PromptLearner
+    builds "X .. X " + name + " " + ", a {} image.".format(domain) + ".")."""
     names = ["one", "alarm clock", "three"]
-    p = DomainPromptLearner(clip, names, n_domains=2, n_ctx=3, n_dom_ctx=2, class_specific=False, seed=0)
+    words = ["real world", "clipart"]
+    p = DomainPromptLearner(clip, names, words, n_ctx=3, n_dom_ctx=2, class_specific=False, seed=0)
     emb = p()  # (2 * 3, L, W)
     assert emb.shape[0] == 6
-    tokens = clip.tokenize([f"X X X X X {n}." for n in names])
-    full = clip.token_embedding(tokens)
-    for d in range(2):
+    for d, word in enumerate(words):
+        tokens = clip.tokenize(["X X X X X " + n + " " + ", a {} image.".format(word) + "." for n in names])
+        full = clip.token_embedding(tokens)
         for k in range(3):
             row = emb[d * 3 + k]
             assert torch.equal(row[1:4], p.ctx)  # domain-agnostic context, same in every row
             assert torch.equal(row[4:6], p.dom[d])  # domain d's context
-            assert torch.equal(row[6:], full[k, 6 : emb.shape[1]])  # class k's name, ".", EOS
-    csc = DomainPromptLearner(clip, names, n_domains=2, n_ctx=3, n_dom_ctx=2, class_specific=True, seed=0)
+            assert torch.equal(row[6:], full[k, 6 : emb.shape[1]])  # class k's name, ", a <domain> image..", EOS
+            assert int(p.eot[d, k]) == int(tokens[k].argmax())
+    paper = DomainPromptLearner(clip, names, words, n_ctx=3, n_dom_ctx=2, class_specific=False, seed=0, suffix="{name}.")
+    tokens = clip.tokenize([f"X X X X X {n}." for n in names])
+    assert torch.equal(paper()[3 + 1, 6:], clip.token_embedding(tokens)[1, 6 : paper().shape[1]])  # the paper's form
+    csc = DomainPromptLearner(clip, names, words, n_ctx=3, n_dom_ctx=2, class_specific=True, seed=0)
     assert csc.ctx.shape == (3, 3, clip.text_width)
     assert torch.equal(csc()[3 + 1, 1:4], csc.ctx[1])  # class-specific context follows the class
+
+
+def test_official_prompt_ends_with_the_double_period_token(clip):
+    """'image..' is one BPE token, not 'image' '.': the official text is kept token for token."""
+    from promptdg_cli.methods.dapl import SUFFIXES
+
+    text = SUFFIXES["official"].format(name="bike", domain="real world")
+    ids = clip.tokenize([text])[0]
+    eot = int(ids.argmax())
+    single = clip.tokenize(["a."])[0]
+    assert ids[eot - 1] != single[2]  # not the "." token
+    assert eot == 1 + 7  # [SOS] bike , a real world image .. [EOT]
 
 
 def test_target_prediction_uses_the_target_domain_prompts(clip):
     m = DAPL(OmegaConf.structured(DAPLConfig(n_ctx=2, n_dom_ctx=2)), clip, ["one", "two"], torch.device("cpu"))
     m.setup(["printed", "sketch", "photo"], "photo", seed=0)
+    assert m.words == ["printed", "sketch", "photo"]
     x = F.normalize(torch.randn(4, clip.embed_dim), dim=-1)
     with torch.no_grad():
         expected = x @ m.text_features()[2].T
     assert torch.allclose(m.logits(x), expected, atol=1e-6)
 
 
-def test_tau_defaults_to_the_papers_value_per_dataset(clip):
+def test_tau_defaults_to_the_papers_value_per_dataset():
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from promptdg_cli.config import conf_dir, register_configs, register_resolvers
+
+    register_resolvers()
+    register_configs()
+    GlobalHydra.instance().clear()
+    taus = {}
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        for d in ("visda17", "officehome", "demo_digits"):
+            taus[d] = compose("train", overrides=["method=dapl", f"dataset={d}"]).method.tau
+        explicit = compose("train", overrides=["method=dapl", "dataset=visda17", "method.tau=0.3"]).method.tau
+    GlobalHydra.instance().clear()
+    assert taus == {"visda17": 0.5, "officehome": 0.6, "demo_digits": 0.6} and explicit == 0.3
+
+
+def test_domain_words_are_the_configs_readable_names():
+    from promptdg_cli.methods.dapl import domain_word
+
+    assert domain_word({}, "Real World") == "real world" and domain_word({}, "real_world") == "real world"
+    assert domain_word({"train": "synthetic"}, "train") == "synthetic"
+
+
+def test_lr_is_stepped_every_batch_as_the_official_trainer_does(clip):
+    """Dassl's cosine over MAX_EPOCH=25 behind a one-step linear warm-up, stepped after every batch
+    (DAPrompt's forward_backward calls update_lr each batch): 1e-5 at batch 0, then
+    lr (1 + cos(pi (k - 1) / 25)) / 2, which cycles with a period of 50 batches."""
     m = DAPL(OmegaConf.structured(DAPLConfig()), clip, ["one"], torch.device("cpu"))
-    assert m.tau_for("visda17") == 0.5 and m.tau_for("officehome") == 0.6 and m.tau_for("demo_digits") == 0.6
-    m.cfg.tau = 0.3
-    assert m.tau_for("visda17") == 0.3
+    lr = 0.003
+    expected = [1e-5] + [0.5 * lr * (1 + math.cos(math.pi * (k - 1) / 25)) for k in range(1, 80)]
+    got = [m.lr_at(k) for k in range(80)]
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert got[26] == pytest.approx(0.0, abs=1e-12) and got[51] == pytest.approx(lr)  # back up after 50 batches
 
 
 # --------------------------------------------------------------------- the UDA protocol

@@ -15,7 +15,6 @@ from promptdg_cli.methods.dapt import (
     class_prototypes,
     inter_dispersion_loss,
     intra_dispersion_loss,
-    paper_epochs,
 )
 
 
@@ -33,13 +32,31 @@ def test_inter_dispersion_by_hand():
     assert inter_dispersion_loss(torch.tensor(w), t).item() == pytest.approx(by_hand, rel=1e-6)
 
 
-def test_intra_dispersion_by_hand():
+def test_intra_dispersion_by_hand_official_and_paper_forms():
     z = [[3.0, 4.0], [0.0, -2.0], [1.0, 1.0]]
     y = [0, 1, 0]
     protos = [[0.5, 0.5], [0.0, -1.0]]
-    by_hand = sum(sum((a - b) ** 2 for a, b in zip(_unit(zi), protos[yi])) for zi, yi in zip(z, y)) / 3
-    got = intra_dispersion_loss(torch.tensor(z), torch.tensor(y), torch.tensor(protos))
-    assert got.item() == pytest.approx(by_hand, rel=1e-6)
+    squares = [[(a - b) ** 2 for a, b in zip(_unit(zi), protos[yi])] for zi, yi in zip(z, y)]
+    # the official code: F.mse_loss(image_features, prototypes[labels]) = mean over all B*D elements
+    official = sum(sum(r) for r in squares) / (3 * 2)
+    # the paper's equation: mean over the batch of the squared distance
+    paper = sum(sum(r) for r in squares) / 3
+    args = (torch.tensor(z), torch.tensor(y), torch.tensor(protos))
+    assert intra_dispersion_loss(*args).item() == pytest.approx(official, rel=1e-6)  # the default is the official scale
+    assert intra_dispersion_loss(*args, form="official").item() == pytest.approx(official, rel=1e-6)
+    assert intra_dispersion_loss(*args, form="paper").item() == pytest.approx(paper, rel=1e-6)
+
+
+def test_intra_dispersion_official_scale_at_clip_width():
+    """At D = 512 (ViT-B/16) the official L_intra is 1/512 of the paper's form: the scale the official beta_v were tuned at."""
+    g = torch.Generator().manual_seed(0)
+    z, protos = torch.randn(6, 512, generator=g), torch.nn.functional.normalize(torch.randn(3, 512, generator=g), dim=-1)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    zn = z / z.norm(dim=-1, keepdim=True)
+    expected = ((zn - protos[y]) ** 2).mean()  # torch.nn.functional.mse_loss written out
+    got = intra_dispersion_loss(z, y, protos)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert intra_dispersion_loss(z, y, protos, form="paper").item() == pytest.approx(512 * expected.item(), rel=1e-5)
 
 
 def test_prototypes_are_class_means_optionally_renormalised():
@@ -51,13 +68,44 @@ def test_prototypes_are_class_means_optionally_renormalised():
     assert torch.allclose(class_prototypes(x, y, 3, renormalize=True)[0].norm(), torch.tensor(1.0))
 
 
-def test_official_defaults_by_dataset_and_shots(clip):
+def _dapt_cfg(*overrides):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from promptdg_cli.config import conf_dir, register_configs, register_resolvers
+
+    register_resolvers()
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose("train", overrides=["method=dapt", *overrides])
+    GlobalHydra.instance().clear()
+    return OmegaConf.to_container(cfg.method, resolve=True)
+
+
+def test_official_defaults_by_dataset_and_shots():
+    """The official configs' values (mlvlab/DAPT configs/datasets/*.yaml, scripts/main.sh), composed."""
+    m = _dapt_cfg("dataset=dtd", "shots=16")
+    assert (m["lr"], m["beta_v"], m["beta_t"], m["epochs"]) == (20.0, 100.0, 0.01, 200)
+    assert _dapt_cfg("dataset=imagenet", "shots=16")["epochs"] == 50  # ImageNet: vit_b16_ep50 for every shot count
+    assert _dapt_cfg("dataset=eurosat", "shots=4")["beta_t"] == 10.0
+    assert [_dapt_cfg("dataset=caltech101", f"shots={k}")["epochs"] for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    # a dataset without an official config: the official code's own defaults (train.py), CoOp's rate
+    demo = _dapt_cfg("dataset=demo_digits", "shots=4")
+    assert (demo["lr"], demo["beta_v"], demo["beta_t"], demo["epochs"]) == (0.002, 0.1, 0.1, 100)
+    assert _dapt_cfg("dataset=dtd", "shots=16", "method.lr=0.5")["lr"] == 0.5  # an explicit value wins
+
+
+def test_visual_prompts_start_from_the_run_seed(clip):
+    """Seeds 1-3 start from different VPT prompts, and a seed always from the same ones."""
     m = DAPT(OmegaConf.structured(DAPTConfig(n_ctx=2, n_visual=2)), clip, ["one", "two"], torch.device("cpu"))
-    assert m.settings("dtd", 16) == {"lr": 20.0, "beta_v": 100.0, "beta_t": 0.01, "epochs": 200}
-    assert m.settings("imagenet", 16)["epochs"] == 50 and m.settings("eurosat", 4)["beta_t"] == 10.0
-    assert [paper_epochs(k, "caltech101") for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
-    m.cfg.lr = 0.5
-    assert m.settings("dtd", 16)["lr"] == 0.5  # an explicit value wins
+    starts = {}
+    for seed in (1, 2, 1):
+        m.visual.initialize(seed)
+        starts.setdefault(seed, []).append(m.visual.prompts.detach().clone())
+    assert torch.equal(starts[1][0], starts[1][1]) and not torch.equal(starts[1][0], starts[2][0])
+    bound = (6.0 / (3 * clip.model.visual.patch_size[0] ** 2 + m.visual.prompts.shape[-1])) ** 0.5
+    assert m.visual.prompts.abs().max() <= bound
 
 
 def test_resnet_backbone_is_refused_before_anything_loads(run_cli):

@@ -39,14 +39,33 @@ class CoOpConfig(MethodConfig):
     epochs: int = 50
     warmup_epochs: int = 1  # constant learning rate warm-up (Dassl's ConstantWarmupScheduler)
     warmup_lr: float = 1.0e-5
+    drop_last: bool = True  # Dassl's train loader drops the last incomplete batch
     select: str = "val"  # val: keep the epoch with the best source-validation accuracy | last
 
 
-def warmup_cosine_lr(epoch: int, lr: float, epochs: int, warmup_epochs: int, warmup_lr: float) -> float:
-    """Dassl's schedule (CoOp, DAPL, DAPT): a constant warm-up rate, then cosine from ``lr`` to 0."""
-    if epoch < warmup_epochs:
-        return warmup_lr
-    return 0.5 * lr * (1 + math.cos(math.pi * epoch / epochs))
+def warmup_cosine_lr(step: int, lr: float, epochs: int, warmup_epochs: int, warmup_lr: float, warmup: str = "constant") -> float:
+    """The learning rate at scheduler step ``step`` of Dassl's schedule, as the official CoOp, DAPL and
+    DAPT code builds it (``build_lr_scheduler``: CosineAnnealingLR(T_max=epochs) behind a warm-up
+    wrapper, WARMUP_RECOUNT=True):
+
+    * steps ``< warmup_epochs``: ``warmup_lr`` (constant warm-up; a linear one starts at
+      ``warmup_lr`` and rises as lr·step/warmup_epochs);
+    * then the cosine restarts its count at 0: ``lr · (1 + cos(π (step − warmup_epochs) / epochs)) / 2``.
+
+    So with one warm-up epoch, epoch 1 runs at the full rate and the last epoch is not at 0. Past
+    ``epochs`` steps (DAPL's official code steps the scheduler once per batch) the cosine continues
+    periodically, as PyTorch's CosineAnnealingLR does: the rate goes back up.
+    """
+    if step < warmup_epochs:
+        return warmup_lr if (warmup == "constant" or step == 0) else lr * step / warmup_epochs
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup_epochs) / epochs))
+
+
+def batch_starts(n: int, batch_size: int, drop_last: bool = True) -> range:
+    """Start offsets of an epoch's batches over ``n`` items. Dassl's training loaders (the official
+    CoOp, DAPL and DAPT code) drop the last incomplete batch when there is at least one full one."""
+    end = (n // batch_size) * batch_size if (drop_last and n >= batch_size) else n
+    return range(0, end, batch_size)
 
 
 class PromptLearner(nn.Module):
@@ -126,7 +145,7 @@ class CoOp(Method):
             order = torch.randperm(len(y_all), generator=torch.Generator().manual_seed(ctx.seed * 100003 + epoch))
             first = done if epoch == start else 0
             base, total = (loss_sum if first else 0.0), 0.0  # total: this rank's part since (re)start
-            for step, i in enumerate(range(first * cfg.batch_size, len(order), cfg.batch_size), start=first):
+            for step, i in enumerate(batch_starts(len(order), cfg.batch_size, cfg.drop_last)[first:], start=first):
                 batch = order[i : i + cfg.batch_size]
                 idx = ctx.shard(batch).to(self.device)
                 if len(idx):
@@ -143,7 +162,8 @@ class CoOp(Method):
             val_acc = ctx.accuracy(self, data["val"])
             if cfg.select == "last" or val_acc > best["acc"]:
                 best = {"acc": val_acc, "epoch": epoch, "ctx": self.prompt.ctx.detach().clone()}
-            ctx.log(epoch=epoch, lr=self.lr_at(epoch), train_loss=total / len(order), val_acc=val_acc)
+            n_seen = len(batch_starts(len(order), cfg.batch_size, cfg.drop_last)) * cfg.batch_size
+            ctx.log(epoch=epoch, lr=self.lr_at(epoch), train_loss=total / min(n_seen, len(order)), val_acc=val_acc)
             ctx.save_checkpoint({"epoch": epoch, "ctx": self.prompt.ctx.detach(), "optimizer": opt.state_dict(), "best": best})
         self.prompt.ctx.data.copy_(best["ctx"])
         ctx.log(selected_epoch=best["epoch"], selected_val_acc=best["acc"])

@@ -9,9 +9,14 @@ shapes the two embedding distributions:
 * inter-dispersion of the normalised class text embeddings w̃ (pushes classes apart), t = 2:
       L_inter = mean_{m≠n} exp(-t ‖w̃_m − w̃_n‖²)
 * intra-dispersion of the normalised image embeddings z̃ around their class prototype s_y, the
-  mean zero-shot CLIP image embedding of class y's training shots (computed once, from the
-  feature cache; ``renormalize_prototypes`` puts them back on the unit sphere):
-      L_intra = mean_i ‖z̃_i − s_{y_i}‖²
+  mean zero-shot CLIP image embedding of class y's training shots, each shot seen once through the
+  training transform, as the official prototype generator does (``renormalize_prototypes`` puts
+  them back on the unit sphere). The paper writes L_intra = mean_i ‖z̃_i − s_{y_i}‖²; the official
+  code computes ``F.mse_loss(z̃, s_y)``, the mean over all B·D elements, i.e. 1/D of the paper's
+  form, and every official β_v (10 for Caltech101, 100 for DTD, ...) was tuned at that scale:
+  with D = 512 the paper's form under the same β_v is 512 times stronger than what produced the
+  published numbers. ``intra_loss: official`` (the default) is the code's scale, ``paper`` the
+  equation's.
 
       L = CE + β_v · L_intra + β_t · L_inter
 
@@ -19,11 +24,15 @@ Because the visual prompts change the image features, DAPT trains through the im
 images (random resized crop + flip, seeded per image and epoch) and re-encodes the test images
 with the learned prompts; only the prototypes come from the cache.
 
-Defaults per dataset (learning rate, β_v, β_t) are the official configs' (``PAPER_DEFAULTS``;
-``lr``/``beta_v``/``beta_t`` null picks them); some look surprising (a learning rate of 20 for
-DTD, EuroSAT, Food101, SUN397 and UCF101) but are the official values: SGD on a few prompt vectors
-whose gradients are tiny. Epochs by shots: 50 for 1 shot and ImageNet, 100 for 2 and 4, 200 for 8
-and 16. Batch 32, SGD, cosine. The model of the last epoch is kept, as in the paper.
+Defaults per dataset (learning rate, β_v, β_t) are the official configs' values, written in the
+dataset's YAML (``method_defaults.dapt``) and read by ``conf/method/dapt.yaml``; some look
+surprising (a learning rate of 20 for DTD, EuroSAT, Food101, SUN397 and UCF101) but are the
+official values: SGD on a few prompt vectors whose gradients are tiny. Datasets the official code
+has no config for get the official code's own defaults, β_v = β_t = 0.1 (train.py), and CoOp's
+learning rate 0.002. Epochs by shots, as the official script picks its config: 50 for 1 shot and
+ImageNet, 100 for 2 and 4, 200 for 8 and 16. Batch 32, SGD, Dassl's warm-up + cosine schedule,
+the last incomplete batch dropped. The model of the last epoch is kept, as in the official code.
+The visual prompts start from VPT's uniform init drawn with the run's seed.
 
 The few-shot protocol (``shots=k`` on a split-file dataset) and DomainBed-style data (leave-one-
 domain-out, ``shots=k`` drawn from the source training split) both work; the engine draws the shots.
@@ -37,36 +46,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError
 from ..schema import MethodConfig
 from ..vpt import VisualPrompts
 from .base import Method
-from .coop import PromptLearner, warmup_cosine_lr
-
-# dataset -> (lr, beta_v, beta_t), from the official DAPT configs
-PAPER_DEFAULTS = {
-    "imagenet": (2.0, 0.01, 0.01),
-    "caltech101": (0.2, 10.0, 0.01),
-    "dtd": (20.0, 100.0, 0.01),
-    "eurosat": (20.0, 100.0, 10.0),
-    "fgvc_aircraft": (2.0, 100.0, 0.01),
-    "food101": (20.0, 10.0, 0.01),
-    "flowers102": (0.002, 10.0, 0.01),
-    "oxford_pets": (0.02, 10.0, 0.1),
-    "stanford_cars": (0.002, 100.0, 0.1),
-    "sun397": (20.0, 100.0, 0.01),
-    "ucf101": (20.0, 0.1, 0.1),
-}
-# Datasets outside the paper (the demo world, DomainBed): CoOp's learning rate and the most common
-# dispersion weights of the table above.
-FALLBACK = (0.002, 10.0, 0.01)
-
-
-def paper_epochs(shots, dataset: str) -> int:
-    """50 (1 shot, ImageNet, and all data: CoOp's DG-like schedule), 100 (2, 4 shots), 200 (8, 16)."""
-    if dataset == "imagenet" or not shots or shots <= 1:
-        return 50
-    return 100 if shots <= 4 else 200
-
+from .coop import PromptLearner, batch_starts, warmup_cosine_lr
 
 # --------------------------------------------------------------------- the losses of the paper
 def inter_dispersion_loss(text: torch.Tensor, t: float = 2.0) -> torch.Tensor:
@@ -77,10 +61,17 @@ def inter_dispersion_loss(text: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     return torch.exp(-t * d2[off]).mean()
 
 
-def intra_dispersion_loss(image: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """L_intra = mean_i ‖z̃_i − s_{y_i}‖²; image (B, D), prototypes (C, D)."""
-    z = F.normalize(image, dim=-1)
-    return (z - prototypes[labels]).pow(2).sum(-1).mean()
+def intra_dispersion_loss(image: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, form: str = "official") -> torch.Tensor:
+    """L_intra of normalised image embeddings around their class prototypes; image (B, D), prototypes (C, D).
+
+    official: mean over the B·D elements of (z̃ − s_y)² (the official code's ``F.mse_loss``);
+    paper: mean_i ‖z̃_i − s_{y_i}‖², D times the official value."""
+    sq = (F.normalize(image, dim=-1) - prototypes[labels]).pow(2)  # (B, D)
+    if form == "official":
+        return sq.mean()
+    if form == "paper":
+        return sq.sum(-1).mean()
+    raise ConfigError(f"method.intra_loss={form!r} is not a form of L_intra. Valid: official, paper")
 
 
 def class_prototypes(x: torch.Tensor, y: torch.Tensor, n_classes: int, renormalize: bool) -> torch.Tensor:
@@ -98,21 +89,23 @@ class DAPTConfig(MethodConfig):
     n_ctx: int = 16  # CoOp text context tokens
     n_visual: int = 16  # VPT prompt tokens
     deep: bool = False  # VPT-deep: new prompts at every block (the paper: shallow)
-    lr: Optional[float] = None  # None: the official value for the dataset (PAPER_DEFAULTS)
-    beta_v: Optional[float] = None  # weight of L_intra
-    beta_t: Optional[float] = None  # weight of L_inter
+    lr: float = 0.002  # conf/method/dapt.yaml reads the dataset's official value
+    beta_v: float = 0.1  # weight of L_intra
+    beta_t: float = 0.1  # weight of L_inter
+    intra_loss: str = "official"  # official: F.mse_loss (mean over B·D) | paper: mean over B of the squared norm
     t: float = 2.0  # L_inter's Gaussian potential
     renormalize_prototypes: bool = False
-    epochs: Optional[int] = None  # None: 50 (1 shot, ImageNet) / 100 (2, 4) / 200 (8, 16)
+    epochs: int = 50  # conf/method/dapt.yaml: by shots, as the official script
     batch_size: int = 32
     momentum: float = 0.9
     weight_decay: float = 5.0e-4
     warmup_epochs: int = 1
     warmup_lr: float = 1.0e-5
+    drop_last: bool = True  # Dassl's train loader drops the last incomplete batch
     augment: bool = True  # random resized crop + flip of the training images (Dassl's); false: the plain preprocessing
 
 
-def _epoch_batches(paths, transform, batch_size: int, num_workers: int, seed: int, first: int, shard):
+def _epoch_batches(paths, transform, batch_size: int, num_workers: int, seed: int, first: int, shard, drop_last: bool):
     """The epoch's batches of ``paths`` (already in the epoch's order) from batch ``first`` on, each
     cut to this rank's ``shard``: ``(positions in the epoch order, images, unreadable positions)``.
     An image's random augmentation is seeded by (seed, its position in the epoch order), so it is
@@ -120,7 +113,7 @@ def _epoch_batches(paths, transform, batch_size: int, num_workers: int, seed: in
     from ..data import _collate, _ImageFiles
 
     n = len(paths)
-    index = [list(shard(range(i, min(i + batch_size, n)))) for i in range(first * batch_size, n, batch_size)]
+    index = [list(shard(range(i, min(i + batch_size, n)))) for i in batch_starts(n, batch_size, drop_last)[first:]]
     return torch.utils.data.DataLoader(
         _ImageFiles(paths, transform, seed),
         batch_sampler=index,
@@ -138,16 +131,9 @@ class DAPT(Method):
         self.prompt = PromptLearner(backbone, classnames, cfg.n_ctx, "", False)
         self.visual = VisualPrompts(backbone.model.visual, cfg.n_visual, cfg.deep, seed=0).to(device)
 
-    # ----------------------------------------------------------------- settings by dataset
-    def settings(self, dataset: str, shots=None) -> dict:
-        lr, bv, bt = PAPER_DEFAULTS.get(dataset, FALLBACK)
+    def settings(self) -> dict:
         c = self.cfg
-        return {
-            "lr": c.lr if c.lr is not None else lr,
-            "beta_v": c.beta_v if c.beta_v is not None else bv,
-            "beta_t": c.beta_t if c.beta_t is not None else bt,
-            "epochs": c.epochs if c.epochs is not None else paper_epochs(shots, dataset),
-        }
+        return {"lr": c.lr, "beta_v": c.beta_v, "beta_t": c.beta_t, "epochs": c.epochs}
 
     def class_features(self) -> torch.Tensor:
         return self.backbone.encode_prompts(self.prompt(), self.prompt.eot, normalize=False)  # (C, D)
@@ -160,7 +146,7 @@ class DAPT(Method):
         w = self.class_features()
         logits = self.backbone.logit_scale * F.normalize(z, dim=-1) @ F.normalize(w, dim=-1).T
         ce = F.cross_entropy(logits, y)
-        l_intra = intra_dispersion_loss(z, y, prototypes)
+        l_intra = intra_dispersion_loss(z, y, prototypes, self.cfg.intra_loss)
         l_inter = inter_dispersion_loss(w, self.cfg.t)
         return ce + beta_v * l_intra + beta_t * l_inter, ce, l_intra, l_inter
 
@@ -175,10 +161,11 @@ class DAPT(Method):
         from ..data import augmented_transform
         from ..engine import resume_point
 
-        cfg, s = self.cfg, self.settings(ctx.dataset, ctx.shots)
+        cfg, s = self.cfg, self.settings()
         shots = data["train"]  # the engine has drawn the k shots per class (run key shots=k)
-        # prototypes: zero-shot image embeddings of the shots, straight from the feature cache
-        protos = class_prototypes(shots.x, shots.y, len(self.classnames), cfg.renormalize_prototypes).to(self.device)
+        self.visual.initialize(ctx.seed)  # VPT's init, drawn with the run's seed
+        aug = augmented_transform(self.backbone.preprocess) if cfg.augment else self.backbone.preprocess
+        protos = self.prototypes(shots, aug, ctx.seed).to(self.device)
         ctx.log(shots=len(shots), **s)
         params = [self.prompt.ctx, self.visual.prompts]
         opt = torch.optim.SGD(params, lr=s["lr"], momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -192,17 +179,16 @@ class DAPT(Method):
             if done:
                 resumed = (state["sums"].cpu().double().numpy(), int(state["n"]))
         ctx.broadcast_params(params)  # torchrun: every rank starts from rank 0's prompts
-        aug = augmented_transform(self.backbone.preprocess) if cfg.augment else self.backbone.preprocess
         y_all = shots.y.to(self.device)
         for epoch in ctx.progress(range(start, s["epochs"]), desc="dapt epochs", initial=start, total=s["epochs"]):
-            lr = warmup_cosine_lr(epoch, s["lr"], s["epochs"], cfg.warmup_epochs, cfg.warmup_lr)
+            lr = warmup_cosine_lr(epoch, s["lr"], s["epochs"], cfg.warmup_epochs, cfg.warmup_lr, "constant")
             for g in opt.param_groups:
                 g["lr"] = lr
             order = np.random.default_rng([ctx.seed, epoch]).permutation(len(shots))
             first = done if epoch == start else 0
             base_sums, base_n = resumed if first else (np.zeros(4), 0)
             batches = _epoch_batches([shots.paths[i] for i in order], aug, cfg.batch_size, self.num_workers,
-                                     ctx.seed * 10007 + epoch, first, ctx.shard)
+                                     ctx.seed * 10007 + epoch, first, ctx.shard, cfg.drop_last)
             sums = np.zeros(4)  # this rank's part since (re)start
             n = 0  # steps with at least one image read (all ranks)
             for step, (pos, x, _) in enumerate(batches, start=first):  # an unreadable image is left out of its batch
@@ -226,6 +212,24 @@ class DAPT(Method):
             ctx.log(epoch=epoch, lr=lr, **dict(zip(("loss", "ce", "l_intra", "l_inter"), (sums / n).tolist())))
             ctx.save_checkpoint({"epoch": epoch, "ctx": self.prompt.ctx.detach(), "visual": self.visual.prompts.detach(),
                                  "optimizer": opt.state_dict()})
+
+    @torch.no_grad()
+    def prototypes(self, shots, transform, seed: int) -> torch.Tensor:
+        """The class prototypes (C, D): the official generator encodes every shot once through the
+        training transform with the frozen encoder (no prompts) and averages the normalised
+        features per class. Each shot's random augmentation is seeded by (seed, its position)."""
+        from ..data import Features, image_batches
+
+        if transform is self.backbone.preprocess:  # no augmentation: the cached features are these
+            feats = shots
+        else:
+            xs, keep = [], []
+            for pos, x, _ in image_batches(shots.paths, transform, 128, self.num_workers, seed=seed * 10007 + 99991):
+                if x is not None:
+                    xs.append(self.backbone.encode_image(x.to(self.device), normalize=True).float().cpu())
+                    keep += pos.tolist()
+            feats = Features(torch.cat(xs), shots.y[keep], [shots.domain[i] for i in keep], [shots.paths[i] for i in keep])
+        return class_prototypes(feats.x, feats.y, len(self.classnames), self.cfg.renormalize_prototypes)
 
     # ----------------------------------------------------------------- evaluation on images
     @torch.no_grad()
