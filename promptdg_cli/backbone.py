@@ -7,7 +7,10 @@ DAPT and PromptStyler all do this) and the text transformer runs only up to the 
 end-of-text (EOT) position of the batch. With the causal mask, position ``i`` attends to positions
 ``<= i`` only, so everything after the last EOT can change nothing that is pooled: dropping it
 gives the same features at a fraction of the cost (a prompt of 16 context tokens and a class name
-fills ~20 of the 77 positions).
+fills ~20 of the 77 positions). ``encode_grouped`` goes further for prompts that share their leading
+positions (a domain's context in DAPL, PromptStyler's "a S style of a", a template's first words):
+the shared prefix runs once per group, each prompt's own suffix against its keys and values
+(``shared_prefix.py``), with the same features.
 
 Weights: ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b79k``, ...) or a local
 checkpoint file. Tags are looked up in the local Hugging Face / open_clip caches first; a missing
