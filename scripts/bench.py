@@ -17,13 +17,14 @@ on the weights) and are reported as ratios measured in the same process:
    frozen image encoder (the public implementation's way);
 5. one DAPT training step (batch 32, 16 visual prompt tokens through the ViT-B/16 image tower,
    16 text context tokens for 65 classes, forward + backward + SGD step), with its memory peak;
+6. and 7. DomainFusion (see their functions);
 8. shared-prefix prompts: text forward+backward of DAPL-shaped prompts (65 Office-Home classes x 2
    domains, ``[SOS][16 ctx][16 dom] {class}, a {domain} image.[EOT]``) through all 77 positions, the
    plain truncated path and the shared-prefix path (each domain's 33 leading positions once), with
    the features checked equal; and one PromptStyler iteration at N = 345 (prefix "a S style of a",
    suffix the class tokens), plain truncated vs shared prefix.
 
-Usage: python scripts/bench.py [--out bench/bench.json] [--device cpu] [--repeats 3] [--only text,coop,promptstyler,dapl,dapt]
+Usage: python scripts/bench.py [--out bench/bench.json] [--device cpu] [--repeats 3] [--only text,coop,promptstyler,dapl,dapt,shared_prefix]
 """
 from __future__ import annotations
 
