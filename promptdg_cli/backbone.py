@@ -7,7 +7,10 @@ DAPT and PromptStyler all do this) and the text transformer runs only up to the 
 end-of-text (EOT) position of the batch. With the causal mask, position ``i`` attends to positions
 ``<= i`` only, so everything after the last EOT can change nothing that is pooled: dropping it
 gives the same features at a fraction of the cost (a prompt of 16 context tokens and a class name
-fills ~20 of the 77 positions).
+fills ~20 of the 77 positions). ``encode_grouped`` goes further for prompts that share their leading
+positions (a domain's context in DAPL, PromptStyler's "a S style of a", a template's first words):
+the shared prefix runs once per group, each prompt's own suffix against its keys and values
+(``shared_prefix.py``), with the same features.
 
 Weights: ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b79k``, ...) or a local
 checkpoint file. Tags are looked up in the local Hugging Face / open_clip caches first; a missing
@@ -25,6 +28,7 @@ from . import _compat  # noqa: F401  (must precede open_clip: makes torchvision 
 import open_clip
 
 from .config import ConfigError, UserError
+from .shared_prefix import PromptGroups, encode_shared_prefix, supports_shared_prefix
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -48,6 +52,7 @@ class ClipBackbone(nn.Module):
         self.model_name = model_name
         self.weights_id = weights_id  # names the weights for cache keys (tag, or file path+size+mtime)
         self.arch = arch
+        self._shared_prefix_ok: Optional[bool] = None  # whether encode_grouped can share prefixes (checked once)
         self.model.eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -146,6 +151,33 @@ class ClipBackbone(nn.Module):
     def encode_text(self, texts: Sequence[str] | torch.Tensor, normalize: bool = True, truncate: bool = True):
         tokens = texts if isinstance(texts, torch.Tensor) else self.tokenize(texts)
         return self.encode_prompts(self.token_embedding(tokens), self.eot_positions(tokens), normalize, truncate)
+
+    def encode_grouped(self, prompts: PromptGroups, normalize: bool = True) -> torch.Tensor:
+        """(G, C, D) features of grouped prompts: each group's shared prefix runs through the text
+        transformer once, each prompt's suffix against the prefix's keys/values (see shared_prefix.py).
+        Equal to ``encode_prompts(*prompts.full())``; a text tower of other blocks runs exactly that."""
+        if self._shared_prefix_ok is None:
+            self._shared_prefix_ok = supports_shared_prefix(self.model)
+        if self._shared_prefix_ok and prompts.prefix_len > 0:
+            x = encode_shared_prefix(self.model, prompts)
+        else:
+            emb, eot = prompts.full()
+            x = self.encode_prompts(emb, eot, normalize=False).view(prompts.groups, prompts.n_prompts, -1)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def group_texts(self, texts: Sequence[str]) -> PromptGroups:
+        """One group of frozen prompts; their longest common run of leading tokens is the shared prefix
+        (a template's words before the class name)."""
+        tokens = self.tokenize(texts)
+        eot = self.eot_positions(tokens)
+        tokens = tokens[:, : int(eot.max()) + 1]
+        with torch.no_grad():
+            emb = self.token_embedding(tokens)
+        return PromptGroups.from_tokens(emb, tokens, eot)
+
+    def encode_text_grouped(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
+        """``encode_text`` of frozen texts through the shared-prefix path: (B, D)."""
+        return self.encode_grouped(self.group_texts(texts), normalize)[0]
 
     # ----------------------------------------------------------------- image side
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -16,9 +16,15 @@ on the weights) and are reported as ratios measured in the same process:
    cached image features vs. the same epoch re-encoding both image batches every step with the
    frozen image encoder (the public implementation's way);
 5. one DAPT training step (batch 32, 16 visual prompt tokens through the ViT-B/16 image tower,
-   16 text context tokens for 65 classes, forward + backward + SGD step), with its memory peak.
+   16 text context tokens for 65 classes, forward + backward + SGD step), with its memory peak;
+6. and 7. DomainFusion (see their functions);
+8. shared-prefix prompts: text forward+backward of DAPL-shaped prompts (65 Office-Home classes x 2
+   domains, ``[SOS][16 ctx][16 dom] {class}, a {domain} image.[EOT]``) through all 77 positions, the
+   plain truncated path and the shared-prefix path (each domain's 33 leading positions once), with
+   the features checked equal; and one PromptStyler iteration at N = 345 (prefix "a S style of a",
+   suffix the class tokens), plain truncated vs shared prefix.
 
-Usage: python scripts/bench.py [--out bench/bench.json] [--device cpu] [--repeats 3] [--only text,coop,promptstyler,dapl,dapt]
+Usage: python scripts/bench.py [--out bench/bench.json] [--device cpu] [--repeats 3] [--only text,coop,promptstyler,dapl,dapt,shared_prefix]
 """
 from __future__ import annotations
 
@@ -36,11 +42,13 @@ import torch
 from omegaconf import OmegaConf
 
 from promptdg_cli.backbone import ClipBackbone
+from promptdg_cli.shared_prefix import PromptGroups
 from promptdg_cli.config import conf_dir
 from promptdg_cli.methods.coop import CoOp, CoOpConfig
 from promptdg_cli.methods.dapl import DAPL, DAPLConfig, dapl_loss
 from promptdg_cli.methods.dapt import DAPT, DAPTConfig
 from promptdg_cli.methods.promptstyler import (
+    PLACEHOLDER,
     PromptStyler,
     PromptStylerConfig,
     content_consistency_loss,
@@ -69,7 +77,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--model", default="ViT-B-16-quickgelu")
     ap.add_argument("--batches", type=int, default=4, help="batches in the timed CoOp 'epoch'")
-    ap.add_argument("--only", default="text,coop,promptstyler,dapl,dapt,domainfusion,domainfusion_count", help="comma-separated sections to run")
+    ap.add_argument("--only", default="text,coop,promptstyler,dapl,dapt,domainfusion,domainfusion_count,shared_prefix",
+                    help="comma-separated sections to run")
     ap.add_argument("--dapt-batch", type=int, default=32)
     ap.add_argument("--df-batch", type=int, default=4, help="images per DomainFusion img2img / distillation batch")
     args = ap.parse_args(argv)
@@ -97,6 +106,8 @@ def main(argv=None) -> int:
         domainfusion_section(result, device, args)
     if "domainfusion_count" in only:
         domainfusion_count_section(result)
+    if "shared_prefix" in only:
+        shared_prefix_section(result, clip, names, device, args)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -385,6 +396,91 @@ def domainfusion_count_section(result):
           f"{max(v['candidates'] for v in per_target.values()):,} images per run at most, {one_seed:,} for the 6 held-out domains of one seed "
           f"({100 * one_seed / OFFLINE_AUGMENTATION:.1f}% of 5M: {result['domainfusion_domainnet_count']['reduction_one_seed_pct']}% fewer), "
           f"{one_seed * seeds:,} for {seeds} seeds", flush=True)
+
+
+def shared_prefix_section(result, clip, names, device, args):
+    """8. Prompts sharing their leading positions: all 77 positions vs truncated vs shared prefix."""
+    domains, n_ctx, n_dom, w = ["art", "real world"], 16, 16, clip.text_width
+    ctx = torch.nn.Parameter(torch.randn(n_ctx, w, device=device) * 0.02)
+    dom = torch.nn.Parameter(torch.randn(len(domains), n_dom, w, device=device) * 0.02)
+    placeholder = " ".join(["X"] * (n_ctx + n_dom))
+    tokens = clip.tokenize([f"{placeholder} {c}, a {d} image." for d in domains for c in names])  # (G·C, 77)
+    eot = clip.eot_positions(tokens)
+    p, g, c = 1 + n_ctx + n_dom, len(domains), len(names)
+    with torch.no_grad():
+        emb = clip.token_embedding(tokens)
+    sos, suffix = emb[0, :1], emb[:, p:].reshape(g, c, -1, w)  # suffix: all 77 - P positions
+    weights = torch.randn(g * c, clip.embed_dim, device=device)
+
+    def plain(truncate: bool) -> torch.Tensor:
+        rows = torch.cat([sos.expand(g, c, 1, w), ctx.expand(g, c, n_ctx, w), dom[:, None].expand(g, c, n_dom, w), suffix], dim=2)
+        return clip.encode_prompts(rows.reshape(g * c, -1, w), eot, truncate=truncate)  # (G·C, D)
+
+    def shared() -> torch.Tensor:
+        length = int(eot.max()) + 1 - p
+        return clip.encode_grouped(PromptGroups.from_parts([sos, ctx, dom], [suffix[:, :, :length]], eot.view(g, c))).reshape(g * c, -1)
+
+    def step(encode):
+        ctx.grad = dom.grad = None
+        (encode() * weights).sum().backward()
+
+    with torch.no_grad():
+        ref = plain(True)
+        diff = {"full77": float((plain(False) - ref).abs().max()), "shared": float((shared() - ref).abs().max())}
+    full_s = timed(lambda: step(lambda: plain(False)), max(1, args.repeats - 2), device)
+    trunc_s = timed(lambda: step(lambda: plain(True)), args.repeats, device)
+    shared_s = timed(lambda: step(shared), args.repeats, device)
+    positions = int(eot.max()) + 1
+    result["shared_prefix_dapl"] = {
+        "classes": c, "domains": g, "prefix_positions": p, "positions_truncated": positions,
+        "tokens_run": {"full77": g * c * clip.context_length, "truncated": g * c * positions, "shared": g * p + g * c * (positions - p)},
+        "full77_s": round(full_s, 4), "truncated_s": round(trunc_s, 4), "shared_s": round(shared_s, 4),
+        "speedup_vs_truncated": round(trunc_s / shared_s, 2), "speedup_vs_full77": round(full_s / shared_s, 2),
+        "max_abs_feature_diff_vs_truncated": diff,
+    }
+    print(f"DAPL-shaped text fwd+bwd, {c} classes x {g} domains: 77 positions {full_s:.3f}s, truncated ({positions}) {trunc_s:.3f}s, "
+          f"shared prefix ({p} once per domain) {shared_s:.3f}s -> {trunc_s / shared_s:.2f}x vs truncated, {full_s / shared_s:.2f}x vs 77; "
+          f"max |feature diff| {diff}", flush=True)
+
+    # PromptStyler: "a S style of a" and the N "a S style of a {class}", the style word inside the prefix
+    cfg = OmegaConf.structured(PromptStylerConfig())
+    dn = list(OmegaConf.load(conf_dir() / "dataset" / "domainnet.yaml").classes.values())
+    ps = PromptStyler(cfg, clip, dn, device)
+    style_text = cfg.style_template.format(PLACEHOLDER)
+    groups = clip.group_texts([style_text] + [f"{style_text} {n}" for n in dn])  # the rows of StylePrompts
+    at = ps.prompts.position  # the style word's position, inside the shared prefix
+    assert at < groups.prefix_len, (at, groups.prefix_len)
+    with torch.no_grad():
+        content = clip.encode_text(dn)
+        earlier = torch.nn.functional.normalize(torch.randn(cfg.n_styles // 2, clip.embed_dim, device=device), dim=-1)
+    style = torch.nn.Parameter(torch.randn(w, device=device) * 0.02)
+    opt = torch.optim.SGD([style], lr=cfg.style_lr, momentum=cfg.style_momentum)
+
+    def encode_shared():
+        pre = groups.prefix[0]
+        f = clip.encode_grouped(PromptGroups.from_parts([pre[:at], style[None], pre[at + 1 :]], [groups.suffix], groups.eot))[0]
+        return f[0], f[1:]
+
+    def iteration(encode):
+        f_style, f_sc = encode()
+        loss = style_diversity_loss(f_style, earlier) + content_consistency_loss(f_sc, content)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    with torch.no_grad():
+        ps_diff = max(float((a - b).abs().max()) for a, b in zip(encode_shared(), ps.encode(style)))
+    trunc_s = timed(lambda: iteration(lambda: ps.encode(style)), args.repeats, device)
+    shared_s = timed(lambda: iteration(encode_shared), args.repeats, device)
+    positions, p = int(ps.prompts.eot.max()) + 1, groups.prefix_len
+    result["shared_prefix_promptstyler"] = {
+        "classes": len(dn), "prefix_positions": p, "positions_truncated": positions,
+        "tokens_run": {"truncated": (len(dn) + 1) * positions, "shared": p + (len(dn) + 1) * (positions - p)},
+        "truncated_s": round(trunc_s, 4), "shared_s": round(shared_s, 4), "speedup": round(trunc_s / shared_s, 2),
+        "max_abs_feature_diff": ps_diff,
+    }
+    print(f"PromptStyler iteration, N={len(dn)}: truncated ({positions} positions) {trunc_s:.3f}s, shared prefix ({p} once) "
+          f"{shared_s:.3f}s -> {trunc_s / shared_s:.2f}x; max |feature diff| {ps_diff:.2e}", flush=True)
 
 
 if __name__ == "__main__":
