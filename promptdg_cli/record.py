@@ -146,9 +146,9 @@ STOPPED = frozenset({Status.FAILED, Status.PREEMPTED})
 EVERY = frozenset(Status)
 
 
-def _spec(check, need=frozenset(), default=None, **kw):
+def _spec(check, need=frozenset(), default=None):
     """A field of the schema: its check and the statuses that require a (non-null) value."""
-    return field(default=default, metadata={"check": check[0], "expected": check[1], "need": need}, **kw)
+    return field(default=default, metadata={"check": check[0], "expected": check[1], "need": need})
 
 
 # --------------------------------------------------------------------- the record
