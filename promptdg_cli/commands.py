@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 log = logging.getLogger("promptdg")
 
 from .config import UserError, config_hash, register_resolvers
+from .record import RunRecord, Status
 
 # A job of a submitit sweep runs in a fresh process that unpickles this module's task functions:
 # the run-key resolver of hydra.sweep.subdir must exist there too.
@@ -96,8 +97,6 @@ def _write_failed_record(cfg: DictConfig, run_dir: Path, exc: BaseException) -> 
     if path.exists() or (run_dir / ".lock").exists():
         return
     try:
-        from .engine import write_json_atomic
-
         def get(key, default=None):
             return OmegaConf.select(cfg, key, default=default)
 
@@ -105,25 +104,24 @@ def _write_failed_record(cfg: DictConfig, run_dir: Path, exc: BaseException) -> 
             chash = config_hash(cfg)
         except Exception:
             chash = None
-        record = {
-            "status": "failed",
-            "method": get("method.name"),
-            "variant": get("method.variant", ""),
-            "dataset": get("dataset.name"),
-            "backbone": get("backbone.name"),
-            "model": get("backbone.model"),
-            "pretrained": str(get("backbone.pretrained")),
-            "protocol": get("dataset.protocol"),
-            "seed": get("seed"),
-            "domains": list(get("dataset.domains") or []),
-            "target_domains": [cfg.target] if get("target") else [],
-            "config_hash": chash,
-            "run_dir": str(run_dir),
-            "error": f"{type(exc).__name__}: {exc}",
-            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
-        }
-        write_json_atomic(path, record)
-    except Exception as e:  # recording must never hide the job's own error
+        RunRecord(
+            status=Status.FAILED,
+            method=get("method.name"),
+            variant=get("method.variant", ""),
+            dataset=get("dataset.name"),
+            backbone=get("backbone.name"),
+            model=get("backbone.model"),
+            pretrained=str(get("backbone.pretrained")),
+            protocol=get("dataset.protocol"),
+            seed=get("seed"),
+            domains=list(get("dataset.domains") or []),
+            target_domains=[cfg.target] if get("target") else [],
+            config_hash=chash,
+            run_dir=str(run_dir),
+            error=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        ).write(path)
+    except Exception as e:  # recording must never hide the job's own error (a RecordError included)
         log.warning("could not write a failed record in %s: %s", run_dir, e)
 
 

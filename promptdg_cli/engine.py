@@ -47,6 +47,7 @@ from .data import (
     FeatureCache, Features, Split, class_names, dataset_dir, few_shot_features, make_splits, sample_shots,
     source_free_split, split_features, uda_splits,
 )
+from .files import write_json_atomic  # (re-exported: methods import it from here)
 from .methods import get_method
 
 log = logging.getLogger("promptdg")
@@ -57,16 +58,6 @@ class RunLocked(UserError, RuntimeError):
 
 
 # --------------------------------------------------------------------- small file helpers
-def write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def torch_save_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     torch.save(obj, tmp)

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Synthetic ``results.json`` records shaped like the engine's, for timing and testing ``collect``.
+"""Synthetic ``results.json`` records, built as :class:`promptdg_cli.record.RunRecord` (so they match the
+schema the engine writes and ``collect`` reads), for timing and testing ``collect``.
 
 The default grid is DAPT's few-shot table: methods {coop, dapt, linear_probe} x 11 datasets x shots
 {1, 2, 4, 8, 16} x seeds {1, 2, 3} on vit_b16 (495 runs), plus zero-shot CLIP rows (no shots) on
 vit_b16 and rn50, with a few failed runs and a few missing seeds. The records sit where a sweep
 puts them (``<root>/<dataset>/<method>/<backbone>/seed<s>_all_<k>shot_<hash>/results.json``) and
-carry the engine's fields (status, method, variant, dataset, backbone, protocol, seed, shots,
+carry the record's fields (status, method, variant, dataset, backbone, protocol, seed, shots,
 target/source domains, accuracy, avg_accuracy, val_accuracy, timings, ...; failed runs: error and
 traceback).
 
@@ -16,12 +17,19 @@ traceback).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
+import io
 import json
 import random
 import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's promptdg_cli
+
+from promptdg_cli.collect import main as collect_main  # noqa: E402  (torch-free)
+from promptdg_cli.record import RunRecord  # noqa: E402
 
 DATASETS = ("imagenet", "caltech101", "oxford_pets", "stanford_cars", "flowers102", "food101",
             "fgvc_aircraft", "sun397", "dtd", "eurosat", "ucf101")
@@ -38,7 +46,7 @@ def _hash(*parts) -> str:
 
 
 def record(method: str, dataset: str, backbone: str, seed: int, shots, rng: random.Random, run_dir: Path,
-           status: str = "finished") -> dict:
+           status: str = "finished") -> RunRecord:
     """One few-shot run's record, as ``engine.run`` writes it (the split key is the dataset)."""
     chash = _hash(method, dataset, backbone, seed, shots)
     rec = {
@@ -61,7 +69,7 @@ def record(method: str, dataset: str, backbone: str, seed: int, shots, rng: rand
     }
     if status != "finished":
         rec.update(target_domains=[dataset], error=OOM, traceback=OOM)
-        return rec
+        return RunRecord(**rec)
     base = 40.0 + 3.0 * DATASETS.index(dataset) if dataset in DATASETS else 50.0
     gain = {"zeroshot": 0.0, "linear_probe": 2.0, "coop": 5.0, "dapt": 7.0}.get(method, 1.0)
     acc = round(min(99.0, base + gain + 2.0 * (shots or 0) ** 0.5 + rng.gauss(0, 0.8)), 4)
@@ -75,7 +83,7 @@ def record(method: str, dataset: str, backbone: str, seed: int, shots, rng: rand
         peak_memory_mb={"cpu_rss": 4100.0, "cuda": 9000.0},
         feature_cache={"hits": 3, "misses": 0},
     )
-    return rec
+    return RunRecord(**rec)
 
 
 def generate(root, methods=METHODS, datasets=DATASETS, shots=SHOTS, seeds=SEEDS, backbones=("vit_b16",),
@@ -97,7 +105,7 @@ def generate(root, methods=METHODS, datasets=DATASETS, shots=SHOTS, seeds=SEEDS,
         run_dir = root / d / m / b / name
         rec = record(m, d, b, s, k, rng, run_dir, status="failed" if i in failed else "finished")
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "results.json").write_text(json.dumps(rec, indent=2))
+        (run_dir / "results.json").write_text(json.dumps(rec.to_dict(), indent=2))
         (run_dir / "metrics.jsonl").write_text("")
         if i in failed:
             out["failed"].append(str(run_dir))
@@ -124,12 +132,6 @@ def main(argv=None) -> int:
     print(f"wrote {info['records']} records ({len(info['failed'])} failed, {len(info['missing'])} left out) "
           f"below {args.root}")
     if args.time:
-        import contextlib
-        import io
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-        from promptdg_cli.collect import main as collect_main
-
         for extra in ([], ["--columns", "dataset"]):
             sink = io.StringIO()
             t = time.perf_counter()

@@ -11,6 +11,7 @@ import pytest
 from conftest import results
 from promptdg_cli.engine import TrainContext
 from promptdg_cli.methods import REGISTRY
+from promptdg_cli.record import RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = {
@@ -34,6 +35,7 @@ def test_each_method_end_to_end_writes_records(run_cli, method, request):
     assert code == 0, err
     (rec,) = results(out_root)
     assert FIELDS <= set(rec)
+    RunRecord.from_dict(rec)  # the engine's record matches the schema collect reads (RecordError otherwise)
     source_free, uda = REGISTRY[method].source_free, REGISTRY[method].protocol == "uda"
     key = "printed→sketch" if uda else "sketch"  # a UDA record is keyed by its source→target pair
     assert rec["status"] == "finished" and rec["method"] == method and rec["target_domains"] == [key]
