@@ -27,7 +27,7 @@ from . import _compat  # noqa: F401  (must precede open_clip: makes torchvision 
 
 import open_clip
 
-from .config import ConfigError, UserError
+from .errors import ConfigError, WeightsNotFound
 from .shared_prefix import PromptGroups, encode_shared_prefix, supports_shared_prefix
 import torch
 import torch.nn.functional as F
@@ -37,15 +37,15 @@ MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
-class WeightsNotFound(UserError, RuntimeError):
-    """Pretrained weights are not on disk and cannot be fetched."""
-
-
 class ClipBackbone(nn.Module):
     """Frozen CLIP: image encoder, text encoder, tokenizer and the preprocessing transform."""
 
-    def __init__(self, model: nn.Module, tokenizer, preprocess, model_name: str, weights_id: str, arch: str):
+    use_shared_prefix = True  # False: every grouped prompt through the plain truncated path (for checking)
+
+    def __init__(self, model: nn.Module, tokenizer, preprocess, model_name: str, weights_id: str, arch: str,
+                 precision: str = "fp32"):
         super().__init__()
+        self.precision = str(precision)  # autocast of feature extraction and the prompt path on CUDA
         self.model = model
         self.tokenizer = tokenizer
         self.preprocess = preprocess
@@ -60,12 +60,9 @@ class ClipBackbone(nn.Module):
     # ----------------------------------------------------------------- construction
     @classmethod
     def from_config(cls, cfg, device: str | torch.device = "cpu") -> "ClipBackbone":
-        """Build from a ``BackboneConfig``; builds the demo CLIP first if it has a builder and no file."""
+        """Build from a ``BackboneConfig`` (a built-in checkpoint, the demo CLIP, is built by the runner
+        before this is called: ``runner.prepare_backbone``)."""
         model_name, pretrained = cfg.model, str(cfg.pretrained)
-        if cfg.builder and not Path(pretrained).is_file():
-            from .demo.pretrain import build_demo_clip
-
-            build_demo_clip(Path(pretrained), model_name)
         if open_clip.get_model_config(model_name) is None:
             clip_like = [m for m in open_clip.list_models() if m.startswith(("RN", "ViT-B", "ViT-L", "demo"))]
             raise ConfigError(
@@ -84,7 +81,7 @@ class ClipBackbone(nn.Module):
             weights_only=True,  # never execute code from a checkpoint
         )
         tokenizer = open_clip.get_tokenizer(model_name)
-        return cls(model, tokenizer, preprocess, model_name, weights_id, cfg.arch)
+        return cls(model, tokenizer, preprocess, model_name, weights_id, str(cfg.arch), str(getattr(cfg, "precision", "fp32")))
 
     # ----------------------------------------------------------------- properties
     @property
@@ -109,8 +106,9 @@ class ClipBackbone(nn.Module):
         return self.model.logit_scale.exp()
 
     def identity(self) -> dict:
-        """Everything about the weights that changes a feature (part of every cache key)."""
-        return {"model": self.model_name, "weights": self.weights_id}
+        """Everything about the weights and the number format that changes a feature (part of every
+        cache key: CPU (fp32) and bf16 GPU features of one model never share a cache file)."""
+        return {"model": self.model_name, "weights": self.weights_id, "precision": self.precision}
 
     # ----------------------------------------------------------------- text side
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -158,7 +156,7 @@ class ClipBackbone(nn.Module):
         Equal to ``encode_prompts(*prompts.full())``; a text tower of other blocks runs exactly that."""
         if self._shared_prefix_ok is None:
             self._shared_prefix_ok = supports_shared_prefix(self.model)
-        if self._shared_prefix_ok and prompts.prefix_len > 0:
+        if self._shared_prefix_ok and prompts.prefix_len > 0 and self.use_shared_prefix:
             x = encode_shared_prefix(self.model, prompts)
         else:
             emb, eot = prompts.full()
@@ -178,6 +176,14 @@ class ClipBackbone(nn.Module):
     def encode_text_grouped(self, texts: Sequence[str], normalize: bool = True) -> torch.Tensor:
         """``encode_text`` of frozen texts through the shared-prefix path: (B, D)."""
         return self.encode_grouped(self.group_texts(texts), normalize)[0]
+
+    @torch.no_grad()
+    def zeroshot_weights(self, classnames: Sequence[str], templates: Sequence[str]) -> torch.Tensor:
+        """Zero-shot CLIP's class weights (C, D): each template's normalised class features (the
+        template's words before the class name run once), averaged over templates and renormalised
+        (CLIP's prompt ensembling; one template: its features)."""
+        per_template = [self.encode_text_grouped([t.format(c) for c in classnames]) for t in templates]  # (C, D) each
+        return F.normalize(torch.stack(per_template).mean(0), dim=-1)
 
     # ----------------------------------------------------------------- image side
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:

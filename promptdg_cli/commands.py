@@ -28,7 +28,8 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("promptdg")
 
-from .config import UserError, config_hash, register_resolvers
+from .config import check_ranges, config_hash, register_resolvers
+from .errors import ConfigError, UserError
 from .record import RunRecord, Status
 
 # A job of a submitit sweep runs in a fresh process that unpickles this module's task functions:
@@ -251,36 +252,55 @@ def print_sweep_summary(report: dict, stopped: int = 0) -> int:
 
 # --------------------------------------------------------------------- the commands
 
-def train(cfg: DictConfig) -> float:
-    from .engine import run
+def check_config(cfg: DictConfig) -> None:
+    """Every value checked before any heavy library loads: the ranges of the schemas (``config.py``),
+    and for a method outside the package (``method._target_``) its own schema's keys and types."""
+    schema = None
+    if cfg.method.get("_target_"):
+        from .methods import method_class
 
-    return _guard(lambda c: run(c, _run_dir(), mode="train")["avg_accuracy"], cfg, record_failure=True)
+        schema = getattr(method_class(cfg.method), "Config", None)
+        if schema is not None:
+            body = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "_target_"}
+            try:
+                OmegaConf.merge(OmegaConf.structured(schema), body)
+            except Exception as e:  # omegaconf's validation errors name the key
+                raise ConfigError(f"method={cfg.method.name} ({cfg.method._target_}): {e}".splitlines()[0]) from None
+    check_ranges(cfg, schema)
+
+
+def train(cfg: DictConfig) -> float:
+    def _train(c):
+        check_config(c)
+        from .runner import run  # torch and open_clip load here, after the config was checked
+
+        return run(c, _run_dir(), mode="train").avg_accuracy
+
+    return _guard(_train, cfg, record_failure=True)
 
 
 def eval(cfg: DictConfig) -> float:  # noqa: A001 - the subcommand's name
-    from .engine import reevaluate, run
+    def _eval(c):
+        check_config(c)
+        if not c.run_dir:
+            from .runner import run
 
-    if cfg.run_dir:
-        def _reeval(c):
-            src = Path(c.run_dir).resolve()
-            # one folder per evaluated run: re-evaluating several runs on one dataset never collides
-            out = _run_dir() / "evaluated" / "-".join(p.name for p in (src.parent.parent.parent, src.parent.parent, src.parent, src))
-            return reevaluate(c, src, out)["avg_accuracy"]
+            return run(c, _run_dir(), mode="eval").avg_accuracy
+        from .reevaluate import reevaluate
 
-        return _guard(_reeval, cfg)
-    return _guard(lambda c: run(c, _run_dir(), mode="eval")["avg_accuracy"], cfg, record_failure=True)
+        src = Path(c.run_dir).resolve()
+        # one folder per evaluated run: re-evaluating several runs on one dataset never collides
+        out = _run_dir() / "evaluated" / "-".join(p.name for p in (src.parent.parent.parent, src.parent.parent, src.parent, src))
+        return reevaluate(c, src, out).avg_accuracy
+
+    return _guard(_eval, cfg, record_failure=not cfg.run_dir)
 
 
 def generate(cfg: DictConfig) -> None:
-    from .methods import REGISTRY
-
     def _generate(c):
-        method = REGISTRY[c.method.name]
-        if not hasattr(method, "generate"):
-            able = [n for n, m in REGISTRY.items() if hasattr(m, "generate")]
-            raise ValueError(
-                f"method={c.method.name} does not generate images. Methods that do: {able or 'none yet'}."
-            )
-        return method.generate(c, _run_dir())
+        check_config(c)
+        from .generate import generate as write_generated
+
+        return write_generated(c, _run_dir())
 
     return _guard(_generate, cfg)

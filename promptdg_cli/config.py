@@ -1,9 +1,9 @@
-"""The run config: top-level schema, config registration, resolvers and the run key.
+"""The run config: top-level schema, config registration, range checks, resolvers and the run key.
 
 ``register_configs()`` is the one place that stores schemas in Hydra's ConfigStore: the top-level
-``RunConfig`` (so ``dataset`` and ``backbone`` are typed by their dataclasses) and every method's
-own schema under ``schema/method/<name>`` (each ``conf/method/<name>.yaml`` lists it first in its
-defaults). The methods are found through the registry, never through import side effects.
+``RunConfig`` (so ``dataset`` and ``backbone`` are typed by their dataclasses) and every built-in
+method's schema under ``schema/method/<name>`` (each ``conf/method/<name>.yaml`` lists it first in
+its defaults). Torch-free: a config error answers before any heavy library is imported.
 """
 from __future__ import annotations
 
@@ -16,15 +16,11 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
-from .schema import BackboneConfig, DatasetConfig
+import dataclasses
+import re
 
-
-class UserError(Exception):
-    """Bad input from the user (a config value, a missing folder or file): shown as one message."""
-
-
-class ConfigError(UserError, ValueError):
-    """A config value that is not valid; the message names the key, the value and what is valid."""
+from .errors import ConfigError, UserError  # noqa: F401  (UserError: re-exported for callers of config)
+from .schema import METHOD_SCHEMAS, BackboneConfig, DatasetConfig
 
 
 def conf_dir() -> Path:
@@ -48,24 +44,65 @@ class RunConfig:
     source: Optional[List[str]] = None
     # k images per class drawn (seeded) from the training split: the few-shot protocol, or k shots of
     # the source training data on DG data; null = all (the few-shot val split then has min(k, 4) per class)
-    shots: Optional[int] = None
+    shots: Optional[int] = field(default=None, metadata={"range": {"ge": 1}})
     data_root: str = MISSING
     cache_root: str = MISSING
     out_root: str = "outputs"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_workers: int = 2  # image-loading workers of the feature extractor
+    num_workers: int = field(default=2, metadata={"range": {"ge": 0}})  # image-loading workers of the feature extractor
     force: bool = False  # rerun even when a finished results.json with this config exists
     run_dir: Optional[str] = None  # eval only: a finished run whose models are re-evaluated
     extra: Any = field(default_factory=dict)  # free-form notes, recorded but not hashed
 
 
 def register_configs() -> None:
-    from .methods import REGISTRY
-
     cs = ConfigStore.instance()
     cs.store(name="run_schema", node=RunConfig)
-    for name, method_cls in REGISTRY.items():
-        cs.store(group="schema/method", name=name, node=method_cls.Config)
+    for name, schema in METHOD_SCHEMAS.items():
+        cs.store(group="schema/method", name=name, node=schema)
+
+
+# ---------------------------------------------------------------- ranges
+_OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+_DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
+
+
+def _range_words(r: dict) -> str:
+    return " and ".join(f"{_OPS[k][0]} {v}" for k, v in r.items() if v is not None)
+
+
+def check_node(node, schema, prefix: str) -> None:
+    """Every field of ``node`` with a range or choices in ``schema`` (a dataclass) holds a valid value;
+    else a ConfigError naming the key, the value and the valid range, in one line."""
+    for f in dataclasses.fields(schema):
+        if f.name not in node:
+            continue
+        value, key = node[f.name], f"{prefix}.{f.name}" if prefix else f.name
+        if "choices" in f.metadata and value is not None and str(value) not in f.metadata["choices"]:
+            raise ConfigError(f"{key}={value!r} is not valid. Valid: {', '.join(f.metadata['choices'])}")
+        rng = f.metadata.get("range")
+        if not rng or value is None:
+            continue
+        values = list(value) if f.metadata.get("items") else [value]
+        for v in values:
+            bad = isinstance(v, bool) or not isinstance(v, (int, float)) or any(
+                b is not None and not _OPS[op][1](v, b) for op, b in rng.items())
+            if bad:
+                raise ConfigError(f"{key}={value!r} is out of range: it must be {_range_words(rng)}")
+        if f.metadata.get("items") and len(values) == 2 and values[0] >= values[1]:
+            raise ConfigError(f"{key}={value!r}: the first value must be below the second")
+
+
+def check_ranges(cfg: DictConfig, method_schema=None) -> None:
+    """Check every ranged value of a composed run config before anything loads: the top-level keys,
+    the dataset and the method (``method_schema``: its dataclass; default: the built-in one by name)."""
+    check_node(cfg, RunConfig, "")
+    if not _DEVICE.match(str(cfg.device)):
+        raise ConfigError(f"device={cfg.device!r} is not a device. Valid: auto, cpu, cuda, cuda:N")
+    check_node(cfg.dataset, DatasetConfig, "dataset")
+    schema = method_schema or METHOD_SCHEMAS.get(str(cfg.method.name))
+    if schema is not None:
+        check_node(cfg.method, schema, "method")
 
 
 # ---------------------------------------------------------------- identity of a run

@@ -1,12 +1,8 @@
-"""Datasets on disk, the domain-generalization protocol, and the cache of frozen image features.
+"""Datasets on disk, image loading, and the cache of frozen image features.
 
 Layout (DomainBed's): ``<root>/<folder>/<domain>/<class>/<image>``. A dataset config names the
-exact domain folders and maps each class folder to the human name used in prompts.
-
-DG protocol (leave-one-domain-out): every source domain is split 80/20 into train/validation
-with a split seeded by the run seed and the domain name; the target domain is used whole for
-testing. Model selection sees source validation data only: a ``Split`` never hands the target's
-labelled images to training or selection.
+exact domain folders and maps each class folder to the human name used in prompts. Which images a
+run trains and tests on is the business of ``protocols.py``, not of this module.
 
 Feature cache: a frozen image encoder is run once per (weights, dataset, domain, file list,
 transform); the features of a whole domain folder are stored as safetensors under
@@ -31,15 +27,14 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .config import ConfigError, UserError
+from .demo.world import generate_dataset
+from .errors import DatasetNotFound
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-
-
-class DatasetNotFound(UserError, FileNotFoundError):
-    """The dataset folder is missing or not laid out as the config says."""
+# dataset.generator -> the function that writes the dataset on first use (the demo world)
+GENERATORS = {"demo_digits": generate_dataset}
 
 
 # --------------------------------------------------------------------- the dataset on disk
@@ -58,9 +53,7 @@ def dataset_dir(cfg) -> Path:
     """The dataset's folder, generating the demo world on first use; clear errors otherwise."""
     root = Path(os.path.expanduser(str(cfg.root))) / cfg.folder
     if cfg.generator:
-        from .demo.world import generate_dataset
-
-        generate_dataset(root, **dict(cfg.generator_args))
+        GENERATORS[cfg.generator](root, **dict(cfg.generator_args))
     if not root.is_dir():
         raise DatasetNotFound(
             f"dataset={cfg.name}: folder {root} does not exist (data root: dataset.root / $PROMPTDG_DATA).\n"
@@ -108,103 +101,6 @@ def class_names(cfg) -> list[str]:
     return [str(cfg.classes[c]) for c in cfg.classes]
 
 
-# --------------------------------------------------------------------- the protocol
-@dataclass
-class Split:
-    """One split: train/validate on `sources`, test on `tests` (by default the `target` alone).
-
-    A source-free split (PromptStyler) has no sources; its `target` is the label "all" and it is
-    tested on every domain (or on the one named by ``target=``).
-    """
-
-    target: str
-    sources: list[str]
-    tests: Optional[list[str]] = None
-    key: Optional[str] = None  # the record's column: the target (DG) or "src+src→target" (UDA)
-
-    def __post_init__(self):
-        if self.tests is None:
-            self.tests = [self.target]
-        if self.key is None:
-            self.key = self.target
-
-    @property
-    def dirname(self) -> str:
-        """Folder of this split under ``splits/`` (no arrow in file names)."""
-        return self.key.replace(PAIR_ARROW, "_to_")
-
-
-PAIR_ARROW = "→"  # as in the tables: "art→clipart"
-
-
-def _check_domains(dataset_cfg, target, source) -> list[str]:
-    domains = list(dataset_cfg.domains)
-    for key, names in (("target", [target] if target else []), ("source", list(source or []))):
-        bad = [d for d in names if d not in domains]
-        if bad:
-            raise ConfigError(f"{key}={bad[0]!r} is not a domain of dataset={dataset_cfg.name}. Valid: {domains}")
-    return domains
-
-
-def make_splits(dataset_cfg, target: Optional[str], source: Optional[Sequence[str]]) -> list[Split]:
-    domains = _check_domains(dataset_cfg, target, source)
-    targets = [target] if target else domains
-    splits = []
-    for t in targets:
-        sources = [d for d in (source or domains) if d != t]
-        if not sources:
-            raise ConfigError(f"target={t!r} leaves no source domain (source={list(source or [])})")
-        splits.append(Split(target=t, sources=sources))
-    return splits
-
-
-def uda_splits(dataset_cfg, target: Optional[str], source: Optional[Sequence[str]]) -> list[Split]:
-    """Unsupervised domain adaptation: labelled sources, the target unlabelled in training.
-
-    * ``source=[a, b] target=t``: one split, a+b→t (several source domains are one labelled set);
-    * ``target=t`` alone: every single-source pair into t (s→t for each other domain s);
-    * ``source=[a]`` alone: a→t for every other domain t;
-    * neither: every ordered single-source pair (Office-Home's 12).
-    """
-    domains = _check_domains(dataset_cfg, target, source)
-    source = list(source or [])
-    if target and target in source:
-        raise ConfigError(f"target={target!r} is also in source={source}: in UDA the target domain is unlabelled")
-    if target and source:
-        groups = [(source, target)]
-    elif target:
-        groups = [([s], target) for s in domains if s != target]
-    elif source:
-        groups = [(source, t) for t in domains if t not in source]
-    else:
-        groups = [([s], t) for s in domains for t in domains if s != t]
-    if not groups:
-        raise ConfigError(f"source={source} leaves no target domain in dataset={dataset_cfg.name} ({domains})")
-    return [Split(target=t, sources=list(g), key="+".join(g) + PAIR_ARROW + t) for g, t in groups]
-
-
-SOURCE_FREE = "all"  # the split label of a model trained on no domain
-
-
-def source_free_split(dataset_cfg, target: Optional[str], source: Optional[Sequence[str]], method: str) -> Split:
-    """Source-free DG: one model, trained on no images, tested on every domain (or on ``target``)."""
-    if source:
-        raise ConfigError(
-            f"source={list(source)} has no meaning for method={method}: it is source-free and trains on no "
-            f"images. Drop source= (target= only chooses which domains are tested; default: all of {list(dataset_cfg.domains)})."
-        )
-    domains = _check_domains(dataset_cfg, target, None)
-    return Split(target=SOURCE_FREE, sources=[], tests=[target] if target else domains)
-
-
-def train_val_indices(n: int, seed: int, domain: str, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded split of one domain's n images; depends on the seed and domain name only."""
-    rng = np.random.default_rng([seed, zlib.crc32(domain.encode())])
-    order = rng.permutation(n)
-    n_val = int(round(n * val_fraction))
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
 # --------------------------------------------------------------------- feature cache
 @dataclass
 class Features:
@@ -232,7 +128,7 @@ class Features:
         return len(self.y)
 
 
-class _ImageFiles(torch.utils.data.Dataset):
+class ImageFiles(torch.utils.data.Dataset):
     """Images through a transform; a random transform is seeded per (seed, image) when seed is set."""
 
     def __init__(self, paths: Sequence[Path], transform, seed: Optional[int] = None):
@@ -253,7 +149,8 @@ class _ImageFiles(torch.utils.data.Dataset):
             return i, None  # corrupt or unreadable: skipped and counted by the caller
 
 
-def _collate(batch):
+def collate(batch):
+    """Batches of ``ImageFiles`` items: (positions, images or None, unreadable positions)."""
     ok = [(i, x) for i, x in batch if x is not None]
     bad = [i for i, x in batch if x is None]
     if not ok:
@@ -265,11 +162,20 @@ def image_batches(paths: Sequence[Path], transform, batch_size: int, num_workers
     """Batches ``(positions, images, unreadable positions)`` of ``paths`` in order, loaded by
     ``num_workers`` processes (none for a handful of batches, where starting them costs more)."""
     return torch.utils.data.DataLoader(
-        _ImageFiles(paths, transform, seed),
+        ImageFiles(paths, transform, seed),
         batch_size=batch_size,
         num_workers=num_workers if len(paths) > 4 * batch_size else 0,
-        collate_fn=_collate,
+        collate_fn=collate,
     )
+
+
+def image_loader(paths: Sequence[Path], transform, batches: List[List[int]], num_workers: int, seed: Optional[int] = None):
+    """The images of ``batches`` (lists of positions in ``paths``), batch by batch, as
+    ``(positions, images or None, unreadable positions)``; a random transform is seeded by
+    (seed, position), so an image gets the same augmentation whichever process loads it."""
+    many = sum(map(len, batches)) > 4 * max((len(b) for b in batches), default=1)
+    return torch.utils.data.DataLoader(ImageFiles(paths, transform, seed), batch_sampler=batches,
+                                       num_workers=num_workers if many else 0, collate_fn=collate)
 
 
 class FeatureCache:
@@ -363,68 +269,3 @@ def augmented_transform(preprocess):
     crop = next(i for i, t in enumerate(steps) if isinstance(t, T.CenterCrop))
     size = steps[crop].size
     return T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(), *steps[crop + 1 :]])
-
-
-def unlabelled(f: Features) -> Features:
-    """The same images without their labels (y = -1): what UDA training may see of the target."""
-    return Features(f.x, torch.full_like(f.y, -1), f.domain, f.paths)
-
-
-def split_features(cache: FeatureCache, backbone, dataset_cfg, split: Split, seed: int, uda: bool = False, views: int = 0) -> Dict[str, Features]:
-    """train / val from the source domains (seeded 80/20), test = the whole target domain.
-
-    UDA adds ``target``: the target domain's images without labels. ``views`` K adds
-    ``train_views`` / ``target_views``: K augmented views of the same images, in the same order.
-    """
-    train, val, train_views = [], [], []
-    for d in split.sources:
-        f = cache.domain_features(backbone, dataset_cfg, d)
-        tr, va = train_val_indices(len(f), seed, d, dataset_cfg.val_fraction)
-        train.append(f.subset(tr))
-        val.append(f.subset(va))
-        if views:
-            train_views.append(torch.stack([_aligned(cache.domain_features(backbone, dataset_cfg, d, k), f).x[tr] for k in range(1, views + 1)]))
-    test = cache.domain_features(backbone, dataset_cfg, split.target)
-    out = {"train": Features.cat(train), "val": Features.cat(val), "test": test}
-    if uda:
-        out["target"] = unlabelled(test)
-    if views:
-        out["train_views"] = torch.cat(train_views, dim=1)  # (K, N_train, D)
-        if uda:
-            out["target_views"] = torch.stack([_aligned(cache.domain_features(backbone, dataset_cfg, split.target, k), test).x for k in range(1, views + 1)])
-    return out
-
-
-def few_shot_features(cache: FeatureCache, backbone, dataset_cfg, shots: Optional[int], seed: int) -> tuple[Dict[str, Features], list[str]]:
-    """The few-shot protocol (CoOp's split files): k shots per class for training, min(k, 4) per class
-    for validation, the whole test split for the test. Returns (data, class names)."""
-    from .fewshot import few_shot_splits
-
-    s = few_shot_splits(dataset_cfg, shots, seed)
-    data = {}
-    for part in ("train", "val", "test"):
-        paths, labels = s[part]
-        # cached per image list: the whole test split once, each k-shot draw (a few images) on its own
-        data[part] = cache.list_features(backbone, dataset_cfg.name, part, paths, labels)
-    return data, list(s["classnames"])
-
-
-def sample_shots(f: Features, shots: Optional[int], seed: int, cap: Optional[int] = None) -> Features:
-    """k images per class of ``f`` (seeded); ``cap`` bounds k (the few-shot val split: min(k, 4))."""
-    if not shots:
-        return f
-    from .fewshot import sample_few_shot
-
-    k = min(int(shots), cap) if cap else int(shots)
-    return f.subset(sample_few_shot(f.y.tolist(), k, seed))
-
-
-def _aligned(view: Features, base: Features) -> Features:
-    """An augmented view restricted to the images of ``base`` (an image unreadable in one is dropped in both)."""
-    if view.paths == base.paths:
-        return view
-    index = {p: i for i, p in enumerate(view.paths)}
-    missing = [p for p in base.paths if p not in index]
-    if missing:
-        raise DatasetNotFound(f"augmented view lacks {len(missing)} image(s), e.g. {missing[0]}")
-    return view.subset([index[p] for p in base.paths])

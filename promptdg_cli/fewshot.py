@@ -29,8 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .config import ConfigError
-from .data import IMAGE_EXTENSIONS, DatasetNotFound
+from .errors import ConfigError, DatasetNotFound
+from .data import IMAGE_EXTENSIONS
 
 PROTOCOL = "fewshot"
 FORMATS = ("json", "wnid_folders", "index_folders", "txt")

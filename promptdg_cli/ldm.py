@@ -38,15 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _compat  # noqa: F401  (before diffusers: makes torchvision importable)
-from .config import ConfigError, UserError
+from .errors import ConfigError, LDMNotFound
 
 SD_PARTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 DEMO_TEXT_LENGTH = 16  # token positions of the demo LDM's text conditioning
 DEMO_MARKER = "promptdg_ldm.json"  # a promptdg-built LDM: its text encoder is a CLIP backbone's text tower
-
-
-class LDMNotFound(UserError, FileNotFoundError):
-    """The latent diffusion model is not on disk."""
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -228,20 +224,14 @@ def locate(source: str, revision: Optional[str] = None) -> Path:
 
 
 def load_ldm(source: str, device: torch.device, dtype: str = "auto", revision: Optional[str] = None,
-             clip=None, cache_root: Optional[str] = None) -> LatentDiffusion:
-    """Load a frozen LDM. ``clip``: the CLIP backbone whose text tower conditions a promptdg-built
-    LDM (the demo LDM); ``cache_root``: where the demo LDM is cached."""
+             clip=None) -> LatentDiffusion:
+    """Load a frozen LDM from a folder or a hub id in the local cache. ``clip``: the CLIP backbone whose
+    text tower conditions a promptdg-built LDM (the demo LDM, which ``demo/ldm.py`` builds into a
+    folder first)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     torch_dtype = resolve_dtype(dtype, device)
-    if source == "demo":
-        from .demo.ldm import build_demo_ldm, demo_ldm_dir
-
-        if clip is None:
-            raise ConfigError("method.ldm=demo is conditioned on the demo CLIP's text tower: use it with backbone=demo_clip")
-        folder = build_demo_ldm(demo_ldm_dir(cache_root), clip)
-    else:
-        folder = locate(source, revision)
+    folder = locate(source, revision)
     marker = folder / DEMO_MARKER
     if marker.is_file():
         info = json.loads(marker.read_text())

@@ -1,30 +1,92 @@
-"""Dataclass schemas of the config groups.
+"""The typed schemas of every config group, with the valid range of every number (torch-free).
 
 Every YAML file in ``conf/dataset``, ``conf/backbone`` and ``conf/method`` is merged onto one of
-these schemas at composition time, so a misspelled key (in a YAML file or on the command line) is an
-error before anything runs, and every value is type-checked.
-
-Method schemas live next to their method (``promptdg_cli/methods/<name>.py``) and subclass
-:class:`MethodConfig`; :func:`register_configs` stores all of them.
+these dataclasses at composition, so a misspelled key or a wrong type is an error before anything
+runs, and a value outside its enum (``dataset.protocol=udaa``) names the valid ones. A method's
+hyper-parameters have no default here: the value lives once, in ``conf/method/<name>.yaml``, next
+to the comment that says where it comes from. Numeric ranges are metadata of the fields and are
+checked by :func:`promptdg_cli.config.check_ranges` before any library loads.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
 
+class Choice(str, Enum):
+    """A string enum whose str() and format() are its value ("dg", not "Protocol.dg")."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return self.value.__format__(spec)
+
+
+class Protocol(Choice):
+    """How a dataset is split into training and test data."""
+    dg = "dg"  # leave-one-domain-out
+    uda = "uda"  # labelled source -> unlabelled target
+    fewshot = "fewshot"  # CoOp's train/val/test split files
+
+
+class Metric(Choice):
+    top1 = "top1"
+    mean_per_class = "mean_per_class"  # VisDA-2017 reports both
+
+
+class Precision(Choice):
+    fp32 = "fp32"
+    bf16 = "bf16"  # autocast on CUDA for the frozen encoders and the prompt path; fp32 master parameters
+    fp16 = "fp16"
+
+
+class Arch(Choice):
+    vit = "vit"
+    resnet = "resnet"
+
+
+class Selection(Choice):
+    """Model selection: the epoch with the best source-validation accuracy, or the last one."""
+    val = "val"
+    last = "last"
+
+
+class Form(Choice):
+    """Where a paper's text and its official code disagree: the official code's form, or the paper's."""
+    official = "official"
+    paper = "paper"
+
+
+class LRStep(Choice):
+    batch = "batch"  # the scheduler steps after every batch (DAPL's official trainer)
+    epoch = "epoch"
+
+
+def choice(*values: str, default: Any = MISSING):
+    """A string field that must be one of ``values`` (values an Enum cannot name, e.g. "1-alpha")."""
+    return field(default=default, metadata={"choices": list(values)})
+
+
+def num(default: Any = MISSING, *, ge=None, gt=None, le=None, lt=None, items: bool = False, doc: str = ""):
+    """A numeric field with its valid range (``items``: the range applies to each list element)."""
+    return field(default=default, metadata={"range": {"ge": ge, "gt": gt, "le": le, "lt": lt}, "items": items, "doc": doc})
+
+
+# --------------------------------------------------------------------- data and backbone
 @dataclass
 class DatasetConfig:
     name: str = MISSING  # the config's name, e.g. "pacs"
     folder: str = MISSING  # directory under the data root, e.g. "PACS" -> <root>/PACS/<domain>/<class>/<img>
     root: str = "${data_root}"  # data root; defaults to $PROMPTDG_DATA (see conf/train.yaml)
-    protocol: str = "dg"  # dg (leave-one-domain-out) | uda (labelled source -> unlabelled target)
+    protocol: Protocol = Protocol.dg
     domains: List[str] = MISSING  # exact domain folder names
     classes: Dict[str, str] = MISSING  # class folder name -> human name used in prompts, in label order
-    metric: str = "top1"  # top1 | mean_per_class (VisDA-2017 reports both)
-    val_fraction: float = 0.2  # DomainBed's 80/20 train/validation split of each source domain
+    metric: Metric = Metric.top1
+    val_fraction: float = num(0.2, gt=0.0, lt=1.0)  # DomainBed's 80/20 train/validation split of each source domain
     prepare: str = ""  # how to obtain and lay out the data; printed when the folder is missing
     generator: Optional[str] = None  # built-in generator that writes the dataset on first use (demo world)
     generator_args: Dict[str, Any] = field(default_factory=dict)
@@ -32,18 +94,17 @@ class DatasetConfig:
     # listed is written as its folder name, lower-cased, with "_" as a space ("Real World" -> "real world").
     domain_names: Dict[str, str] = field(default_factory=dict)
     # Values a method's paper or official code sets per dataset, read by the method's YAML through
-    # interpolation (e.g. conf/method/dapt.yaml: lr: ${oc.select:dataset.method_defaults.dapt.lr,...}),
+    # interpolation (conf/method/dapt.yaml: lr: ${oc.select:dataset.method_defaults.dapt.lr,...}),
     # so `--cfg job --resolve` shows them: method name -> {key: value}.
     method_defaults: Dict[str, Any] = field(default_factory=dict)
     # ---- few-shot benchmarks: protocol "fewshot" (CoOp's layout and splits, see promptdg_cli/fewshot.py).
-    # Unused by dg/uda datasets. Paths are relative to <root>/<folder> unless said otherwise.
-    # How the train/val/test splits are stored:
+    # Paths are relative to <root>/<folder> unless said otherwise. How the splits are stored:
     #   json          CoOp's split file (split_file) of [relpath, label, classname] under image_dir
     #   wnid_folders  split_paths[split]/<wnid>/<img>, labels = line order of classnames_file (ImageNet)
     #   index_folders split_paths[split]/<label index>/<img>, names from classnames_file (ImageNet-V2)
     #   txt           split_paths[split] lists "<image id> <class name>" lines; images are
     #                 image_dir/<image id>.jpg, label order = classnames_file lines (FGVC-Aircraft)
-    split_format: str = "json"
+    split_format: str = choice("json", "wnid_folders", "index_folders", "txt", default="json")
     split_file: Optional[str] = None  # json: e.g. split_zhou_OxfordPets.json
     image_dir: str = ""  # json, txt: folder the image paths are relative to ("": <root>/<folder> itself)
     split_paths: Dict[str, str] = field(default_factory=dict)  # *_folders, txt: split name -> folder or list file
@@ -62,19 +123,140 @@ class BackboneConfig:
     name: str = MISSING  # the config's name, e.g. "vit_b16"
     model: str = MISSING  # open_clip model name, e.g. "ViT-B-16"
     pretrained: str = MISSING  # open_clip tag ("openai", "laion2b_s34b_b79k") or a local checkpoint path
-    arch: str = "vit"  # vit | resnet; methods that need visual prompts require vit
+    arch: Arch = Arch.vit  # methods that need visual prompts require vit
     # Where open_clip keeps downloaded weights (None: the Hugging Face cache). Pre-download there.
     cache_dir: Optional[str] = None
     # Built-in recipe that creates the checkpoint on first use (only the demo CLIP has one).
     builder: Optional[str] = None
-    precision: str = "fp32"  # fp32 | bf16 (autocast on CUDA)
+    precision: Precision = Precision.fp32  # bf16/fp16: autocast of the frozen encoders and the prompt path on CUDA
 
 
+# --------------------------------------------------------------------- methods
 @dataclass
 class MethodConfig:
-    """Keys every method has. A method's own schema subclasses this."""
+    """Keys every method has. A method's own schema subclasses this; its values live in its YAML."""
 
     name: str = MISSING
     variant: str = ""  # shown next to the name in tables, e.g. the zero-shot template
-    batch_size: int = 32
-    epochs: int = 0  # 0: the method does not train
+    batch_size: int = num(32, ge=1)  # (unused by methods that do not train)
+    epochs: int = num(0, ge=0)  # 0: the method does not train
+
+
+@dataclass
+class ZeroShotConfig(MethodConfig):
+    templates: List[str] = MISSING  # prompt templates; several are ensembled (mean of normalised features)
+
+
+@dataclass
+class LinearProbeConfig(MethodConfig):
+    c_min: float = num(gt=0.0)  # the C sweep's range (inverse L2 strength)
+    c_max: float = num(gt=0.0)
+    refine_steps: int = num(ge=0)
+    max_iter: int = num(ge=1)
+
+
+@dataclass
+class _PromptTraining(MethodConfig):
+    """Dassl's SGD + warm-up + cosine, as CoOp, DAPL and DAPT's official code trains."""
+    lr: float = num(gt=0.0)
+    momentum: float = num(ge=0.0, lt=1.0)
+    weight_decay: float = num(ge=0.0)
+    batch_size: int = num(ge=1)
+    epochs: int = num(ge=1)
+    warmup_epochs: int = num(ge=0)
+    warmup_lr: float = num(gt=0.0)
+    drop_last: bool = MISSING  # Dassl's train loaders drop the last incomplete batch
+
+
+@dataclass
+class CoOpConfig(_PromptTraining):
+    n_ctx: int = num(ge=1)  # M context vectors
+    ctx_init: str = MISSING  # "" = random N(0, 0.02^2); or words to start from (n_ctx = their count)
+    class_specific: bool = MISSING  # CSC: one context per class
+    select: Selection = MISSING
+
+
+@dataclass
+class DAPLConfig(_PromptTraining):
+    prompt: Form = MISSING  # official: "[ctx][dom] {class} , a {domain} image.." | paper: "[ctx][dom] {class}."
+    n_ctx: int = num(ge=1)  # M1
+    n_dom_ctx: int = num(ge=1)  # M2
+    class_specific: bool = MISSING
+    lr_step: LRStep = MISSING
+    target_batch_size: int = num(ge=1)
+    T: float = num(gt=0.0)  # pseudo-label temperature
+    tau: float = num(ge=0.0, le=1.0)  # confidence threshold
+    U: float = num(ge=0.0)  # weight of the target term
+    pseudo_template: str = MISSING
+    aug_views: int = num(ge=0)  # K cached augmented views per image; 0: the plain features
+    select: Selection = MISSING
+
+
+@dataclass
+class DAPTConfig(_PromptTraining):
+    n_ctx: int = num(ge=1)
+    n_visual: int = num(ge=1)
+    deep: bool = MISSING
+    beta_v: float = num(ge=0.0)  # weight of L_intra
+    beta_t: float = num(ge=0.0)  # weight of L_inter
+    intra_loss: Form = MISSING  # official: F.mse_loss (mean over B*D) | paper: mean of squared norms
+    t: float = num(gt=0.0)
+    renormalize_prototypes: bool = MISSING
+    augment: bool = MISSING
+
+
+@dataclass
+class PromptStylerConfig(MethodConfig):
+    n_styles: int = num(ge=1)  # K
+    style_iters: int = num(ge=1)  # L
+    style_lr: float = num(gt=0.0)
+    style_momentum: float = num(ge=0.0, lt=1.0)
+    style_init_std: float = num(gt=0.0)
+    style_template: str = MISSING  # the style word goes into {}; the class name follows
+    arcface_s: float = num(gt=0.0)
+    arcface_m: float = num(ge=0.0, lt=3.1416)
+    epochs: int = num(ge=1)  # classifier epochs
+    lr: float = num(gt=0.0)
+    momentum: float = num(ge=0.0, lt=1.0)
+    batch_size: int = num(ge=1)
+
+
+@dataclass
+class DomainFusionConfig(MethodConfig):
+    ldm: str = MISSING  # auto | demo | a local SD folder | a hub id in the local HF cache
+    ldm_revision: Optional[str] = MISSING
+    ldm_dtype: str = choice("auto", "fp32", "fp16", "bf16")
+    ldm_resolution: Optional[int] = num(ge=8)
+    prompt: str = MISSING
+    train_encoder: bool = MISSING
+    zeroshot_template: str = MISSING
+    epochs: int = num(ge=1)
+    batch_size: int = num(ge=1)
+    lr: float = num(gt=0.0)
+    weight_decay: float = num(ge=0.0)
+    select: Selection = MISSING
+    distill_weight: float = num(ge=0.0)
+    t_range: List[float] = num(ge=0.0, le=1.0, items=True)
+    weighting: str = choice("1-alpha", "constant")  # w(t)
+    distill_guidance: float = num(ge=0.0)
+    distill_per_step: int = num(ge=0)
+    augment_every: int = num(ge=1)
+    candidates: int = num(ge=1)
+    strength: float = num(gt=0.0, le=1.0)
+    img2img_steps: int = num(ge=1)
+    img2img_guidance: float = num(ge=0.0)
+    synthetic_fraction: float = num(gt=0.0, le=1.0)
+    generate_batch: int = num(ge=1)
+    generate_rounds: int = num(ge=1)
+
+
+# The schema of every built-in method (conf/method/<name>.yaml lists /schema/method/<name> first).
+METHOD_SCHEMAS = {
+    "zeroshot": ZeroShotConfig,
+    "linear_probe": LinearProbeConfig,
+    "coop": CoOpConfig,
+    "promptstyler": PromptStylerConfig,
+    "dapl": DAPLConfig,
+    "dapt": DAPTConfig,
+    "domainfusion": DomainFusionConfig,
+}

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import ConfigError
+from .errors import ConfigError
 
 VIT_BACKBONES = ("vit_b32", "vit_b16", "vit_l14", "demo_clip")
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import results
-from promptdg_cli.engine import TrainContext
-from promptdg_cli.methods import REGISTRY
+from promptdg_cli.training import TrainContext
+from promptdg_cli.methods import REGISTRY, get_method
 from promptdg_cli.record import RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,7 +36,8 @@ def test_each_method_end_to_end_writes_records(run_cli, method, request):
     (rec,) = results(out_root)
     assert FIELDS <= set(rec)
     RunRecord.from_dict(rec)  # the engine's record matches the schema collect reads (RecordError otherwise)
-    source_free, uda = REGISTRY[method].source_free, REGISTRY[method].protocol == "uda"
+    cls = get_method(method)
+    source_free, uda = cls.protocol == "source_free", cls.protocol == "uda"
     key = "printed→sketch" if uda else "sketch"  # a UDA record is keyed by its source→target pair
     assert rec["status"] == "finished" and rec["method"] == method and rec["target_domains"] == [key]
     sources = [] if source_free else ["printed"] if uda else ["handwritten", "printed", "photo"]
@@ -47,7 +48,7 @@ def test_each_method_end_to_end_writes_records(run_cli, method, request):
     run_dir = Path(rec["run_dir"])
     assert (run_dir / ".hydra" / "config.yaml").is_file()
     assert run_dir.name.startswith("seed1_sketch_") and run_dir.name.endswith(rec["config_hash"])
-    if REGISTRY[method].trains:
+    if cls.trains:
         lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
         assert lines and all(l["target"] == ("all" if source_free else key) for l in lines)
         assert (run_dir / "splits" / split / "model.safetensors").is_file()
@@ -92,16 +93,16 @@ def test_interrupted_run_resumes_from_its_checkpoint_with_identical_results(run_
 
     # a second output root: the same run, killed after its second epoch checkpoint
     monkeypatch.setenv("PROMPTDG_OUT", str(tmp_path / "interrupted"))
-    saved = TrainContext.save_checkpoint
+    saved = TrainContext._save
     calls = []
 
-    def dying_save(self, state):
-        saved(self, state)
+    def dying_save(self, section, state):
+        saved(self, section, state)
         calls.append(state["epoch"])
         if len(calls) == 2:
             raise KeyboardInterrupt("simulated preemption")
 
-    monkeypatch.setattr(TrainContext, "save_checkpoint", dying_save)
+    monkeypatch.setattr(TrainContext, "_save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         run_cli(*args)
     (failed,) = results(tmp_path / "interrupted")
@@ -109,10 +110,10 @@ def test_interrupted_run_resumes_from_its_checkpoint_with_identical_results(run_
     ckpt = next((tmp_path / "interrupted").rglob("checkpoint.pt"))
     assert ckpt.is_file()
 
-    monkeypatch.setattr(TrainContext, "save_checkpoint", saved)
+    monkeypatch.setattr(TrainContext, "_save", saved)
     resumed_epochs = []
-    load = TrainContext.load_checkpoint
-    monkeypatch.setattr(TrainContext, "load_checkpoint", lambda self: resumed_epochs.append(1) or load(self))
+    load = TrainContext.checkpoint
+    monkeypatch.setattr(TrainContext, "checkpoint", lambda self, section: resumed_epochs.append(1) or load(self, section))
     monkeypatch.setenv("PROMPTDG_OUT", str(tmp_path / "interrupted"))
     code, out, err, _ = run_cli(*args)
     assert code == 0, err
@@ -127,22 +128,22 @@ def test_interrupted_run_resumes_from_its_checkpoint_with_identical_results(run_
 
 def test_finished_splits_are_not_recomputed(run_cli, monkeypatch):
     """A run over all targets interrupted after two targets recomputes only the remaining two."""
-    from promptdg_cli import engine
+    from promptdg_cli import runner
 
-    real = engine._run_split
+    real = runner._run_split
     done = []
 
-    def counting(cfg, method_cls, backbone, cache, names, split, *a):
+    def counting(cfg, method_cls, backbone, protocol, names, split, *a):
         if len(done) == 2:
             raise KeyboardInterrupt
         done.append(split.target)
-        return real(cfg, method_cls, backbone, cache, names, split, *a)
+        return real(cfg, method_cls, backbone, protocol, names, split, *a)
 
-    monkeypatch.setattr(engine, "_run_split", counting)
+    monkeypatch.setattr(runner, "_run_split", counting)
     with pytest.raises(KeyboardInterrupt):
         run_cli("train", "method=linear_probe")
     done.clear()
-    monkeypatch.setattr(engine, "_run_split", lambda *a: done.append(a[5].target) or real(*a))
+    monkeypatch.setattr(runner, "_run_split", lambda *a: done.append(a[5].target) or real(*a))
     code, out, _, out_root = run_cli("train", "method=linear_probe")
     assert code == 0 and done == ["sketch", "photo"]
     assert "handwritten: finished earlier" in out

@@ -9,11 +9,10 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import results
-from promptdg_cli.data import uda_splits
+from conftest import method_cfg, results
+from promptdg_cli.protocols import uda_splits
 from promptdg_cli.methods.dapl import (
     DAPL,
-    DAPLConfig,
     DomainPromptLearner,
     dapl_loss,
     masked_cross_entropy,
@@ -78,7 +77,7 @@ def test_prompt_rows_are_domain_major_with_shared_and_domain_context(clip):
     names = ["one", "alarm clock", "three"]
     words = ["real world", "clipart"]
     p = DomainPromptLearner(clip, names, words, n_ctx=3, n_dom_ctx=2, class_specific=False, seed=0)
-    emb = p()  # (2 * 3, L, W)
+    emb, eot = p().full()  # (2 * 3, L, W): domain-major rows of the grouped prompts
     assert emb.shape[0] == 6
     for d, word in enumerate(words):
         tokens = clip.tokenize(["X X X X X " + n + " " + ", a {} image.".format(word) + "." for n in names])
@@ -88,13 +87,14 @@ def test_prompt_rows_are_domain_major_with_shared_and_domain_context(clip):
             assert torch.equal(row[1:4], p.ctx)  # domain-agnostic context, same in every row
             assert torch.equal(row[4:6], p.dom[d])  # domain d's context
             assert torch.equal(row[6:], full[k, 6 : emb.shape[1]])  # class k's name, ", a <domain> image..", EOS
-            assert int(p.eot[d, k]) == int(tokens[k].argmax())
+            assert int(p.eot[d, k]) == int(tokens[k].argmax()) == int(eot[d * 3 + k])
     paper = DomainPromptLearner(clip, names, words, n_ctx=3, n_dom_ctx=2, class_specific=False, seed=0, suffix="{name}.")
     tokens = clip.tokenize([f"X X X X X {n}." for n in names])
-    assert torch.equal(paper()[3 + 1, 6:], clip.token_embedding(tokens)[1, 6 : paper().shape[1]])  # the paper's form
+    pe, _ = paper().full()
+    assert torch.equal(pe[3 + 1, 6:], clip.token_embedding(tokens)[1, 6 : pe.shape[1]])  # the paper's form
     csc = DomainPromptLearner(clip, names, words, n_ctx=3, n_dom_ctx=2, class_specific=True, seed=0)
     assert csc.ctx.shape == (3, 3, clip.text_width)
-    assert torch.equal(csc()[3 + 1, 1:4], csc.ctx[1])  # class-specific context follows the class
+    assert torch.equal(csc().full()[0][3 + 1, 1:4], csc.ctx[1])  # class-specific context follows the class
 
 
 def test_official_prompt_ends_with_the_double_period_token(clip):
@@ -110,7 +110,7 @@ def test_official_prompt_ends_with_the_double_period_token(clip):
 
 
 def test_target_prediction_uses_the_target_domain_prompts(clip):
-    m = DAPL(OmegaConf.structured(DAPLConfig(n_ctx=2, n_dom_ctx=2)), clip, ["one", "two"], torch.device("cpu"))
+    m = DAPL(method_cfg("dapl", "n_ctx=2", "n_dom_ctx=2"), clip, ["one", "two"], torch.device("cpu"))
     m.setup(["printed", "sketch", "photo"], "photo", seed=0)
     assert m.words == ["printed", "sketch", "photo"]
     x = F.normalize(torch.randn(4, clip.embed_dim), dim=-1)
@@ -148,12 +148,14 @@ def test_lr_is_stepped_every_batch_as_the_official_trainer_does(clip):
     """Dassl's cosine over MAX_EPOCH=25 behind a one-step linear warm-up, stepped after every batch
     (DAPrompt's forward_backward calls update_lr each batch): 1e-5 at batch 0, then
     lr (1 + cos(pi (k - 1) / 25)) / 2, which cycles with a period of 50 batches."""
-    m = DAPL(OmegaConf.structured(DAPLConfig()), clip, ["one"], torch.device("cpu"))
+    m = DAPL(method_cfg("dapl"), clip, ["one"], torch.device("cpu"))
     lr = 0.003
     expected = [1e-5] + [0.5 * lr * (1 + math.cos(math.pi * (k - 1) / 25)) for k in range(1, 80)]
-    got = [m.lr_at(k) for k in range(80)]
+    got = [m.lr(k // 10, k % 10, 10) for k in range(80)]  # 10 batches an epoch
     assert got == pytest.approx(expected, rel=1e-12)
     assert got[26] == pytest.approx(0.0, abs=1e-12) and got[51] == pytest.approx(lr)  # back up after 50 batches
+    per_epoch = DAPL(method_cfg("dapl", "lr_step=epoch"), clip, ["one"], torch.device("cpu"))
+    assert [per_epoch.lr(e, s, 10) for e in (0, 1, 2) for s in (0, 9)] == pytest.approx([1e-5, 1e-5, lr, lr] + [expected[2]] * 2)
 
 
 # --------------------------------------------------------------------- the UDA protocol
@@ -200,10 +202,10 @@ def test_no_target_label_reaches_training_or_model_selection(run_cli, monkeypatc
         paths, labels = real(cfg, domain)
         return (paths, [(y + 3) % 10 for y in labels]) if domain == "photo" else (paths, labels)
 
-    from promptdg_cli import engine
+    from promptdg_cli import runner
 
-    tested, real_eval = [], engine.evaluate
-    monkeypatch.setattr(engine, "evaluate", lambda method, feats, **k: tested.append(feats.y.clone()) or real_eval(method, feats, **k))
+    tested, real_eval = [], runner.evaluate
+    monkeypatch.setattr(runner, "evaluate", lambda method, feats, **k: tested.append(feats.y.clone()) or real_eval(method, feats, **k))
     monkeypatch.setattr(data, "list_domain", shuffled)
     monkeypatch.setenv("PROMPTDG_OUT", str(tmp_path / "shuffled"))
     code, _, err, _ = run_cli(*args)

@@ -8,10 +8,9 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import results
+from conftest import method_cfg, results
 from promptdg_cli.methods.dapt import (
     DAPT,
-    DAPTConfig,
     class_prototypes,
     inter_dispersion_loss,
     intra_dispersion_loss,
@@ -98,7 +97,7 @@ def test_official_defaults_by_dataset_and_shots():
 
 def test_visual_prompts_start_from_the_run_seed(clip):
     """Seeds 1-3 start from different VPT prompts, and a seed always from the same ones."""
-    m = DAPT(OmegaConf.structured(DAPTConfig(n_ctx=2, n_visual=2)), clip, ["one", "two"], torch.device("cpu"))
+    m = DAPT(method_cfg("dapt", "n_ctx=2", "n_visual=2"), clip, ["one", "two"], torch.device("cpu"))
     starts = {}
     for seed in (1, 2, 1):
         m.visual.initialize(seed)
@@ -149,7 +148,7 @@ def test_few_shot_protocol_end_to_end_coop_and_dapt(run_cli, tmp_path, random_cl
 def test_evaluation_restricted_to_a_class_subset():
     """ImageNet-A/R cover 200 of ImageNet's 1000 classes: the prediction is the best of those."""
     from promptdg_cli.data import Features
-    from promptdg_cli.engine import evaluate
+    from promptdg_cli.evaluation import evaluate
 
     class Fixed:
         def logits(self, x):

@@ -8,15 +8,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from promptdg_cli.data import (
-    DatasetNotFound,
-    FeatureCache,
-    dataset_dir,
-    make_splits,
-    split_features,
-    train_val_indices,
-)
-from promptdg_cli.config import ConfigError, conf_dir
+from promptdg_cli.config import conf_dir
+from promptdg_cli.data import FeatureCache, dataset_dir
+from promptdg_cli.errors import ConfigError, DatasetNotFound
+from promptdg_cli.protocols import DG, dg_splits, train_val_indices
 from promptdg_cli.schema import DatasetConfig
 
 
@@ -55,27 +50,30 @@ def test_split_is_deterministic_and_80_20():
 
 
 def test_leave_one_domain_out_splits(world):
-    splits = make_splits(world, target=None, source=None)
+    splits = dg_splits(world, target=None, source=None)
     assert [s.target for s in splits] == list(world.domains)
     for s in splits:
         assert s.target not in s.sources and len(s.sources) == 3
-    only = make_splits(world, target="sketch", source=["photo"])
+    only = dg_splits(world, target="sketch", source=["photo"])
     assert len(only) == 1 and only[0].sources == ["photo"]
     with pytest.raises(ConfigError, match="target='cartoon' is not a domain of dataset=demo_digits. Valid"):
-        make_splits(world, target="cartoon", source=None)
+        dg_splits(world, target="cartoon", source=None)
 
 
 def test_no_target_image_in_training_or_model_selection(world, clip, tmp_path):
     cache = FeatureCache(tmp_path / "cache", num_workers=0)
-    for split in make_splits(world, target=None, source=None):
-        data = split_features(cache, clip, world, split, seed=1)
-        target_paths = set(data["test"].paths)
+    run = OmegaConf.create({"dataset": world, "seed": 1, "shots": None, "target": None, "source": None})
+    protocol = DG(run).attach(cache, clip)
+    for split in protocol.splits():
+        data, (test,) = protocol.train_data(split), protocol.test_sets(split).values()
+        target_paths = set(test.paths)
         assert all(f"/{split.target}/" in p for p in target_paths)
-        assert not target_paths & set(data["train"].paths)
-        assert not target_paths & set(data["val"].paths)
-        assert set(data["train"].domain) == set(split.sources) == set(data["val"].domain)
-        assert not set(data["train"].paths) & set(data["val"].paths)
-        assert len(data["test"]) == 60  # the whole target domain (10 classes x 6)
+        assert not target_paths & set(data.train.paths)
+        assert not target_paths & set(data.val.paths)
+        assert data.target is None  # DG: nothing of the target in training
+        assert set(data.train.domain) == set(split.sources) == set(data.val.domain)
+        assert not set(data.train.paths) & set(data.val.paths)
+        assert len(test) == 60  # the whole target domain (10 classes x 6)
 
 
 def test_feature_cache_hit_miss_and_invalidation(world, clip, tmp_path):

@@ -112,14 +112,14 @@ def test_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes(run_
     (hook / "sitecustomize.py").write_text(
         "import os, signal\n"
         "if os.environ.get('RANK') == '1' and os.environ.get('PDG_SIGNAL_AT'):\n"
-        "    import promptdg_cli.engine as e\n"
-        "    real, calls = e.TrainContext.preempt_point, []\n"
-        "    def hooked(self, state=None):\n"
+        "    import promptdg_cli.training as e\n"
+        "    real, calls = e.TrainContext.stop_point, []\n"
+        "    def hooked(self, *a, **k):\n"
         "        calls.append(1)\n"
         "        if len(calls) == int(os.environ['PDG_SIGNAL_AT']):\n"
         "            os.kill(os.getpid(), signal.SIGTERM)\n"
-        "        return real(self, state)\n"
-        "    e.TrainContext.preempt_point = hooked\n"
+        "        return real(self, *a, **k)\n"
+        "    e.TrainContext.stop_point = hooked\n"
     )
     out = tmp_path / "ddp"
     env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]), "PDG_SIGNAL_AT": "12"}

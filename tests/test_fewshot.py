@@ -14,7 +14,7 @@ from PIL import Image
 
 from promptdg_cli import fewshot
 from promptdg_cli.config import ConfigError
-from promptdg_cli.data import DatasetNotFound
+from promptdg_cli.errors import DatasetNotFound
 from promptdg_cli.schema import DatasetConfig
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf" / "dataset"

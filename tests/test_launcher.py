@@ -156,16 +156,16 @@ def test_a_failed_job_is_recorded_and_the_sweep_goes_on(run_cli):
 
 
 def test_rerun_of_a_sweep_skips_finished_runs_and_retries_the_rest(run_cli, monkeypatch):
-    from promptdg_cli import engine
+    from promptdg_cli import runner
 
-    real = engine.check_backbone
+    real = runner.check_method
 
-    def refuse_zeroshot_name(cfg):  # a failure before the engine writes anything
+    def refuse_zeroshot_name(cfg, method_cls):  # a failure before the runner writes anything
         if cfg.method.variant == "[class]":  # method=zeroshot_name
             raise ConfigError("zeroshot_name refused by the test")
-        return real(cfg)
+        return real(cfg, method_cls)
 
-    monkeypatch.setattr(engine, "check_backbone", refuse_zeroshot_name)
+    monkeypatch.setattr(runner, "check_method", refuse_zeroshot_name)
     sweep = ("train", "-m", "method=zeroshot,zeroshot_name", "target=sketch,photo")
     code, out, err, out_root = run_cli(*sweep)
     assert code == 1 and "2 of 4 runs failed" in err

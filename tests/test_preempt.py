@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import TINY, results
-from promptdg_cli.engine import TrainContext
+from promptdg_cli.training import TrainContext
 
 
 # method -> (overrides, split folder, which preempt point (1-based) gets the signal, mid-epoch checkpoint?)
@@ -34,8 +34,8 @@ CASES = {
     # UDA printed -> sketch: 64 source images, batch 16: 4 steps + 1 per epoch -> epoch 1, step 2
     "dapl": (["method=dapl", "method.epochs=2", "method.n_ctx=2", "method.n_dom_ctx=2", "method.batch_size=16",
               "method.target_batch_size=16", "source=[printed]", "target=sketch"], "printed_to_sketch", 7, True),
-    # 2 shots x 10 classes = 20 images, batch 8: steps of 8, 8, 4 -> stop in epoch 0 after step 2
-    "dapt": (["method=dapt", "method.epochs=2", "shots=2", "method.n_visual=2", "method.n_ctx=2", "method.batch_size=8",
+    # 2 shots x 10 classes = 20 images, batch 6: steps of 6, 6, 6 (the last 2 dropped) -> stop in epoch 0 after step 2
+    "dapt": (["method=dapt", "method.epochs=2", "shots=2", "method.n_visual=2", "method.n_ctx=2", "method.batch_size=6",
               "target=sketch"], "sketch", 2, True),
     # 192 source + 192 synthetic images, batch 32: 12 steps + 1 checkpoint in epoch 0 -> stop after step 5,
     # with the image encoder fine-tuned
@@ -48,7 +48,7 @@ CASES = {
 }
 
 
-REAL_PREEMPT_POINT = TrainContext.preempt_point
+REAL_PREEMPT_POINT = TrainContext.stop_point
 
 
 def _signal_at_preempt_point(monkeypatch, n: int, sig=signal.SIGUSR1) -> list:
@@ -56,19 +56,19 @@ def _signal_at_preempt_point(monkeypatch, n: int, sig=signal.SIGUSR1) -> list:
     handler sets the flag; the point then checkpoints and stops). Undo: ``_unhook``."""
     real, calls = REAL_PREEMPT_POINT, []
 
-    def counting(self, state=None):
+    def counting(self, *a, **k):
         calls.append(1)
         if len(calls) == n:
             os.kill(os.getpid(), sig)
-        return real(self, state)
+        return real(self, *a, **k)
 
-    monkeypatch.setattr(TrainContext, "preempt_point", counting)
+    monkeypatch.setattr(TrainContext, "stop_point", counting)
     return calls
 
 
 def _unhook(monkeypatch):
     # (not monkeypatch.undo(): it would also drop run_cli's PROMPTDG_CACHE / PROMPTDG_OUT)
-    monkeypatch.setattr(TrainContext, "preempt_point", REAL_PREEMPT_POINT)
+    monkeypatch.setattr(TrainContext, "stop_point", REAL_PREEMPT_POINT)
 
 
 def _model(rec, split):
@@ -107,7 +107,7 @@ def test_signal_stops_at_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(
     run_dir = Path(stopped["run_dir"])
     assert not (run_dir / ".lock").exists()
     state = torch.load(run_dir / "splits" / split / "checkpoint.pt", weights_only=True)
-    assert bool(state.get("step")) == mid_epoch  # a mid-epoch checkpoint carries the step index
+    assert bool((state.get("loop") or {}).get("step")) == mid_epoch  # a mid-epoch checkpoint carries the step index
     _unhook(monkeypatch)
 
     code, _, err, _ = run_cli("train", *args)
@@ -135,11 +135,12 @@ def test_dapt_resumes_mid_epoch_reading_only_the_remaining_images(run_cli, monke
     code, _, err, _ = run_cli("train", *args)
     assert code == 128 + signal.SIGUSR1, err
     _unhook(monkeypatch)
-    starts, real = [], dapt._epoch_batches
-    monkeypatch.setattr(dapt, "_epoch_batches", lambda *a: starts.append(a[5]) or real(*a))
+    loaded, real = [], dapt.image_loader
+    monkeypatch.setattr(dapt, "image_loader", lambda paths, tf, batches, *a, **k: loaded.append(batches) or real(paths, tf, batches, *a, **k))
     code, _, err, _ = run_cli("train", *args)
     assert code == 0, err
-    assert starts == [2, 0]  # epoch 0 from its third batch, then epoch 1 whole
+    # epoch 0 from its third batch (positions 12-17 of the epoch's order), then epoch 1 whole
+    assert loaded == [[list(range(12, 18))], [list(range(0, 6)), list(range(6, 12)), list(range(12, 18))]]
 
 
 def test_sigterm_from_outside_stops_a_cli_process_and_the_rerun_resumes(run_cli, random_clip, shared_cache, tmp_path, monkeypatch):
@@ -204,15 +205,15 @@ def test_requeue_through_submitit_resumes(run_cli, random_clip, shared_cache, tm
     (hook / "sitecustomize.py").write_text(
         "import os, signal\n"
         "if os.environ.get('SUBMITIT_LOCAL_JOB_ID') and not os.path.exists(os.environ['PDG_SIGNALLED']):\n"
-        "    import promptdg_cli.engine as e\n"
-        "    real, calls = e.TrainContext.preempt_point, []\n"
-        "    def hooked(self, state=None):\n"
+        "    import promptdg_cli.training as e\n"
+        "    real, calls = e.TrainContext.stop_point, []\n"
+        "    def hooked(self, *a, **k):\n"
         "        calls.append(1)\n"
         "        if len(calls) == 9:\n"
         "            open(os.environ['PDG_SIGNALLED'], 'w').close()\n"
         "            os.kill(os.getpid(), signal.SIGUSR2)\n"
-        "        return real(self, state)\n"
-        "    e.TrainContext.preempt_point = hooked\n"
+        "        return real(self, *a, **k)\n"
+        "    e.TrainContext.stop_point = hooked\n"
     )
     out = tmp_path / "sweep"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PROMPTDG_CACHE": str(shared_cache), "PROMPTDG_OUT": str(out),
@@ -236,7 +237,7 @@ def test_signal_outside_training_stops_at_once_and_the_rerun_does_not_retrain(ru
     """During the evaluation nothing is left to checkpoint: the run stops right away (status
     "preempted"); the final checkpoint is kept until the split's result is written, so the rerun
     only evaluates again."""
-    from promptdg_cli import engine
+    from promptdg_cli import evaluation, runner
 
     args = CASES["coop"][0]
     code, _, err, out_root = run_cli("train", *args)
@@ -244,7 +245,7 @@ def test_signal_outside_training_stops_at_once_and_the_rerun_does_not_retrain(ru
     (reference,) = results(out_root)
 
     monkeypatch.setenv("PROMPTDG_OUT", str(tmp_path / "p"))
-    real_eval, calls = engine.evaluate, []
+    real_eval, calls = evaluation.evaluate, []
 
     def evaluate_and_get_signalled(method, feats, **kw):
         calls.append(1)
@@ -253,12 +254,14 @@ def test_signal_outside_training_stops_at_once_and_the_rerun_does_not_retrain(ru
             raise AssertionError("not reached: the handler stops the run at once")
         return real_eval(method, feats, **kw)
 
-    monkeypatch.setattr(engine, "evaluate", evaluate_and_get_signalled)
+    monkeypatch.setattr(evaluation, "evaluate", evaluate_and_get_signalled)
+    monkeypatch.setattr(runner, "evaluate", evaluate_and_get_signalled)
     code, _, err, _ = run_cli("train", *args)
     assert code == 128 + signal.SIGTERM, err
     (stopped,) = results(tmp_path / "p")
     assert stopped["status"] == "preempted"
-    monkeypatch.setattr(engine, "evaluate", real_eval)
+    monkeypatch.setattr(evaluation, "evaluate", real_eval)
+    monkeypatch.setattr(runner, "evaluate", real_eval)
     steps = _signal_at_preempt_point(monkeypatch, 10**9)  # counts the safe points, never signals
     code, _, err, _ = run_cli("train", *args)
     assert code == 0, err

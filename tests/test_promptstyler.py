@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import results
-from promptdg_cli.engine import TrainContext
+from conftest import method_cfg, results
+from promptdg_cli.methods.base import RunEnv
+from promptdg_cli.protocols import TrainData
+from promptdg_cli.training import TrainContext
 from promptdg_cli.methods.promptstyler import (
     PromptStyler,
-    PromptStylerConfig,
     StylePrompts,
     arcface_logits,
     arcface_loss,
@@ -111,7 +112,7 @@ def test_style_prompts_splice_the_style_word_and_stop_at_the_last_eot(clip):
     names = ["one", "alarm clock", "two"]
     prompts = StylePrompts(clip, names, "a {} style of a")
     style = torch.randn(clip.text_width)
-    emb = prompts(style)
+    emb, _ = prompts(style).full()  # the plain form of the one group
     tokens = clip.tokenize(["a x style of a"] + [f"a x style of a {n}" for n in names])
     full = clip.token_embedding(tokens)
     assert prompts.position == 2  # [SOS] a S_* style of a ...
@@ -122,10 +123,11 @@ def test_style_prompts_splice_the_style_word_and_stop_at_the_last_eot(clip):
 
 
 def test_style_features_equal_the_full_77_token_computation(clip):
-    cfg = OmegaConf.structured(PromptStylerConfig(n_styles=2))
+    cfg = method_cfg("promptstyler", "n_styles=2")
     ps = PromptStyler(cfg, clip, ["one", "alarm clock"], torch.device("cpu"))
     style = torch.randn(clip.text_width) * 0.02
-    short = ps.backbone.encode_prompts(ps.prompts(style), ps.prompts.eot)
+    short = ps.encode(style)  # one batch through the shared-prefix path
+    short = torch.cat([short[0][None], short[1]])
     tokens = clip.tokenize(["a x style of a", "a x style of a one", "a x style of a alarm clock"])
     full = clip.token_embedding(tokens).clone()
     full[:, 2] = style
@@ -145,44 +147,47 @@ def _ctx(tmp_path, seed=1):
 
 
 def test_styles_are_learned_in_turn_earlier_ones_frozen(clip, tmp_path, monkeypatch):
-    cfg = OmegaConf.structured(PromptStylerConfig(n_styles=3, style_iters=4, epochs=2, style_lr=0.5))
-    ps = PromptStyler(cfg, clip, ["one", "two", "three"], torch.device("cpu"))
+    cfg = method_cfg("promptstyler", "n_styles=3", "style_iters=4", "epochs=2", "style_lr=0.5")
+    ps = PromptStyler(cfg, clip, ["one", "two", "three"], torch.device("cpu"), RunEnv(seed=1))
     snapshots = []
-    save = TrainContext.save_checkpoint
-    monkeypatch.setattr(TrainContext, "save_checkpoint", lambda self, st: snapshots.append({k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}) or save(self, st))
-    ps.fit({}, _ctx(tmp_path))
-    after = [s for s in snapshots if "classifier" not in s]
-    assert [s["styles_done"] for s in after] == [1, 2, 3]
+    save = TrainContext._save
+    monkeypatch.setattr(TrainContext, "_save", lambda self, sec, st: snapshots.append(
+        (sec, {k: {i: dict(r) for i, r in v.items()} if k == "results" else v for k, v in st.items()})) or save(self, sec, st))
+    ps.fit(TrainData(), _ctx(tmp_path))
+    after = [st["results"] for sec, st in snapshots if sec == "units:styles"]
+    assert [sorted(r) for r in after] == [[0], [0, 1], [0, 1, 2]]  # one checkpoint after each style
     for k in range(1, 3):  # learning style k leaves styles < k untouched
-        assert torch.equal(after[k]["styles"][:k], after[k - 1]["styles"][:k])
+        for j in range(k):
+            assert torch.equal(after[k][j]["vector"], after[k - 1][j]["vector"])
     for i in range(3):  # every style moved away from its initialisation
         assert not torch.allclose(ps.styles[i], ps.init_style(1, i))
     # the stored style features are those of the stored style words
     with torch.no_grad():
-        assert torch.allclose(after[-1]["style_feats"][2], ps.encode(ps.styles[2])[0], atol=1e-6)
+        assert torch.allclose(after[-1][2]["feature"], ps.encode(ps.styles[2])[0], atol=1e-6)
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [l["style"] for l in lines if l.get("stage") == "style"] == [0, 1, 2]
-    assert [l["epoch"] for l in lines if l.get("stage") == "classifier"] == [0, 1]
+    assert [l["epoch"] for l in lines if "epoch" in l] == [0, 1]  # then the classifier's epochs
 
 
 def test_style_learning_lowers_the_style_and_content_losses(clip, tmp_path):
-    cfg = OmegaConf.structured(PromptStylerConfig(n_styles=2, style_iters=25, epochs=1, style_lr=0.5))
-    ps = PromptStyler(cfg, clip, ["one", "two", "three", "four"], torch.device("cpu"))
+    """The objective of style 1 (L_style against the learned S_0, the one style 1 was trained
+    against, + L_content), at its initialisation and after its L iterations."""
+    cfg = method_cfg("promptstyler", "n_styles=2", "style_iters=25", "epochs=1", "style_lr=0.5")
+    ps = PromptStyler(cfg, clip, ["one", "two", "three", "four"], torch.device("cpu"), RunEnv(seed=1))
     content = clip.encode_text(ps.classnames).detach()
-    with torch.no_grad():
-        f0, sc0 = ps.encode(ps.init_style(1, 1))
-        first = ps.encode(ps.init_style(1, 0))[0]  # stands in for the learned S_1 (only its direction matters)
-        before = style_diversity_loss(f0, first[None]) + content_consistency_loss(sc0, content)
-    ps.fit({}, _ctx(tmp_path))
-    with torch.no_grad():
-        f1, sc1 = ps.encode(ps.styles[1])
-        earlier = ps.encode(ps.styles[0])[0]
-        after = style_diversity_loss(f1, earlier[None]) + content_consistency_loss(sc1, content)
-    assert after.item() < before.item()
+    ps.fit(TrainData(), _ctx(tmp_path))
+
+    def objective(style):
+        with torch.no_grad():
+            f, sc = ps.encode(style)
+            s0 = ps.encode(ps.styles[0])[0]
+            return (style_diversity_loss(f, s0[None]) + content_consistency_loss(sc, content)).item()
+
+    assert objective(ps.styles[1]) < objective(ps.init_style(1, 1))
 
 
 def test_classifier_prediction_uses_normalised_weights(clip):
-    ps = PromptStyler(OmegaConf.structured(PromptStylerConfig(n_styles=1)), clip, ["a", "b", "c"], torch.device("cpu"))
+    ps = PromptStyler(method_cfg("promptstyler", "n_styles=1"), clip, ["a", "b", "c"], torch.device("cpu"))
     x = F.normalize(torch.randn(5, clip.embed_dim), dim=-1)
     before = ps.logits(x)
     ps.classifier.weight.data *= torch.tensor([[100.0], [0.01], [1.0]])
@@ -212,7 +217,7 @@ def test_training_reads_no_image_and_tests_every_domain(run_cli, monkeypatch):
     real_fit = PromptStyler.fit
 
     def fit(self, d, ctx):
-        assert d == {}  # no features, no labels, no paths
+        assert d == TrainData()  # no features, no labels, no paths
         training["on"] = True
         try:
             real_fit(self, d, ctx)
@@ -248,18 +253,18 @@ def test_interrupted_promptstyler_resumes_with_identical_results(run_cli, monkey
     ref_model = load_file(str(Path(reference["run_dir"]) / "splits" / "all" / "model.safetensors"))
 
     monkeypatch.setenv("PROMPTDG_OUT", str(tmp_path / "interrupted"))
-    saved, calls = TrainContext.save_checkpoint, []
+    saved, calls = TrainContext._save, []
 
-    def dying_save(self, state):
-        saved(self, state)
+    def dying_save(self, section, state):
+        saved(self, section, state)
         calls.append(1)
         if len(calls) == 2:  # after the second style
             raise KeyboardInterrupt("simulated preemption")
 
-    monkeypatch.setattr(TrainContext, "save_checkpoint", dying_save)
+    monkeypatch.setattr(TrainContext, "_save", dying_save)
     with pytest.raises(KeyboardInterrupt):
         run_cli("train", *TINY_STYLER)
-    monkeypatch.setattr(TrainContext, "save_checkpoint", saved)
+    monkeypatch.setattr(TrainContext, "_save", saved)
     code, _, err, _ = run_cli("train", *TINY_STYLER)
     assert code == 0, err
     (resumed,) = results(tmp_path / "interrupted")

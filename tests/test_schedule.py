@@ -3,7 +3,9 @@ import math
 
 import pytest
 
-from promptdg_cli.methods.coop import batch_starts, warmup_cosine_lr
+import torch
+
+from promptdg_cli.training import dassl_lr as warmup_cosine_lr, order_batches
 
 
 def test_constant_warmup_then_cosine_recounted_from_zero():
@@ -39,7 +41,10 @@ def test_the_same_rates_as_pytorch_schedulers_chained_like_dassl():
 
 
 def test_last_incomplete_batch_is_dropped_like_dassl():
-    assert list(batch_starts(100, 32)) == [0, 32, 64]  # 96 images seen, 4 dropped
-    assert list(batch_starts(96, 32)) == [0, 32, 64]
-    assert list(batch_starts(20, 32)) == [0]  # fewer than one batch: nothing is dropped
-    assert list(batch_starts(100, 32, drop_last=False)) == [0, 32, 64, 96]
+    def sizes(n, drop_last=True):
+        return [len(b) for b in order_batches(torch.arange(n), 32, drop_last)]
+
+    assert sizes(100) == [32, 32, 32]  # 96 images seen, 4 dropped
+    assert sizes(96) == [32, 32, 32]
+    assert sizes(20) == [20]  # fewer than one batch: nothing is dropped
+    assert sizes(100, drop_last=False) == [32, 32, 32, 4]

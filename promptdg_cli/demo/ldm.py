@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import _compat  # noqa: F401  (before diffusers: makes torchvision importable)
+from ..ldm import DEMO_MARKER, DEMO_TEXT_LENGTH, LatentDiffusion, clip_token_states
 from .world import CLASSES, DOMAINS, STYLE_WORDS, sample_images
 
 LDM_SEED = 2025  # never the benchmark's seed (0), nor the demo CLIP's (2024)
@@ -114,8 +116,6 @@ def _lr_lambda(warmup: int, total: int):
 
 
 def _text_states(clip, prompts: Sequence[str]) -> torch.Tensor:
-    from ..ldm import clip_token_states
-
     with torch.no_grad():
         return torch.cat([clip_token_states(clip, prompts[i : i + 256]) for i in range(0, len(prompts), 256)])
 
@@ -164,9 +164,6 @@ def build_demo_ldm(folder: Path, clip, recipe: dict | None = None) -> Path:
 
     A folder that already has ``promptdg_ldm.json`` is returned as it is.
     """
-    from .. import _compat  # noqa: F401  (before diffusers)
-    from ..ldm import DEMO_MARKER, DEMO_TEXT_LENGTH, LatentDiffusion, clip_token_states
-
     folder = Path(folder)
     if (folder / DEMO_MARKER).is_file():
         return folder
@@ -315,10 +312,8 @@ def sample_quality(ldm, clip, classnames: Sequence[str], per_class: int = 20, st
     """
     from diffusers import DDIMScheduler
 
-    from ..methods.zeroshot import zeroshot_weights
-
     names = list(classnames)
-    weights = zeroshot_weights(clip, names, ["a photo of a {}."])  # (C, D)
+    weights = clip.zeroshot_weights(names, ["a photo of a {}."])  # (C, D)
     norm = next(t for t in getattr(clip.preprocess, "transforms", []) if type(t).__name__ == "Normalize")
     mean = torch.tensor(norm.mean, device=clip.device).view(1, 3, 1, 1)
     std = torch.tensor(norm.std, device=clip.device).view(1, 3, 1, 1)

@@ -1,37 +1,49 @@
-"""The method interface: what the engine asks of every method.
+"""The method interface: what the runner and the training loop ask of every method.
 
-A method is built from its config, the frozen backbone and the class names; ``fit`` trains it on
-the source data of one split (cached image features, or no images at all), and ``logits`` scores
-cached image features. Training state goes through ``TrainContext`` so checkpoints, resume,
-metrics and model selection are the engine's business, not each method's.
+A method is built from its config, the frozen backbone, the class names, the device and the run's
+:class:`RunEnv`. ``fit`` trains it on one split's :class:`~promptdg_cli.protocols.TrainData` (cached
+image features, or no images at all); ``logits`` scores normalised image features. A method that
+trains by gradient steps supplies the hooks below and lets ``ctx.train(self)`` run the loop
+(``promptdg_cli/training.py``): the loop owns seeding, sharding, checkpoints, preemption, model
+selection and metrics, so a method file holds its paper only (prompts, losses, the step).
 """
 from __future__ import annotations
 
-from typing import ClassVar, Dict, Optional, Type
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional, Type
 
 import torch
 
 from ..schema import MethodConfig
 
 
+@dataclass
+class RunEnv:
+    """What a method may know of its run besides its config."""
+
+    seed: int = 0
+    num_workers: int = 0  # image-loading workers, for methods that read images
+    cache_root: Optional[str] = None  # the run's cache root (methods that build cached models: the demo LDM)
+    domain_names: Dict[str, str] = field(default_factory=dict)  # domain folder -> the words prompts use
+    precision: str = "fp32"  # backbone.precision: autocast of the frozen encoders and the prompt path on CUDA
+
+
 class Method:
-    Config: ClassVar[Type[MethodConfig]] = MethodConfig
+    Config: ClassVar[Type] = MethodConfig  # the config schema (built-ins: promptdg_cli/schema.py)
     trains: ClassVar[bool] = True  # False: evaluation only (zero-shot)
     needs_vit: ClassVar[bool] = False  # True: a ResNet backbone is a config error
-    # True: trains on no images at all (source-free DG); fit() gets an empty data dict and the
-    # model is tested on every domain of the dataset
-    source_free: ClassVar[bool] = False
-    cache_root: Optional[str] = None  # the run's cache root (methods that build cached models: the demo LDM)
-    num_workers: int = 0  # image-loading workers, for methods that read images (set by the engine from the run)
-    # "uda": always runs the UDA protocol (labelled sources, unlabelled target in training);
-    # None: the dataset's protocol
+    # The protocol the method always runs: None (the dataset's), "uda" (labelled sources, unlabelled
+    # target in training) or "source_free" (no images in training; tested on every domain).
     protocol: ClassVar[Optional[str]] = None
 
-    def __init__(self, cfg, backbone, classnames: list[str], device: torch.device):
-        self.cfg, self.backbone, self.classnames, self.device = cfg, backbone, classnames, device
+    def __init__(self, cfg, backbone, classnames: List[str], device: torch.device, env: Optional[RunEnv] = None):
+        self.cfg, self.backbone, self.classnames, self.device = cfg, backbone, list(classnames), device
+        self.env = env or RunEnv()
 
-    def fit(self, data: Dict[str, "object"], ctx) -> None:
-        """Train on data['train'], select on data['val'] (both source only)."""
+    # ----------------------------------------------------------------- training and inference
+    def fit(self, data, ctx) -> None:
+        """Train on ``data`` (source only; the target's labels never reach a method). Default: the loop."""
+        ctx.train(self)
 
     @torch.no_grad()
     def logits(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,4 +58,41 @@ class Method:
         return {}
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
+        pass
+
+    # ----------------------------------------------------------------- hooks of the training loop
+    def parameters_to_train(self) -> List[torch.nn.Parameter]:
+        raise NotImplementedError
+
+    def optimizer(self, params) -> torch.optim.Optimizer:
+        raise NotImplementedError
+
+    def epoch_batches(self, epoch: int, g: torch.Generator) -> list:
+        """The epoch's global batches (index tensors, or tuples of them), drawn from ``g``."""
+        raise NotImplementedError
+
+    def load(self, epoch: int, local_batches: list):
+        """What each step needs of this rank's part of its batch; the parts themselves by default."""
+        return iter(local_batches)
+
+    def batch_loss(self, item, batch, info) -> list:
+        """The step's loss as ``training.Term`` s."""
+        raise NotImplementedError
+
+    def lr(self, epoch: int, step: int, steps: int) -> Optional[float]:
+        """The learning rate of this step (None: leave the optimiser's)."""
+        return None
+
+    def validate(self) -> Optional[float]:
+        """The validation accuracy that selects the epoch (None: keep the last epoch)."""
+        return None
+
+    def on_epoch(self, epoch: int, ctx) -> None:
+        """A hook at the start of every epoch (DomainFusion's augmentation rounds)."""
+
+    def extra_state(self) -> Any:
+        """Method state beyond the parameters that a mid-training checkpoint must keep."""
+        return None
+
+    def load_extra_state(self, state: Any) -> None:
         pass

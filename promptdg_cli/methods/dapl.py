@@ -45,43 +45,17 @@ What differs from the official implementation, on purpose:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ConfigError
-from ..schema import MethodConfig
+from ..errors import ConfigError
+from ..schema import DAPLConfig
+from ..shared_prefix import PromptGroups
+from ..training import Term, dassl_lr, order_batches
 from .base import Method
-from .coop import batch_starts, warmup_cosine_lr
-from .zeroshot import zeroshot_weights
-
-@dataclass
-class DAPLConfig(MethodConfig):
-    name: str = "dapl"
-    prompt: str = "official"  # official: "[ctx][dom] {class} , a {domain} image.." | paper: "[ctx][dom] {class}."
-    n_ctx: int = 16  # M1, domain-agnostic context
-    n_dom_ctx: int = 16  # M2, domain-specific context
-    class_specific: bool = False  # one domain-agnostic context per class (the official VisDA-2017 RN101 setting)
-    lr: float = 0.003
-    lr_step: str = "batch"  # batch: the scheduler steps after every batch (official) | epoch
-    momentum: float = 0.9
-    weight_decay: float = 5.0e-4
-    batch_size: int = 32  # source images per step
-    target_batch_size: int = 32  # target images per step
-    epochs: int = 25
-    warmup_epochs: int = 1  # warm-up scheduler steps (official: linear, 1 step at warmup_lr)
-    warmup_lr: float = 1.0e-5
-    drop_last: bool = True  # Dassl's loaders drop the last incomplete batch
-    T: float = 1.0  # temperature of the pseudo-label softmax
-    tau: float = 0.6  # confidence threshold (conf/method/dapl.yaml: the dataset's value)
-    U: float = 1.0  # weight of the target term
-    pseudo_template: str = "a photo of a {}."
-    aug_views: int = 0  # K cached augmented views per image; 0: the un-augmented features
-    select: str = "val"  # val: best source-validation epoch | last
-
 
 SUFFIXES = {
     "official": "{name} , a {domain} image..",  # the official PromptLearner's text after the context tokens
@@ -125,8 +99,8 @@ def dapl_loss(
 
 # --------------------------------------------------------------------- prompts
 class DomainPromptLearner(nn.Module):
-    """Prompts [SOS][ctx][dom_d] <suffix of (d, k)> for every domain d and class k, rows domain-major
-    (d·C + k). The suffix is the class text (with the domain's words in the official form)."""
+    """Prompts [SOS][ctx][dom_d] <suffix of (d, k)> for every domain d and class k. The suffix is the
+    class text (with the domain's words in the official form)."""
 
     def __init__(self, backbone, classnames: list[str], domain_words: list[str], n_ctx: int, n_dom_ctx: int,
                  class_specific: bool, seed: int, suffix: str = SUFFIXES["official"]):
@@ -140,23 +114,22 @@ class DomainPromptLearner(nn.Module):
         texts = [f"{placeholder} {suffix.format(name=name, domain=word)}" for word in domain_words for name in classnames]
         tokens = backbone.tokenize(texts)  # (n_domains * C, 77)
         eot = backbone.eot_positions(tokens)
-        length = int(eot.max()) + 1  # the truncated text path: nothing after the last EOS
-        with torch.no_grad():
-            emb = backbone.token_embedding(tokens[:, :length])
-        self.register_buffer("prefix", emb[:c, :1].clone())  # [SOS]
+        with torch.no_grad():  # the truncated text path: nothing after the last EOS
+            emb = backbone.token_embedding(tokens[:, : int(eot.max()) + 1])
+        self.register_buffer("prefix", emb[0, :1].clone())  # [SOS], (1, W)
         self.register_buffer("suffix", emb[:, 1 + n_ctx + n_dom_ctx :].clone().view(n_domains, c, -1, width))  # class ... [EOS]
         self.register_buffer("eot", eot.view(n_domains, c))
         self.n_classes, self.n_domains = c, n_domains
 
-    def forward(self, domains: Optional[list[int]] = None) -> torch.Tensor:
-        """Token embeddings (len(domains) * C, L, W) of the prompts of ``domains`` (default: all)."""
-        c = self.n_classes
-        ctx = self.ctx if self.ctx.dim() == 3 else self.ctx.unsqueeze(0).expand(c, -1, -1)  # (C, M1, W)
-        rows = []
-        for d in range(self.n_domains) if domains is None else domains:
-            dom = self.dom[d].unsqueeze(0).expand(c, -1, -1)  # (C, M2, W)
-            rows.append(torch.cat([self.prefix, ctx, dom, self.suffix[d]], dim=1))
-        return torch.cat(rows)
+    def forward(self, domains: Optional[list[int]] = None) -> PromptGroups:
+        """The prompts of ``domains`` (default: all), one group per domain: [SOS][ctx][dom_d] is shared by
+        the domain's classes (with class-specific context only [SOS] is, the rest is in each suffix)."""
+        idx = list(range(self.n_domains)) if domains is None else list(domains)
+        dom, suffix, eot = self.dom[idx], self.suffix[idx], self.eot[idx]  # (G, M2, W), (G, C, S, W), (G, C)
+        if self.ctx.dim() == 3:
+            dom_c = dom.unsqueeze(1).expand(-1, self.n_classes, -1, -1)  # (G, C, M2, W)
+            return PromptGroups.from_parts([self.prefix], [self.ctx, dom_c, suffix], eot)
+        return PromptGroups.from_parts([self.prefix, self.ctx, dom], [suffix], eot)
 
 
 def domain_word(dataset_cfg_names: dict, domain: str) -> str:
@@ -171,8 +144,7 @@ def target_batches(n: int, batch_size: int, steps: int, g: torch.Generator, drop
     batches like Dassl's loader (the last incomplete batch dropped)."""
     out: list[torch.Tensor] = []
     while len(out) < steps:
-        perm = torch.randperm(n, generator=g)
-        out += [perm[i : i + batch_size] for i in batch_starts(n, batch_size, drop_last)]
+        out += order_batches(torch.randperm(n, generator=g), batch_size, drop_last)
     return out[:steps]
 
 
@@ -181,8 +153,8 @@ class DAPL(Method):
     Config = DAPLConfig
     protocol = "uda"
 
-    def __init__(self, cfg, backbone, classnames, device):
-        super().__init__(cfg, backbone, classnames, device)
+    def __init__(self, cfg, backbone, classnames, device, env=None):
+        super().__init__(cfg, backbone, classnames, device, env)
         self.prompt: Optional[DomainPromptLearner] = None  # built when the run's domains are known
         self.domains: list[str] = []
         self.words: list[str] = []
@@ -191,130 +163,83 @@ class DAPL(Method):
     def setup(self, domains: list[str], target: str, seed: int, words: Optional[list[str]] = None) -> None:
         """Prompts for ``domains`` (sources then target, written as ``words``); row ``target_row`` predicts."""
         cfg = self.cfg
-        if cfg.prompt not in SUFFIXES:
+        if str(cfg.prompt) not in SUFFIXES:
             raise ConfigError(f"method.prompt={cfg.prompt!r} is not a DAPL prompt form. Valid: {', '.join(SUFFIXES)}")
         self.domains, self.target_row = list(domains), list(domains).index(target)
         self.words = list(words) if words is not None else [domain_word({}, d) for d in domains]
         self.prompt = DomainPromptLearner(self.backbone, self.classnames, self.words, cfg.n_ctx, cfg.n_dom_ctx,
-                                          cfg.class_specific, seed, SUFFIXES[cfg.prompt])
+                                          cfg.class_specific, seed, SUFFIXES[str(cfg.prompt)])
 
-    def text_features(self, domains: Optional[list[int]] = None, prompt=None) -> torch.Tensor:
-        """(n, C, D) normalised features of the prompts of ``domains`` (default: all), one text batch;
-        ``prompt``: the module to run (training: its DDP wrapper), default self.prompt."""
-        idx = list(range(self.prompt.n_domains)) if domains is None else domains
-        eot = self.prompt.eot[idx].reshape(-1)
-        f = self.backbone.encode_prompts((self.prompt if prompt is None else prompt)(idx), eot)
-        return f.view(len(idx), self.prompt.n_classes, -1)
-
-    def lr_at(self, step: int) -> float:
-        """The rate at scheduler step ``step`` (a batch with lr_step=batch, an epoch with lr_step=epoch)."""
-        cfg = self.cfg
-        return warmup_cosine_lr(step, cfg.lr, cfg.epochs, cfg.warmup_epochs, cfg.warmup_lr, "linear")
+    def text_features(self, domains: Optional[list[int]] = None) -> torch.Tensor:
+        """(n, C, D) normalised features of the prompts of ``domains`` (default: all)."""
+        return self.backbone.encode_grouped(self.prompt(domains))
 
     @torch.no_grad()
     def source_accuracy(self, feats) -> float:
         """Accuracy of source images, each scored with its own domain's prompts (model selection)."""
         text = self.text_features()
         rows = torch.tensor([self.domains.index(d) for d in feats.domain], device=self.device)
-        x = feats.x.to(self.device)
-        pred = torch.einsum("bd,bkd->bk", x, text[rows]).argmax(-1).cpu()
+        pred = torch.einsum("bd,bkd->bk", feats.x.to(self.device), text[rows]).argmax(-1).cpu()
         return round(100 * (pred == feats.y).float().mean().item(), 4)
 
     def fit(self, data, ctx):
-        from ..engine import resume_point
-
-        cfg = self.cfg
-        if cfg.lr_step not in ("batch", "epoch"):
-            raise ConfigError(f"method.lr_step={cfg.lr_step!r}. Valid: batch (official), epoch")
-        train, target = data["train"], data["target"]
+        cfg, dev = self.cfg, self.device
+        train, target = data.train, data.target
         assert bool((target.y < 0).all()), "UDA training must not see target labels"
-        sources = list(dict.fromkeys(train.domain))
-        domains = sources + [target.domain[0]]
-        self.setup(domains, target.domain[0], ctx.seed, [domain_word(ctx.domain_names, d) for d in domains])
-        tau = cfg.tau
-        dev = self.device
+        domains = list(dict.fromkeys(train.domain)) + [target.domain[0]]
+        self.setup(domains, target.domain[0], self.env.seed, [domain_word(self.env.domain_names, d) for d in domains])
         # views: (V, N, D); view 0 is the un-augmented feature, used when aug_views = 0
-        xs = data["train_views"].to(dev) if "train_views" in data else train.x.to(dev)[None]
-        xt = data["target_views"].to(dev) if "target_views" in data else target.x.to(dev)[None]
-        ys = train.y.to(dev)
-        ds = torch.tensor([self.domains.index(d) for d in train.domain], device=dev)
-        scale = self.backbone.logit_scale
+        self.xs = data.train_views.to(dev) if data.train_views is not None else train.x.to(dev)[None]
+        self.xt = data.target_views.to(dev) if data.target_views is not None else target.x.to(dev)[None]
+        self.ys = train.y.to(dev)
+        self.ds = torch.tensor([self.domains.index(d) for d in train.domain], device=dev)
         with torch.no_grad():  # zero-shot pseudo-labels of every view of every target image, (V, N)
-            zs = zeroshot_weights(self.backbone, self.classnames, [cfg.pseudo_template])
-            pseudo, keep = pseudo_labels(scale * xt @ zs.T, cfg.T, tau)
-        ctx.log(pseudo_labels_kept=int(keep[0].sum()), target_images=keep.shape[1], tau=tau)
+            zs = self.backbone.zeroshot_weights(self.classnames, [cfg.pseudo_template])
+            self.pseudo, self.keep = pseudo_labels(self.backbone.logit_scale * self.xt @ zs.T, cfg.T, cfg.tau)
+        ctx.log(pseudo_labels_kept=int(self.keep[0].sum()), target_images=self.keep.shape[1], tau=cfg.tau)
+        self.val = data.val
+        ctx.train(self)
 
-        params = [self.prompt.ctx, self.prompt.dom]
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        best = {"acc": -1.0, "epoch": -1, "ctx": self.prompt.ctx.detach().clone(), "dom": self.prompt.dom.detach().clone()}
-        state = ctx.load_checkpoint()
-        # resume: after the last epoch, or mid-epoch after the step in progress when a preemption
-        # signal came (the epoch's orders are seeded by (seed, epoch): the steps done are skipped)
-        start, done = resume_point(state)
-        resumed_sums = torch.zeros(4, dtype=torch.float64)
-        if state is not None:
-            self.prompt.ctx.data.copy_(state["ctx"])
-            self.prompt.dom.data.copy_(state["dom"])
-            opt.load_state_dict(state["optimizer"])
-            best = state["best"]
-            if done:
-                resumed_sums = state["sums"].cpu().double()
-        # torchrun: every rank takes its shard of the source and of the target batch; the prompt
-        # learner (run once per step) is in DDP, gradients summed; the source term is weighted by the
-        # shard's share of the source batch, the target term by its share of the kept target images
-        prompt = ctx.ddp(self.prompt)
-        n_src, n_tgt = ys.shape[0], xt.shape[1]
-        starts = batch_starts(n_src, cfg.batch_size, cfg.drop_last)
-        steps = len(starts)
-        for epoch in ctx.progress(range(start, cfg.epochs), desc="dapl epochs", initial=start, total=cfg.epochs):
-            g = torch.Generator().manual_seed(ctx.seed * 100003 + epoch)
-            order_s = torch.randperm(n_src, generator=g).to(dev)
-            order_t = target_batches(n_tgt, cfg.target_batch_size, steps, g, cfg.drop_last)
-            view_s = torch.randint(xs.shape[0], (n_src,), generator=g).to(dev)
-            view_t = torch.randint(xt.shape[0], (n_tgt,), generator=g).to(dev)
-            first = done if epoch == start else 0
-            base = resumed_sums if first else torch.zeros(4, dtype=torch.float64)  # loss, l_src, l_tgt, kept
-            sums = torch.zeros(4, dtype=torch.float64)  # this rank's part since (re)start
-            for b, i in enumerate(starts[first:], start=first):
-                lr = self.lr_at(epoch * steps + b if cfg.lr_step == "batch" else epoch)
-                for grp in opt.param_groups:
-                    grp["lr"] = lr
-                si_all = order_s[i : i + cfg.batch_size]
-                tj_all = order_t[b].to(dev)
-                si, tj = ctx.shard(si_all), ctx.shard(tj_all)
-                text = self.text_features(prompt=prompt)
-                vt = view_t[tj]
-                if len(si):
-                    _, l_src, l_tgt = dapl_loss(
-                        text, scale,
-                        xs[view_s[si], si], ds[si], ys[si],
-                        xt[vt, tj], self.target_row, pseudo[vt, tj], keep[vt, tj], cfg.U,
-                    )
-                else:  # a last source batch smaller than the number of ranks
-                    l_src = text.sum() * 0.0
-                    l_tgt = masked_cross_entropy(scale * xt[vt, tj] @ text[self.target_row].T, pseudo[vt, tj], keep[vt, tj])
-                l_src = ctx.batch_share(l_src, len(si), len(si_all))
-                l_tgt = ctx.batch_share(l_tgt, int(keep[vt, tj].sum()), int(keep[view_t[tj_all], tj_all].sum()))
-                loss = l_src + cfg.U * l_tgt
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sums += torch.tensor([loss.item(), l_src.item(), l_tgt.item(), int(keep[vt, tj].sum())], dtype=torch.float64)
-                ctx.preempt_point(lambda: {"epoch": epoch, "step": b + 1, "ctx": self.prompt.ctx.detach(), "dom": self.prompt.dom.detach(),
-                                           "optimizer": opt.state_dict(), "best": best, "sums": base + ctx.all_sum(sums)})
-            sums = (base + ctx.all_sum(sums)).tolist()
-            val_acc = self.source_accuracy(data["val"]) if len(data["val"]) else float("nan")
-            val_acc = ctx.broadcast(val_acc)  # every rank selects the same epoch
-            if cfg.select == "last" or not len(data["val"]) or val_acc > best["acc"]:
-                best = {"acc": val_acc, "epoch": epoch, "ctx": self.prompt.ctx.detach().clone(), "dom": self.prompt.dom.detach().clone()}
-            ctx.log(epoch=epoch, lr=lr, loss=sums[0] / steps, l_src=sums[1] / steps,
-                    l_tgt=sums[2] / steps, kept_per_step=sums[3] / steps, val_acc=val_acc)
-            ctx.save_checkpoint({"epoch": epoch, "ctx": self.prompt.ctx.detach(), "dom": self.prompt.dom.detach(),
-                                 "optimizer": opt.state_dict(), "best": best})
-        self.prompt.ctx.data.copy_(best["ctx"])
-        self.prompt.dom.data.copy_(best["dom"])
-        ctx.log(selected_epoch=best["epoch"], selected_val_acc=best["acc"])
+    # ----------------------------------------------------------------- the loop's hooks
+    def parameters_to_train(self):
+        return [self.prompt.ctx, self.prompt.dom]
 
+    def optimizer(self, params):
+        return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum, weight_decay=self.cfg.weight_decay)
+
+    def lr(self, epoch, step, steps):
+        """The official trainer steps the scheduler after every batch (lr_step=batch); epoch: once per epoch."""
+        c = self.cfg
+        return dassl_lr(epoch * steps + step if str(c.lr_step) == "batch" else epoch, c.lr, c.epochs, c.warmup_epochs, c.warmup_lr, "linear")
+
+    def epoch_batches(self, epoch, g):
+        """(source batch, target batch) pairs: the source images in a seeded order, target batches
+        from their own passes; one view of every image drawn for the epoch."""
+        c = self.cfg
+        source = order_batches(torch.randperm(len(self.ys), generator=g), c.batch_size, c.drop_last)
+        target = target_batches(self.xt.shape[1], c.target_batch_size, len(source), g, c.drop_last)
+        self.view_s = torch.randint(self.xs.shape[0], (len(self.ys),), generator=g).to(self.device)
+        self.view_t = torch.randint(self.xt.shape[0], (self.xt.shape[1],), generator=g).to(self.device)
+        return list(zip(source, target))
+
+    def batch_loss(self, item, batch, info):
+        si, tj = (t.to(self.device) for t in item)
+        tj_all = batch[1].to(self.device)
+        text, scale = self.text_features(), self.backbone.logit_scale  # (n_domains, C, D)
+        vt = self.view_t[tj]
+        x_tgt, pseudo, keep = self.xt[vt, tj], self.pseudo[vt, tj], self.keep[vt, tj]
+        if len(si):
+            _, l_src, l_tgt = dapl_loss(text, scale, self.xs[self.view_s[si], si], self.ds[si], self.ys[si],
+                                        x_tgt, self.target_row, pseudo, keep, self.cfg.U)
+        else:  # (torchrun: a last source batch smaller than the number of ranks)
+            l_src, l_tgt = None, masked_cross_entropy(scale * x_tgt @ text[self.target_row].T, pseudo, keep)
+        kept_global = int(self.keep[self.view_t[tj_all], tj_all].sum())
+        return [Term("l_src", l_src, len(si), len(batch[0])), Term("l_tgt", l_tgt, int(keep.sum()), kept_global, self.cfg.U)]
+
+    def validate(self):
+        return self.source_accuracy(self.val) if len(self.val) else None
+
+    # ----------------------------------------------------------------- inference and state
     @torch.no_grad()
     def logits(self, x):
         """Target prediction: cosine to the target-domain prompts."""
@@ -330,6 +255,6 @@ class DAPL(Method):
         words = bytes(state["domain_words"].tolist()).decode().split("\n") if "domain_words" in state else [f"domain {i}" for i in range(n_domains)]
         self.words, self.target_row = words, int(state["target_row"][0])
         self.prompt = DomainPromptLearner(self.backbone, self.classnames, words, self.cfg.n_ctx, self.cfg.n_dom_ctx,
-                                          self.cfg.class_specific, 0, SUFFIXES[self.cfg.prompt])
+                                          self.cfg.class_specific, 0, SUFFIXES[str(self.cfg.prompt)])
         self.prompt.ctx.data.copy_(state["ctx"].to(self.device))
         self.prompt.dom.data.copy_(state["dom"].to(self.device))

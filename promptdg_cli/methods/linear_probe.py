@@ -13,72 +13,52 @@ gathered on every rank; the fits are deterministic, so the result is a single pr
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from ..schema import MethodConfig
+from ..schema import LinearProbeConfig
 from .base import Method
-
-
-@dataclass
-class LinearProbeConfig(MethodConfig):
-    name: str = "linear_probe"
-    # CLIP sweeps C over 1e-6..1e6 with 96 log-spaced values; we sweep 13 (one per decade) and then
-    # 8 values around the best decade, which reaches the same optimum at a fraction of the fits.
-    c_min: float = 1.0e-6
-    c_max: float = 1.0e6
-    refine_steps: int = 8
-    max_iter: int = 1000  # CLIP's value
 
 
 class LinearProbe(Method):
     Config = LinearProbeConfig
 
-    def __init__(self, cfg, backbone, classnames, device):
-        super().__init__(cfg, backbone, classnames, device)
+    def __init__(self, cfg, backbone, classnames, device, env=None):
+        super().__init__(cfg, backbone, classnames, device, env)
         self.weight = torch.zeros(len(classnames), backbone.embed_dim)  # (C, D)
         self.bias = torch.zeros(len(classnames))  # (C,)
 
+    def fit_one(self, c: float, data) -> dict:
+        """One L2-regularised multinomial logistic regression at inverse strength C, scored on validation."""
+        xtr, ytr = data.train.x.numpy(), data.train.y.numpy()
+        # C as a NumPy float64, as np.logspace gives it: under NumPy 2's promotion rules a Python
+        # float would let sklearn compute parts of a float32 problem in float32 (other results)
+        clf = LogisticRegression(C=np.float64(c), max_iter=self.cfg.max_iter, random_state=self.env.seed)
+        with warnings.catch_warnings():
+            # weakly regularised fits (large C) may stop at max_iter; they are still valid candidates
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(xtr, ytr)
+        acc = float((clf.predict(data.val.x.numpy()) == data.val.y.numpy()).mean() * 100)
+        return {"C": c, "acc": acc, "classes": torch.as_tensor(clf.classes_), "coef": torch.as_tensor(clf.coef_),
+                "intercept": torch.as_tensor(clf.intercept_)}
+
     def fit(self, data, ctx):
-        xtr, ytr = data["train"].x.numpy(), data["train"].y.numpy()
-        xva, yva = data["val"].x.numpy(), data["val"].y.numpy()
-
-        def fit_one(c: float) -> dict:
-            # C as a NumPy float64, as np.logspace gives it: under NumPy 2's promotion rules a Python
-            # float would let sklearn compute parts of a float32 problem in float32 (other results)
-            clf = LogisticRegression(C=np.float64(c), max_iter=self.cfg.max_iter, random_state=ctx.seed)
-            with warnings.catch_warnings():
-                # weakly regularised fits (large C) may stop at max_iter; they are still valid candidates
-                warnings.simplefilter("ignore", ConvergenceWarning)
-                clf.fit(xtr, ytr)
-            return {"C": c, "acc": float((clf.predict(xva) == yva).mean() * 100), "classes": torch.as_tensor(clf.classes_),
-                    "coef": torch.as_tensor(clf.coef_), "intercept": torch.as_tensor(clf.intercept_)}
-
-        state = ctx.load_checkpoint() or {}
-        scores = {float(c): float(a) for c, a in state.get("scores", [])}  # C -> val accuracy, in fitting order
-        best = state.get("best")  # the first fit of the highest accuracy so far, with its weights
-
-        def sweep(values, desc: str) -> None:
-            nonlocal best
-            todo = [float(c) for c in values if float(c) not in scores]
-            rounds = range(0, len(todo), ctx.world)  # one C per rank and round
-            for r in ctx.progress(rounds, desc=desc):
-                mine = [fit_one(c) for c in ctx.shard(todo[r : r + ctx.world])]
-                for res in (res for part in ctx.all_gather(mine) for res in part):  # in C order
-                    scores[res["C"]] = res["acc"]
-                    ctx.log(C=res["C"], val_acc=res["acc"])
-                    if best is None or res["acc"] > best["acc"]:
-                        best = res
-                ctx.save_checkpoint({"scores": [[c, a] for c, a in scores.items()], "best": best})
-
-        coarse = [float(c) for c in np.logspace(np.log10(self.cfg.c_min), np.log10(self.cfg.c_max), 13)]
-        sweep(coarse, "linear probe: C sweep")
-        center = max(coarse, key=lambda c: scores[c])
-        sweep(np.logspace(np.log10(center) - 1, np.log10(center) + 1, self.cfg.refine_steps + 2)[1:-1], "linear probe: refine")
+        """C over a log grid (one value per decade), then a finer grid around the best, selected on
+        source validation; the first fit of the highest accuracy wins."""
+        cfg = self.cfg
+        fit = lambda c, done: self.fit_one(c, data)  # noqa: E731
+        coarse = [float(c) for c in np.logspace(np.log10(cfg.c_min), np.log10(cfg.c_max), 13)]
+        scores = ctx.units("C", coarse, fit, desc="linear probe: C sweep")
+        center = max(coarse, key=lambda c: scores[c]["acc"])
+        fine = [float(c) for c in np.logspace(np.log10(center) - 1, np.log10(center) + 1, cfg.refine_steps + 2)[1:-1]]
+        fine = [c for c in fine if c not in scores]
+        scores |= ctx.units("C-refine", fine, fit, desc="linear probe: refine")
+        best = max(scores.values(), key=lambda r: r["acc"])  # (max keeps the first of equals: the coarse grid's order)
+        for r in scores.values():
+            ctx.log(C=r["C"], val_acc=r["acc"])
         ctx.log(selected_C=best["C"], val_acc=best["acc"])
         self._set(best["classes"], best["coef"], best["intercept"])
 

@@ -47,33 +47,17 @@ Choices the paper leaves open, with the defaults used here:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..schema import MethodConfig
+from ..schema import PromptStylerConfig
+from ..shared_prefix import PromptGroups
+from ..training import Term, shuffled_batches
 from .base import Method
 
 PLACEHOLDER = "x"  # one BPE token in CLIP's vocabulary; its embedding is replaced by S_i
-
-
-@dataclass
-class PromptStylerConfig(MethodConfig):
-    name: str = "promptstyler"
-    n_styles: int = 80  # K
-    style_iters: int = 100  # L, iterations per style
-    style_lr: float = 0.002
-    style_momentum: float = 0.9
-    style_init_std: float = 0.02
-    style_template: str = "a {} style of a"  # the style word goes into {}; the class name follows
-    arcface_s: float = 5.0
-    arcface_m: float = 0.5
-    epochs: int = 50  # classifier epochs
-    lr: float = 0.005  # classifier SGD
-    momentum: float = 0.9
-    batch_size: int = 128
 
 
 # --------------------------------------------------------------------- the losses of the paper
@@ -110,41 +94,41 @@ def arcface_loss(features, weight, labels, s: float = 5.0, m: float = 0.5) -> to
 
 # --------------------------------------------------------------------- prompts with a style word
 class StylePrompts(nn.Module):
-    """Token embeddings of "a S style of a" and of the N "a S style of a [class]" prompts.
+    """"a S style of a" and the N "a S style of a [class]" prompts, one group sharing "[SOS] a S style of a".
 
-    Row 0 is the style prompt, rows 1..N the style-content prompts; the embeddings are kept only up
-    to the last end-of-text token, and ``forward(style)`` splices the style vector in at the
-    placeholder's position.
+    Prompt 0 is the style prompt, prompts 1..N the style-content prompts; ``forward(style)`` splices
+    the style vector in at the placeholder's position of the shared prefix (embeddings are kept only
+    up to the last end-of-text token).
     """
 
     def __init__(self, backbone, classnames: list[str], template: str):
         super().__init__()
         style_text = template.format(PLACEHOLDER)
-        texts = [style_text] + [f"{style_text} {c}" for c in classnames]
-        tokens = backbone.tokenize(texts)  # (N+1, 77)
+        tokens = backbone.tokenize([style_text] + [f"{style_text} {c}" for c in classnames])  # (N+1, 77)
         marker = int(backbone.tokenize([PLACEHOLDER])[0, 1])
         where = (tokens == marker).int().argmax(dim=1)
         if not bool((tokens[:, int(where[0])] == marker).all()) or not bool((where == where[0]).all()):
             raise ValueError(f"style template {template!r} must put the style word at one fixed token position")
         self.position = int(where[0])
         self.eot = backbone.eot_positions(tokens)  # (N+1,)
-        length = int(self.eot.max()) + 1
+        self.shared = int(self.eot.min())  # the style prompt's tokens before its EOT begin every prompt
         with torch.no_grad():
-            self.register_buffer("embeddings", backbone.token_embedding(tokens[:, :length]).clone())  # (N+1, L, W)
+            emb = backbone.token_embedding(tokens[:, : int(self.eot.max()) + 1])  # (N+1, L, W)
+        self.register_buffer("before", emb[0, : self.position].clone())  # [SOS] a
+        self.register_buffer("after", emb[0, self.position + 1 : self.shared].clone())  # style of a
+        self.register_buffer("suffix", emb[:, self.shared :].clone())  # [EOS] | class tokens [EOS], padding
 
-    def forward(self, style: torch.Tensor) -> torch.Tensor:
-        e = self.embeddings
-        s = style.view(1, 1, -1).expand(e.shape[0], 1, e.shape[2])
-        return torch.cat([e[:, : self.position], s.to(e.dtype), e[:, self.position + 1 :]], dim=1)
+    def forward(self, style: torch.Tensor) -> PromptGroups:
+        return PromptGroups.from_parts([self.before, style.view(1, -1).to(self.before.dtype), self.after], [self.suffix], self.eot)
 
 
 # --------------------------------------------------------------------- the method
 class PromptStyler(Method):
     Config = PromptStylerConfig
-    source_free = True
+    protocol = "source_free"
 
-    def __init__(self, cfg, backbone, classnames, device):
-        super().__init__(cfg, backbone, classnames, device)
+    def __init__(self, cfg, backbone, classnames, device, env=None):
+        super().__init__(cfg, backbone, classnames, device, env)
         self.prompts = StylePrompts(backbone, classnames, cfg.style_template).to(device)
         width, dim, n = backbone.text_width, backbone.embed_dim, len(classnames)
         self.styles = torch.zeros(cfg.n_styles, width, device=device)  # S_1..S_K
@@ -152,78 +136,63 @@ class PromptStyler(Method):
 
     def encode(self, style: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(style feature (D,), style-content features (N, D)), normalised, in one text batch."""
-        f = self.backbone.encode_prompts(self.prompts(style), self.prompts.eot)
+        f = self.backbone.encode_grouped(self.prompts(style))[0]
         return f[0], f[1:]
 
     def init_style(self, seed: int, i: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(seed * 1_000_003 + i)
         return (torch.randn(self.backbone.text_width, generator=g) * self.cfg.style_init_std).to(self.device)
 
-    def fit(self, data, ctx):
-        """Source-free: ``data`` is not read (the engine passes no images); only the class names."""
-        cfg, k = self.cfg, self.cfg.n_styles
+    def learn_style(self, i: int, earlier: dict, ctx) -> dict:
+        """Stage 1 for style i: L SGD steps on L_style + L_content, the earlier styles frozen."""
+        cfg = self.cfg
+        earlier_feats = torch.stack([earlier[j]["feature"].to(self.device) for j in range(i)]) if i else torch.zeros(0, self.backbone.embed_dim, device=self.device)
+        s = nn.Parameter(self.init_style(self.env.seed, i))
+        opt = torch.optim.SGD([s], lr=cfg.style_lr, momentum=cfg.style_momentum)  # a fresh optimiser per style
+        for _ in range(cfg.style_iters):
+            style_f, sc_f = self.encode(s)
+            l_style = style_diversity_loss(style_f, earlier_feats)
+            l_content = content_consistency_loss(sc_f, self.content)
+            opt.zero_grad(set_to_none=True)
+            (l_style + l_content).backward()
+            opt.step()
         with torch.no_grad():
-            content = self.backbone.encode_text(self.classnames, normalize=True)  # T("[class_n]"), (N, D)
-        style_feats = torch.zeros(k, self.backbone.embed_dim, device=self.device)
-        sc_feats = torch.zeros(k, len(self.classnames), self.backbone.embed_dim, device=self.device)
-        state = ctx.load_checkpoint() or {}
-        done = int(state.get("styles_done", 0))
-        if done:
-            self.styles[:done] = state["styles"][:done].to(self.device)
-            style_feats[:done] = state["style_feats"][:done].to(self.device)
-            with torch.no_grad():  # the style-content features of learned styles: one forward each
-                for i in range(done):
-                    sc_feats[i] = self.encode(self.styles[i])[1]
+            style_f = self.encode(s.detach())[0]
+        ctx.log(stage="style", style=i, l_style=l_style.item(), l_content=l_content.item())
+        return {"vector": s.detach().cpu(), "feature": style_f.cpu()}
 
-        # Stage 1: style word vectors, one after another --------------------------------------
-        bar = ctx.progress(range(done, k), desc="promptstyler styles", initial=done, total=k)
-        for i in bar:
-            s = nn.Parameter(self.init_style(ctx.seed, i))
-            opt = torch.optim.SGD([s], lr=cfg.style_lr, momentum=cfg.style_momentum)
-            for _ in range(cfg.style_iters):
-                style_f, sc_f = self.encode(s)
-                l_style = style_diversity_loss(style_f, style_feats[:i])
-                l_content = content_consistency_loss(sc_f, content)
-                opt.zero_grad(set_to_none=True)
-                (l_style + l_content).backward()
-                opt.step()
-            with torch.no_grad():
-                self.styles[i] = s.detach()
-                style_feats[i], sc_feats[i] = self.encode(self.styles[i])
-            ctx.log(stage="style", style=i, l_style=l_style.item(), l_content=l_content.item())
-            bar.set_postfix(l_style=f"{l_style.item():.3f}", l_content=f"{l_content.item():.3f}")
-            ctx.save_checkpoint({"styles_done": i + 1, "styles": self.styles.cpu(), "style_feats": style_feats.cpu()})
-
-        # Stage 2: ArcFace linear classifier on the K x N style-content features ---------------
-        x = sc_feats.reshape(-1, sc_feats.shape[-1])  # (K*N, D), already normalised
-        y = torch.arange(len(self.classnames), device=self.device).repeat(k)  # style-major: label m
+    def fit(self, data, ctx):
+        """Source-free: no image is read (the protocol hands over none); only the class names."""
+        with torch.no_grad():
+            self.content = self.backbone.encode_text(self.classnames, normalize=True)  # T("[class_n]"), (N, D)
+        styles = ctx.units("styles", list(range(self.cfg.n_styles)), lambda i, done: self.learn_style(i, done, ctx), desc="promptstyler styles")
+        self.styles = torch.stack([styles[i]["vector"] for i in range(self.cfg.n_styles)]).to(self.device)
+        with torch.no_grad():  # the K x N style-content features, label m (style-major)
+            self.x = torch.cat([self.encode(v)[1] for v in self.styles])  # (K*N, D), normalised
+        self.y = torch.arange(len(self.classnames), device=self.device).repeat(self.cfg.n_styles)
         w0 = torch.empty_like(self.classifier.weight, device="cpu")
-        torch.nn.init.xavier_uniform_(w0, generator=torch.Generator().manual_seed(ctx.seed))
+        torch.nn.init.xavier_uniform_(w0, generator=torch.Generator().manual_seed(self.env.seed))
         self.classifier.weight.data.copy_(w0)
-        opt = torch.optim.SGD(self.classifier.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-        start = 0
-        if "classifier" in state:
-            self.classifier.weight.data.copy_(state["classifier"])
-            opt.load_state_dict(state["optimizer"])
-            start = state["epoch"] + 1
-        for epoch in ctx.progress(range(start, cfg.epochs), desc="promptstyler classifier", initial=start, total=cfg.epochs):
-            order = torch.randperm(len(y), generator=torch.Generator().manual_seed(ctx.seed * 100003 + epoch)).to(self.device)
-            total = correct = 0.0
-            for b in range(0, len(order), cfg.batch_size):
-                idx = order[b : b + cfg.batch_size]
-                logits = arcface_logits(x[idx], self.classifier.weight, y[idx], cfg.arcface_s, cfg.arcface_m)
-                loss = F.cross_entropy(logits, y[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(idx)
-                correct += (logits.argmax(-1) == y[idx]).sum().item()
-            ctx.log(stage="classifier", epoch=epoch, train_loss=total / len(y), train_acc_margin=100 * correct / len(y))
-            ctx.save_checkpoint({
-                "styles_done": k, "styles": self.styles.cpu(), "style_feats": style_feats.cpu(),
-                "classifier": self.classifier.weight.detach().cpu(), "optimizer": opt.state_dict(), "epoch": epoch,
-            })
+        ctx.train(self)  # stage 2: the ArcFace classifier
 
+    # ----------------------------------------------------------------- the loop's hooks (stage 2)
+    def parameters_to_train(self):
+        return [self.classifier.weight]
+
+    def optimizer(self, params):
+        return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum)  # constant: the paper names no schedule
+
+    def epoch_batches(self, epoch, g):
+        return shuffled_batches(len(self.y), self.cfg.batch_size, g)
+
+    def batch_loss(self, idx, batch, info):
+        if not len(idx):
+            return [Term("train_loss", None, 0, len(batch))]
+        idx = idx.to(self.device)
+        return [Term("train_loss", arcface_loss(self.x[idx], self.classifier.weight, self.y[idx], self.cfg.arcface_s, self.cfg.arcface_m),
+                     len(idx), len(batch))]
+
+    # ----------------------------------------------------------------- inference and state
     @torch.no_grad()
     def logits(self, x):
         """Cosine between image features and the normalised class weights (no margin at test)."""

@@ -9,29 +9,19 @@ ensembling). Nothing is trained.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List
-
 import torch
-import torch.nn.functional as F
 
-from ..schema import MethodConfig
+from ..schema import ZeroShotConfig
 from .base import Method
-
-
-@dataclass
-class ZeroShotConfig(MethodConfig):
-    name: str = "zeroshot"
-    templates: List[str] = field(default_factory=lambda: ["a photo of a {}."])
 
 
 class ZeroShot(Method):
     Config = ZeroShotConfig
     trains = False
 
-    def __init__(self, cfg, backbone, classnames, device):
-        super().__init__(cfg, backbone, classnames, device)
-        self.weights = zeroshot_weights(backbone, classnames, list(cfg.templates))  # (C, D)
+    def __init__(self, cfg, backbone, classnames, device, env=None):
+        super().__init__(cfg, backbone, classnames, device, env)
+        self.weights = backbone.zeroshot_weights(classnames, list(cfg.templates))  # (C, D)
 
     @torch.no_grad()
     def logits(self, x):
@@ -42,11 +32,3 @@ class ZeroShot(Method):
 
     def load_state_dict(self, state):
         self.weights = state["weights"].to(self.device)
-
-
-@torch.no_grad()
-def zeroshot_weights(backbone, classnames: list[str], templates: list[str]) -> torch.Tensor:
-    per_template = []
-    for t in templates:
-        per_template.append(backbone.encode_text([t.format(c) for c in classnames], normalize=True))  # (C, D)
-    return F.normalize(torch.stack(per_template).mean(0), dim=-1)  # (C, D)

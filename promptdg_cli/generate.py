@@ -1,0 +1,70 @@
+"""``promptdg generate``: a generated copy of a dataset's source domains, written to disk.
+
+A method that generates data provides ``augment_batch(inputs, labels, outputs, idx, seed)`` (today:
+DomainFusion's online lightweight augmentation). Every image of the source domains (all domains but
+``target``) goes through ``method.generate_rounds`` rounds and is written as
+``<run_dir>/images/<dataset folder>/<domain>/<class>/<image>.png``; the held-out domain is linked
+from the real dataset, so the folder is a dataset for the same leave-one-domain-out split
+(``data_root=<run_dir>/images``). Resumable batch by batch; a finished set is never rewritten.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .backbone import ClipBackbone
+from .data import class_names, dataset_dir, list_domain
+from .errors import ConfigError
+from .files import write_json_atomic
+from .methods import method_class
+from .methods.base import RunEnv
+from .protocols import check_domains
+from .runtime import select_device
+
+
+def generate(cfg, run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    cls = method_class(cfg.method)
+    if not hasattr(cls, "augment_batch") or not hasattr(cls, "generator_name"):
+        raise ConfigError(f"method={cfg.method.name} does not generate images. Methods that do: domainfusion.")
+    done = run_dir / "generated.json"
+    if done.is_file():
+        info = json.loads(done.read_text())
+        print(f"[promptdg] {run_dir}/images is finished ({info['images']} images); not rewriting it. Remove the folder to generate again.")
+        return info
+    sources = check_domains(cfg.dataset, cfg.target, cfg.source)
+    if cfg.target:
+        sources = [d for d in sources if d != cfg.target]
+    root = dataset_dir(cfg.dataset)
+    device = select_device(cfg.device)
+    backbone = ClipBackbone.from_config(cfg.backbone, device=device)
+    env = RunEnv(seed=int(cfg.seed), num_workers=int(cfg.num_workers), cache_root=str(cfg.cache_root))
+    method = cls(cfg.method, backbone, class_names(cfg.dataset), device, env)
+    out_root = run_dir / "images" / cfg.dataset.folder
+    folders, rounds, bs = list(cfg.dataset.classes.keys()), int(cfg.method.generate_rounds), int(cfg.method.generate_batch)
+    total = 0
+    for domain in sources:
+        paths, labels = list_domain(cfg.dataset, domain)
+        current = [str(p) for p in paths]
+        for r in range(1, rounds + 1):
+            outs = [(out_root / domain / folders[c] / f"{Path(p).stem}.png") if r == rounds else (run_dir / "rounds" / f"round{r}" / domain / f"{k:06d}.png")
+                    for k, (p, c) in enumerate(zip(paths, labels))]
+            todo = [i for i in range(0, len(outs), bs) if not all(o.is_file() for o in outs[i : i + bs])]
+            for i in tqdm(todo, desc=f"generate {domain} round {r}", unit="batch", dynamic_ncols=True):
+                method.augment_batch(current, labels, outs, list(range(i, min(i + bs, len(outs)))), seed=cfg.seed * 1009 + r)
+            current = [str(o) for o in outs]
+        total += len(paths)
+    if cfg.target:
+        link = out_root / cfg.target
+        if not link.exists():
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink((root / cfg.target).resolve(), link, target_is_directory=True)
+    info = {"images": total, "sources": sources, "target": cfg.target, "rounds": rounds,
+            "generated_images": total * cfg.method.candidates * rounds, "ldm": method.generator_name(), "dataset_root": str(run_dir / "images")}
+    write_json_atomic(done, info)
+    print(f"[promptdg] wrote {total} augmented images of {', '.join(sources)} to {out_root} "
+          f"({info['generated_images']} img2img candidates). Use it as a dataset: data_root={run_dir / 'images'} dataset={cfg.dataset.name}")
+    return info

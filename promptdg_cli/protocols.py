@@ -1,0 +1,288 @@
+"""The data protocols: which images a run trains on, selects on and tests on.
+
+Each protocol is an object built for one run: ``splits()`` lists its splits (one model each),
+``train_data(split)`` is the typed :class:`TrainData` a method's ``fit`` gets, and
+``test_sets(split)`` the labelled sets the runner tests on. The target's labels never reach
+``train_data``.
+
+* :class:`DG` (leave-one-domain-out): every source domain is split 80/20 into train/validation with
+  a split seeded by the run seed and the domain name; the target domain is used whole for testing.
+  ``shots=k`` takes k images per class of the source training split (validation min(k, 4)).
+* :class:`UDA`: labelled sources, the target domain unlabelled in training, tested on the target;
+  any pair, several sources, every pair into a target, or every ordered pair.
+* :class:`SourceFree` (PromptStyler): one model trained on no images, tested on every domain.
+* :class:`FewShot`: CoOp's split files, k shots per class, the whole test split for the test.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .data import FeatureCache, Features, class_names, dataset_dir
+from .errors import ConfigError, DatasetNotFound
+from .fewshot import class_subset, few_shot_splits, read_split, sample_few_shot
+
+PAIR_ARROW = "→"  # as in the tables: "art→clipart"
+SOURCE_FREE = "all"  # the split label of a model trained on no domain
+
+
+@dataclass
+class Split:
+    """One split: train/validate on ``sources``, test on ``tests`` (by default the ``target`` alone)."""
+
+    target: str
+    sources: List[str]
+    tests: Optional[List[str]] = None
+    key: Optional[str] = None  # the record's column: the target (DG) or "src+src→target" (UDA)
+
+    def __post_init__(self):
+        if self.tests is None:
+            self.tests = [self.target]
+        if self.key is None:
+            self.key = self.target
+
+    @property
+    def dirname(self) -> str:
+        """Folder of this split under ``splits/`` (no arrow in file names)."""
+        return self.key.replace(PAIR_ARROW, "_to_")
+
+
+@dataclass
+class TrainData:
+    """What a method's ``fit`` gets: labelled source training and validation features, and in UDA the
+    target's features without labels (y = -1); ``*_views``: (K, N, D) cached augmented views."""
+
+    train: Optional[Features] = None
+    val: Optional[Features] = None
+    target: Optional[Features] = None
+    train_views: Optional[torch.Tensor] = None
+    target_views: Optional[torch.Tensor] = None
+
+
+# --------------------------------------------------------------------- helpers
+def check_domains(dataset_cfg, target, source) -> List[str]:
+    domains = list(dataset_cfg.domains)
+    for key, names in (("target", [target] if target else []), ("source", list(source or []))):
+        bad = [d for d in names if d not in domains]
+        if bad:
+            raise ConfigError(f"{key}={bad[0]!r} is not a domain of dataset={dataset_cfg.name}. Valid: {domains}")
+    return domains
+
+
+def train_val_indices(n: int, seed: int, domain: str, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded split of one domain's n images; depends on the seed and domain name only."""
+    rng = np.random.default_rng([seed, zlib.crc32(domain.encode())])
+    order = rng.permutation(n)
+    n_val = int(round(n * val_fraction))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def unlabelled(f: Features) -> Features:
+    """The same images without their labels (y = -1): what UDA training may see of the target."""
+    return Features(f.x, torch.full_like(f.y, -1), f.domain, f.paths)
+
+
+def sample_shots(f: Features, shots: Optional[int], seed: int, cap: Optional[int] = None) -> Features:
+    """k images per class of ``f`` (seeded); ``cap`` bounds k (validation: min(k, 4))."""
+    if not shots:
+        return f
+    k = min(int(shots), cap) if cap else int(shots)
+    return f.subset(sample_few_shot(f.y.tolist(), k, seed))
+
+
+def _aligned(view: Features, base: Features) -> Features:
+    """An augmented view restricted to the images of ``base`` (an image unreadable in one is dropped in both)."""
+    if view.paths == base.paths:
+        return view
+    index = {p: i for i, p in enumerate(view.paths)}
+    missing = [p for p in base.paths if p not in index]
+    if missing:
+        raise DatasetNotFound(f"augmented view lacks {len(missing)} image(s), e.g. {missing[0]}")
+    return view.subset([index[p] for p in base.paths])
+
+
+def dg_splits(dataset_cfg, target: Optional[str], source: Optional[Sequence[str]]) -> List[Split]:
+    """Leave-one-domain-out: ``target`` (or every domain in turn) against ``source`` (default: the rest)."""
+    domains = check_domains(dataset_cfg, target, source)
+    out = []
+    for t in [target] if target else domains:
+        sources = [d for d in (source or domains) if d != t]
+        if not sources:
+            raise ConfigError(f"target={t!r} leaves no source domain (source={list(source or [])})")
+        out.append(Split(target=t, sources=sources))
+    return out
+
+
+def uda_splits(dataset_cfg, target: Optional[str], source: Optional[Sequence[str]]) -> List[Split]:
+    """``source=[a, b] target=t``: one split, a+b→t; ``target=t`` alone: every single-source pair into
+    t; ``source=[a]`` alone: a→t for every other t; neither: every ordered single-source pair."""
+    source = list(source or [])
+    domains = check_domains(dataset_cfg, target, source)
+    if target and target in source:
+        raise ConfigError(f"target={target!r} is also in source={source}: in UDA the target domain is unlabelled")
+    if target and source:
+        groups = [(source, target)]
+    elif target:
+        groups = [([s], target) for s in domains if s != target]
+    elif source:
+        groups = [(source, t) for t in domains if t not in source]
+    else:
+        groups = [([s], t) for s in domains for t in domains if s != t]
+    if not groups:
+        raise ConfigError(f"source={source} leaves no target domain in dataset={dataset_cfg.name} ({domains})")
+    return [Split(target=t, sources=list(g), key="+".join(g) + PAIR_ARROW + t) for g, t in groups]
+
+
+# --------------------------------------------------------------------- the protocols
+class Protocol:
+    name = ""
+
+    def __init__(self, cfg, cache: Optional[FeatureCache] = None, backbone=None):
+        self.cfg, self.dataset, self.cache, self.backbone = cfg, cfg.dataset, cache, backbone
+        self.seed, self.shots = int(cfg.seed), cfg.get("shots")
+
+    def attach(self, cache: FeatureCache, backbone) -> "Protocol":
+        self.cache, self.backbone = cache, backbone
+        return self
+
+    def splits(self) -> List[Split]:
+        raise NotImplementedError
+
+    def classnames(self) -> List[str]:
+        return class_names(self.dataset)
+
+    def check_data(self) -> None:
+        """Fail before any model is loaded if the data is missing (generating the demo world)."""
+        dataset_dir(self.dataset)
+
+    def train_data(self, split: Split, views: int = 0) -> TrainData:
+        raise NotImplementedError
+
+    def test_sets(self, split: Split) -> Dict[str, Features]:
+        return {d: self.cache.domain_features(self.backbone, self.dataset, d) for d in split.tests}
+
+    def test_subset(self):
+        """Class indices the test set covers (ImageNet-A/R: 200 of 1000), else None."""
+        return None
+
+    # the source domains' train / val parts, shots and views
+    def _source(self, split: Split, views: int) -> TrainData:
+        if views and self.shots:
+            raise ConfigError("shots= with method.aug_views is not supported; choose one")
+        train, val, train_views = [], [], []
+        for d in split.sources:
+            f = self.cache.domain_features(self.backbone, self.dataset, d)
+            tr, va = train_val_indices(len(f), self.seed, d, self.dataset.val_fraction)
+            train.append(f.subset(tr))
+            val.append(f.subset(va))
+            if views:
+                train_views.append(torch.stack([
+                    _aligned(self.cache.domain_features(self.backbone, self.dataset, d, k), f).x[tr] for k in range(1, views + 1)]))
+        data = TrainData(train=Features.cat(train), val=Features.cat(val))
+        if self.shots:  # k shots per class of the source training data; validation min(k, 4) per class
+            data.train = sample_shots(data.train, self.shots, self.seed)
+            data.val = sample_shots(data.val, self.shots, self.seed, cap=4)
+        if views:
+            data.train_views = torch.cat(train_views, dim=1)  # (K, N_train, D)
+        return data
+
+
+class DG(Protocol):
+    name = "dg"
+
+    def splits(self) -> List[Split]:
+        return dg_splits(self.dataset, self.cfg.target, self.cfg.source)
+
+    def train_data(self, split: Split, views: int = 0) -> TrainData:
+        return self._source(split, views)
+
+
+class UDA(Protocol):
+
+    name = "uda"
+
+    def splits(self) -> List[Split]:
+        return uda_splits(self.dataset, self.cfg.target, self.cfg.source)
+
+    def train_data(self, split: Split, views: int = 0) -> TrainData:
+        data = self._source(split, views)
+        test = self.cache.domain_features(self.backbone, self.dataset, split.target)
+        data.target = unlabelled(test)
+        if views:
+            data.target_views = torch.stack([
+                _aligned(self.cache.domain_features(self.backbone, self.dataset, split.target, k), test).x for k in range(1, views + 1)])
+        return data
+
+    def test_sets(self, split: Split) -> Dict[str, Features]:
+        return {split.key: self.cache.domain_features(self.backbone, self.dataset, split.target)}
+
+
+class SourceFree(Protocol):
+    name = "source_free"
+
+    def splits(self) -> List[Split]:
+        if self.cfg.source:
+            raise ConfigError(
+                f"source={list(self.cfg.source)} has no meaning for method={self.cfg.method.name}: it is source-free and "
+                f"trains on no images. Drop source= (target= only chooses which domains are tested; default: all of "
+                f"{list(self.dataset.domains)})."
+            )
+        domains = check_domains(self.dataset, self.cfg.target, None)
+        return [Split(target=SOURCE_FREE, sources=[], tests=[self.cfg.target] if self.cfg.target else domains)]
+
+    def train_data(self, split: Split, views: int = 0) -> TrainData:
+        return TrainData()  # no image at all: the method trains before any image is read
+
+
+class FewShot(Protocol):
+    name = "fewshot"
+
+    def test_subset(self):
+        return class_subset(self.dataset)  # ImageNet-A/R: predict among their 200 classes
+
+    def splits(self) -> List[Split]:
+        return [Split(target=self.dataset.name, sources=[], key=self.dataset.name)]
+
+    def classnames(self) -> List[str]:
+        return list(read_split(self.dataset, "test")[2])  # (the split file: read before any model)
+
+    def check_data(self) -> None:
+        self.classnames()
+
+    def train_data(self, split: Split, views: int = 0) -> TrainData:
+        s = few_shot_splits(self.dataset, self.shots, self.seed)
+        # cached per image list: the whole test split once, each k-shot draw (a few images) on its own
+        train, val = (self.cache.list_features(self.backbone, self.dataset.name, part, *s[part]) for part in ("train", "val"))
+        return TrainData(train=train, val=val)
+
+    def test_sets(self, split: Split) -> Dict[str, Features]:
+        paths, labels, _ = read_split(self.dataset, "test")
+        return {split.key: self.cache.list_features(self.backbone, self.dataset.name, "test", paths, labels)}
+
+
+def protocol_for(cfg, method_cls) -> Protocol:
+    """The run's protocol: a few-shot dataset's, else the method's own (DAPL: uda; PromptStyler:
+    source-free) or the dataset's. A combination that cannot work fails here, before anything loads."""
+    fewshot = str(cfg.dataset.protocol) == "fewshot"
+    if fewshot:
+        if method_cls.protocol in ("uda", "source_free") or cfg.target or cfg.source:
+            raise ConfigError(
+                f"dataset={cfg.dataset.name} follows the few-shot protocol (train/val/test split files, no domains): "
+                f"method={cfg.method.name} needs domains, and target=/source= do not apply. "
+                f"Few-shot methods: zeroshot, linear_probe, coop, dapt."
+            )
+        return FewShot(cfg)
+    name = method_cls.protocol or str(cfg.dataset.protocol)
+    return {"dg": DG, "uda": UDA, "source_free": SourceFree}[name](cfg)
+
+
+def protocol_name(cfg, method_cls) -> str:
+    """The protocol a record names: fewshot, uda, or the dataset's (a source-free run is ``dg`` with
+    ``source_free: true`` in its record)."""
+    if str(cfg.dataset.protocol) == "fewshot":
+        return "fewshot"
+    return "uda" if method_cls.protocol == "uda" else str(cfg.dataset.protocol)

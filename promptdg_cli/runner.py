@@ -1,0 +1,238 @@
+"""Running a config: the splits of its protocol, training through the method interface, one record.
+
+A run directory holds Hydra's ``.hydra/`` dump, ``metrics.jsonl`` (one line per logged step or
+epoch), ``splits/<split>/`` (the checkpoint while a split trains, its final model and its
+``result.json`` once done) and ``results.json`` (a :class:`~promptdg_cli.record.RunRecord`), written
+atomically and last.
+
+* A finished run (``results.json`` with status ``finished`` and the same config hash) is skipped.
+* An interrupted run resumes: finished splits are read back, the split in progress restarts from
+  its checkpoint (the training loop writes one after every epoch, and after the step in progress
+  when preempted).
+* A failed run writes ``results.json`` with status ``failed`` and the error, and exits non-zero.
+* A preempted run (SIGTERM, SIGUSR1 or SIGUSR2) stops at the next step boundary with a checkpoint,
+  writes status ``preempted``, hands the signal on to the handler that was there before
+  (submitit's, which requeues the job) and exits with 128 + the signal number (``runtime.py``).
+* Under ``torchrun`` every rank runs this code on its part of each batch (``dist.py``); rank 0
+  alone writes files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
+
+from . import __version__, dist
+from .backbone import ClipBackbone
+from .config import config_hash
+from .data import FeatureCache
+from .demo.pretrain import build_demo_clip
+from .errors import ConfigError, RunLocked
+from .evaluation import evaluate
+from .files import write_json_atomic
+from .locks import RunLock
+from .methods import method_class
+from .methods.base import RunEnv
+from .protocols import Split, protocol_for, protocol_name
+from .record import RunRecord, Status
+from .runtime import STOP, Preempted, chain_and_exit, git_revision, peak_memory_mb, select_device
+from .training import TrainContext
+
+log = logging.getLogger("promptdg")
+# backbone.builder -> the function that builds a built-in checkpoint on first use (the demo CLIP)
+BUILDERS = {"demo_digits": build_demo_clip}
+
+
+def prepare_backbone(cfg, device: torch.device) -> ClipBackbone:
+    """The run's frozen CLIP; a built-in checkpoint (the demo CLIP) is built first if it is missing."""
+    if cfg.builder and not Path(str(cfg.pretrained)).is_file():
+        BUILDERS[str(cfg.builder)](Path(str(cfg.pretrained)), str(cfg.model))
+    return ClipBackbone.from_config(cfg, device=device)
+
+
+def run_env(cfg) -> RunEnv:
+    return RunEnv(seed=int(cfg.seed), num_workers=int(cfg.num_workers), cache_root=str(cfg.cache_root),
+                  domain_names=OmegaConf.to_container(cfg.dataset.domain_names), precision=str(cfg.backbone.precision))
+
+
+def check_method(cfg, method_cls) -> None:
+    """What can be refused before anything loads: a method that needs a ViT on a ResNet backbone."""
+    if method_cls.needs_vit and str(cfg.backbone.arch) != "vit":
+        raise ConfigError(
+            f"method={cfg.method.name} puts visual prompts into a ViT image encoder; backbone={cfg.backbone.name} "
+            f"is a {cfg.backbone.arch}. Valid backbones: vit_b32, vit_b16, vit_l14, demo_clip."
+        )
+
+
+def identity(cfg: DictConfig, run_dir: Path, chash: str, protocol: str) -> dict:
+    """The record fields that name a run."""
+    return {"method": cfg.method.name, "variant": cfg.method.variant, "dataset": cfg.dataset.name, "backbone": cfg.backbone.name,
+            "model": cfg.backbone.model, "pretrained": str(cfg.backbone.pretrained), "protocol": protocol, "seed": int(cfg.seed),
+            "domains": list(cfg.dataset.domains), "config_hash": chash, "run_dir": str(run_dir), "version": __version__,
+            "git_revision": git_revision(), "host": platform.node(), "shots": cfg.get("shots")}
+
+
+# --------------------------------------------------------------------- train / eval
+def run(cfg: DictConfig, run_dir: Path, mode: str = "train") -> RunRecord:
+    """Train (or only evaluate) one config in ``run_dir``; returns its record."""
+    method_cls = method_class(cfg.method)
+    check_method(cfg, method_cls)
+    if dist.env_world_size() > 1:  # under torchrun: join the process group (once per process)
+        dist.init(select_device(cfg.device))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    results_path = run_dir / "results.json"
+    chash = config_hash(cfg)
+    ident = identity(cfg, run_dir, chash, protocol_name(cfg, method_cls))
+    if results_path.is_file():
+        old = json.loads(results_path.read_text())
+        if old.get("config_hash") != chash:
+            raise RuntimeError(f"{run_dir} already holds results of a different config (hash {old.get('config_hash')} != {chash}); "
+                               f"refusing to overwrite them. Choose another hydra.run.dir.")
+        if old.get("status") == "finished" and not cfg.force:
+            if dist.is_main():
+                print(f"[promptdg] skipped: {run_dir} already finished with this config (force=true reruns it)")
+            return RunRecord.from_dict(old)
+    signum = 0
+    STOP.install()  # preemption signals only set a flag while the run trains (runtime.py)
+    try:
+        with _run_lock(run_dir):
+            try:
+                record = _run_locked(cfg, run_dir, mode, method_cls, ident)
+            except Preempted as e:
+                STOP.deferring = True  # a further signal does not interrupt the record
+                if dist.is_main():
+                    RunRecord(status=Status.PREEMPTED, **ident,
+                              error=f"stopped by {e.signame} at a checkpoint; rerun the same command to resume").write(results_path)
+                raise
+            except BaseException as e:
+                if dist.is_main():
+                    RunRecord(status=Status.FAILED, **ident, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()).write(results_path)
+                raise
+        if dist.is_main():
+            record.write(results_path)
+        signum = STOP.agreed()  # a signal during the final evaluation: the run is finished, the process still stops
+    except Preempted as e:
+        signum = e.signum
+    finally:
+        received, previous = STOP.signum, STOP.restore()
+    if signum:
+        chain_and_exit(signum, received, previous)
+    return record
+
+
+@contextmanager
+def _run_lock(run_dir: Path):
+    """Rank 0 holds the run's lock; the other ranks of a torchrun job learn whether it got it."""
+    if not dist.is_main():
+        err = dist.broadcast(None)
+        if err:
+            raise RunLocked(err)
+        yield
+        return
+    lock = RunLock(run_dir)
+    try:
+        lock.__enter__()
+    except RunLocked as e:
+        dist.broadcast(str(e))
+        raise
+    dist.broadcast(None)
+    try:
+        yield
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: dict) -> RunRecord:
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    device = select_device(cfg.device)
+    if mode == "train" and not method_cls.trains:
+        log.info("%s trains nothing: evaluating only", cfg.method.name)
+    protocol = protocol_for(cfg, method_cls)
+    splits = protocol.splits()
+    with dist.main_first("preparing the dataset and the backbone"):  # (generated / built on first use)
+        protocol.check_data()  # a missing dataset fails before any model is loaded
+        names = protocol.classnames()
+        backbone = prepare_backbone(cfg.backbone, device)
+    cache = FeatureCache(cfg.cache_root, num_workers=cfg.num_workers)
+    protocol.attach(cache, backbone)
+    per_class = str(cfg.dataset.metric) == "mean_per_class"
+    out = {"target_domains": [], "source_domains": {}, "accuracy": {}, "mean_per_class_accuracy": {}, "val_accuracy": {}}
+    counters: dict = {}
+    timings = {"train_s": 0.0, "eval_s": 0.0}
+    main = dist.is_main()
+    for split in splits:
+        STOP.stop_here()  # a preemption signal during the previous split's evaluation
+        split_dir = run_dir / "splits" / split.dirname
+        split_dir.mkdir(parents=True, exist_ok=True)
+        done = split_dir / "result.json"
+        if done.is_file():
+            res = json.loads(done.read_text())
+            if main:
+                print(f"[promptdg] {split.target}: finished earlier, read back")
+                (split_dir / "checkpoint.pt").unlink(missing_ok=True)  # (left by a stop just after the result)
+        else:
+            res = _run_split(cfg, method_cls, backbone, protocol, names, split, split_dir, run_dir, device)
+            if main:
+                write_json_atomic(done, res)
+                # the final model replaces the resume checkpoint once the split's result is on disk
+                (split_dir / "checkpoint.pt").unlink(missing_ok=True)
+            dist.barrier()
+        tests = res["tests"] if "tests" in res else {split.key: res["test"]}  # (a split finished by promptdg 0.1: "test")
+        for domain, test in tests.items():
+            if main:
+                print(f"[promptdg] {cfg.method.name} {cfg.dataset.name} target={domain}: top-1 {test['top1']:.1f}%")
+            out["target_domains"].append(domain)
+            out["source_domains"][domain] = split.sources
+            out["accuracy"][domain] = test["top1"]
+            out["mean_per_class_accuracy"][domain] = test["mean_per_class"]
+        if res.get("val") is not None:
+            out["val_accuracy"][split.key] = res["val"]["top1"]
+        for k, v in res.get("extra", {}).items():  # a method's counters (DomainFusion: generated_images), summed over splits
+            counters[k] = counters.get(k, 0) + v
+        timings["train_s"] += res["train_s"]
+        timings["eval_s"] += res["eval_s"]
+    if not per_class:
+        out["mean_per_class_accuracy"] = None
+    rec = RunRecord(status=Status.FINISHED, **ident, **out, avg_accuracy=sum(out["accuracy"].values()) / len(out["accuracy"]),
+                    source_free=method_cls.protocol == "source_free", timings=timings | {"total_s": time.time() - t0},
+                    peak_memory_mb=peak_memory_mb(device), feature_cache={"hits": cache.hits, "misses": cache.misses})
+    rec.add_counters(counters)
+    return rec
+
+
+def _run_split(cfg, method_cls, backbone, protocol, names, split: Split, split_dir: Path, run_dir: Path, device) -> dict:
+    torch.manual_seed(cfg.seed)
+    method = method_cls(cfg.method, backbone, names, device, run_env(cfg))
+    ctx = TrainContext(run_dir, split_dir, split.key, int(cfg.seed), device)
+    data = None
+    if method_cls.trains:
+        with dist.main_first("extracting image features"):  # rank 0 fills the feature cache, the others read it
+            data = protocol.train_data(split, views=int(cfg.method.get("aug_views", 0) or 0))
+    t = time.time()
+    if method_cls.trains:
+        with STOP.deferred():  # a preemption signal stops at the loop's next step boundary
+            method.fit(data, ctx)
+        STOP.stop_here()  # a signal after fit's last safe point
+    train_s = time.time() - t
+    state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
+    if state and dist.is_main():
+        save_file(state, str(split_dir / "model.safetensors"))
+    t = time.time()
+    with dist.main_first("extracting image features"):
+        tests = protocol.test_sets(split)
+    subset = protocol.test_subset()
+    results = {key: evaluate(method, feats, subset=subset) for key, feats in tests.items()}
+    val = evaluate(method, data.val) if data is not None and data.val is not None and len(data.val) else None
+    return {"target": split.target, "sources": split.sources, "tests": results, "val": val,
+            "n_train": len(data.train) if data is not None and data.train is not None else 0,
+            "n_target_unlabelled": len(data.target) if data is not None and data.target is not None else 0,
+            "extra": method.extra_results(), "train_s": train_s, "eval_s": time.time() - t}

@@ -1,0 +1,247 @@
+"""The training loop, written once, and what a method's ``fit`` may use (:class:`TrainContext`).
+
+A method supplies its part of the paper and nothing of the plumbing (``methods/base.py``):
+
+* ``parameters_to_train()`` and ``optimizer(params)``: what is learned and how;
+* ``epoch_batches(epoch, g)``: the epoch's global batches, drawn from ``g``, a generator seeded by
+  (seed, epoch), so every rank draws the same batches and a resumed epoch the same ones;
+* ``load(epoch, local_batches)``: what a step needs of this rank's part of each batch (images
+  loaded, features looked up); the batches themselves by default;
+* ``batch_loss(item, batch, info)``: the paper's loss as :class:`Term` s, each the mean over this
+  rank's items, with how many items it covers here and in the whole batch;
+* ``lr(epoch, step, steps)``, ``validate()``, ``on_epoch(epoch, ctx)`` (a hook per round:
+  DomainFusion's augmentation), ``extra_state()`` / ``load_extra_state()``.
+
+The loop (:meth:`TrainContext.train`) does the rest for every method: the seeded order, data
+parallelism under torchrun (every rank takes its contiguous part of each global batch; a term's loss
+is weighted by the rank's share of the batch, ``n_local / n_global``, and the gradients are summed
+over ranks, so the update is the single-process one, uneven last batches included), a preemption
+check at every step boundary, model selection on validation (``method.select``: val | last), one
+checkpoint layout (a mid-epoch checkpoint carries the step index; the resumed epoch skips the steps
+done), metrics (``metrics.jsonl``) and a progress bar. Rank 0 alone writes files.
+
+:meth:`TrainContext.units` runs a resumable sequence of small jobs (PromptStyler's styles, the
+linear probe's C values) with a checkpoint after each; :meth:`TrainContext.files` produces a list
+of files resumably, shared out over the ranks (DomainFusion's augmentation rounds).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import dist
+from .runtime import STOP, Preempted, torch_save_atomic
+
+log = logging.getLogger("promptdg")
+
+
+@dataclass
+class Term:
+    """One term of a step's loss: ``loss`` is the mean over this rank's ``n_local`` items (None when
+    it has none); ``n_global`` the items of the whole batch (None: the sum of n_local over ranks)."""
+
+    name: str
+    loss: Optional[torch.Tensor]
+    n_local: int
+    n_global: Optional[int] = None
+    weight: float = 1.0
+
+
+@dataclass
+class StepInfo:
+    epoch: int
+    step: int
+
+
+def dassl_lr(step: int, lr: float, epochs: int, warmup_epochs: int, warmup_lr: float, warmup: str = "constant") -> float:
+    """The learning rate at scheduler step ``step`` of Dassl's schedule, as the official CoOp, DAPL and
+    DAPT code builds it (``build_lr_scheduler``: CosineAnnealingLR(T_max=epochs) behind a warm-up
+    wrapper, WARMUP_RECOUNT=True):
+
+    * steps ``< warmup_epochs``: ``warmup_lr`` (constant warm-up; a linear one starts at
+      ``warmup_lr`` and rises as lr·step/warmup_epochs);
+    * then the cosine restarts its count at 0: ``lr · (1 + cos(π (step − warmup_epochs) / epochs)) / 2``.
+
+    So with one warm-up epoch, epoch 1 runs at the full rate and the last epoch is not at 0. Past
+    ``epochs`` steps (DAPL's official trainer steps the scheduler once per batch) the cosine goes on
+    periodically, as PyTorch's CosineAnnealingLR does: the rate goes back up.
+    """
+    if step < warmup_epochs:
+        return warmup_lr if (warmup == "constant" or step == 0) else lr * step / warmup_epochs
+    return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup_epochs) / epochs))
+
+
+def order_batches(order: torch.Tensor, batch_size: int, drop_last: bool) -> List[torch.Tensor]:
+    """``order`` cut into batches; ``drop_last`` drops the last incomplete one when there is a full one
+    (Dassl's training loaders, which the official CoOp, DAPL and DAPT code use)."""
+    n = len(order)
+    end = (n // batch_size) * batch_size if (drop_last and n >= batch_size) else n
+    return [order[i : i + batch_size] for i in range(0, end, batch_size)]
+
+
+def shuffled_batches(n: int, batch_size: int, g: torch.Generator, drop_last: bool = False) -> List[torch.Tensor]:
+    """The epoch's batches of indices 0..n-1 in the order ``torch.randperm(n, generator=g)``."""
+    return order_batches(torch.randperm(n, generator=g), batch_size, drop_last)
+
+
+def _shard(batch):
+    """This rank's part of a global batch (a tensor, or a tuple of tensors each sharded)."""
+    return tuple(dist.shard(b) for b in batch) if isinstance(batch, tuple) else dist.shard(batch)
+
+
+class TrainContext:
+    """One split's training: its folder, seed and device, the checkpoint, metrics and the loop."""
+
+    def __init__(self, run_dir: Path, split_dir: Path, target: str, seed: int, device: torch.device):
+        self.run_dir, self.split_dir, self.target, self.seed, self.device = Path(run_dir), Path(split_dir), target, seed, device
+        self.ckpt = self.split_dir / "checkpoint.pt"
+        self._state: Optional[Dict[str, Any]] = None  # the checkpoint's sections, read once
+
+    # ----------------------------------------------------------------- checkpoint (one file, sections)
+    def checkpoint(self, section: str) -> Optional[dict]:
+        if self._state is None:
+            self._state = {}
+            if self.ckpt.is_file():
+                self._state = torch.load(self.ckpt, map_location=self.device, weights_only=True)
+                log.info("resuming %s from its checkpoint (%s)", self.target, ", ".join(self._state))
+        return self._state.get(section)
+
+    def _save(self, section: str, state: dict) -> None:
+        self.checkpoint(section)  # (reads the file once, so the other sections are kept)
+        self._state[section] = state
+        if dist.is_main():
+            torch_save_atomic(self._state, self.ckpt)
+        dist.barrier()  # no rank goes on (or exits) before the checkpoint is on disk
+
+    def stop_point(self, section: Optional[str] = None, state: Optional[Callable[[], dict]] = None) -> None:
+        """A step boundary: if a preemption signal came (agreed by all ranks), save ``state()`` as
+        ``section`` and stop with :class:`Preempted`."""
+        signum = STOP.agreed()
+        if not signum:
+            return
+        if section is not None and state is not None:
+            self._save(section, state())
+        log.warning("%s: stopping at a checkpoint after %s; rerun the same command to resume", self.target, signal.Signals(signum).name)
+        raise Preempted(signum)
+
+    # ----------------------------------------------------------------- records and progress
+    def log(self, **metrics) -> None:
+        if not dist.is_main():
+            return
+        line = {"time": round(time.time(), 3), "target": self.target, **metrics}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(line, default=float) + "\n")
+
+    @staticmethod
+    def progress(iterable, desc: str, **kw):
+        return tqdm(iterable, desc=desc, unit="it", leave=False, dynamic_ncols=True, disable=not dist.is_main(), **kw)
+
+    # ----------------------------------------------------------------- the loop
+    def train(self, m) -> None:
+        """Train method ``m`` for ``m.cfg.epochs`` epochs (see the module docstring)."""
+        cfg = m.cfg
+        params = m.parameters_to_train()
+        opt = m.optimizer(params)
+        epochs = int(cfg.epochs)
+        select_last = str(getattr(cfg, "select", "last")) == "last"
+        best = {"acc": -1.0, "epoch": -1, "params": [p.detach().clone() for p in params]}
+        state = self.checkpoint("loop")
+        start, done, resumed = 0, 0, {}
+        if state is not None:
+            for p, v in zip(params, state["params"]):
+                p.data.copy_(v)
+            opt.load_state_dict(state["optimizer"])
+            best = state["best"]
+            m.load_extra_state(state.get("extra"))
+            start, done = (int(state["epoch"]), int(state["step"])) if state.get("step") else (int(state["epoch"]) + 1, 0)
+            resumed = dict(state.get("sums", {})) if done else {}
+        dist.broadcast_params(params)  # every rank starts from rank 0's values
+
+        def snapshot(epoch, step, sums):
+            return {"epoch": epoch, "step": step, "params": [p.detach() for p in params], "optimizer": opt.state_dict(),
+                    "best": best, "extra": m.extra_state(), "sums": sums}
+
+        for epoch in self.progress(range(start, epochs), desc=f"{cfg.name} epochs", initial=start, total=epochs):
+            m.on_epoch(epoch, self)
+            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            batches = m.epoch_batches(epoch, g)
+            first = done if epoch == start else 0
+            base = resumed if first else {}
+            sums: Dict[str, float] = {}  # this rank's part since (re)start, summed over steps
+            lr = None
+            items = m.load(epoch, [_shard(b) for b in batches[first:]])
+            for step, (batch, item) in enumerate(zip(batches[first:], items), start=first):
+                lr = m.lr(epoch, step, len(batches))
+                if lr is not None:
+                    for group in opt.param_groups:
+                        group["lr"] = lr
+                terms = m.batch_loss(item, batch, StepInfo(epoch, step))
+                loss, n_any = None, 0
+                for t in terms:
+                    n_global = dist.all_sum(t.n_local) if t.n_global is None else t.n_global
+                    n_any += n_global
+                    if t.loss is None or not t.n_local:
+                        continue
+                    share = t.loss * (t.n_local / n_global) if dist.world() > 1 else t.loss
+                    sums[t.name] = sums.get(t.name, 0.0) + share.item()
+                    loss = t.weight * share if loss is None else loss + t.weight * share
+                if n_any:  # a step with no item anywhere (all unreadable) changes nothing
+                    opt.zero_grad(set_to_none=True)
+                    if loss is not None and loss.requires_grad:
+                        loss.backward()
+                    dist.sync_grads(params)
+                    opt.step()
+                self.stop_point("loop", lambda: snapshot(epoch, step + 1, _add(base, dist.all_sum(sums))))
+            total = _add(base, {k: dist.all_sum(v) for k, v in sorted(sums.items())})
+            val = m.validate()
+            val = None if val is None else dist.broadcast(val)  # every rank selects the same epoch
+            if select_last or val is None or val > best["acc"]:
+                best = {"acc": val if val is not None else -1.0, "epoch": epoch, "params": [p.detach().clone() for p in params]}
+            steps = max(len(batches), 1)
+            self.log(epoch=epoch, lr=lr, **{k: v / steps for k, v in total.items()}, **({} if val is None else {"val_acc": val}))
+            self._save("loop", snapshot(epoch, 0, {}))
+            self.stop_point()
+        for p, v in zip(params, best["params"]):
+            p.data.copy_(v)
+        self.log(selected_epoch=best["epoch"], selected_val_acc=best["acc"])
+
+    # ----------------------------------------------------------------- resumable sequences
+    def units(self, name: str, keys: Sequence, fn: Callable[[Any, dict], Any], desc: str) -> dict:
+        """Run ``fn(key, done)`` for every key in order, ``done`` being the results so far; a
+        checkpoint after each (so a stop between units loses nothing); returns {key: result}."""
+        done = dict((self.checkpoint(f"units:{name}") or {}).get("results", {}))
+        todo = [k for k in keys if k not in done]
+        for key in self.progress(todo, desc=desc, initial=len(keys) - len(todo), total=len(keys)):
+            done[key] = fn(key, done)
+            self._save(f"units:{name}", {"results": done})
+            self.stop_point()
+        return {k: done[k] for k in keys}
+
+    def files(self, outputs: Sequence[Path], make: Callable[[List[int]], None], batch_size: int, desc: str,
+              is_done: Callable[[Path], bool] = Path.is_file) -> None:
+        """Produce ``outputs`` batch by batch with ``make(indices)``, skipping batches whose files are
+        all done (an interrupted run resumes from its files); under torchrun rank r makes batches
+        r, r + world, ... (each file has one writer). A preemption signal stops after the batch in
+        progress."""
+        starts = [i for n, i in enumerate(range(0, len(outputs), batch_size)) if n % dist.world() == dist.rank()]
+        todo = [i for i in starts if not all(is_done(Path(o)) for o in outputs[i : i + batch_size])]
+        for i in self.progress(todo, desc=desc):
+            if dist.world() == 1:
+                self.stop_point()
+            make(list(range(i, min(i + batch_size, len(outputs)))))
+        if dist.world() > 1:
+            dist.barrier()  # every rank reads the whole set next
+            self.stop_point()
+
+
+def _add(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in sorted(set(a) | set(b))}
