@@ -26,7 +26,6 @@ import os
 import platform
 import resource
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -47,13 +46,10 @@ from .data import (
     FeatureCache, Features, Split, class_names, dataset_dir, few_shot_features, make_splits, sample_shots,
     source_free_split, split_features, uda_splits,
 )
+from .locks import RunLocked, run_lock
 from .methods import get_method
 
 log = logging.getLogger("promptdg")
-
-
-class RunLocked(UserError, RuntimeError):
-    pass
 
 
 # --------------------------------------------------------------------- small file helpers
@@ -101,43 +97,6 @@ def peak_memory_mb(device: torch.device) -> dict:
     return {"cpu_rss": round(rss_kb / 1024, 1), "cuda": None if cuda is None else round(cuda, 1)}
 
 
-class _Lock:
-    """One process per run directory; a stale lock (dead pid on this host) is taken over."""
-
-    def __init__(self, run_dir: Path):
-        self.path = run_dir / ".lock"
-
-    def __enter__(self):
-        me = f"{socket.gethostname()}:{os.getpid()}"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-                os.write(fd, me.encode())
-                os.close(fd)
-                return self
-            except FileExistsError:
-                host, _, pid = self.path.read_text().partition(":")
-                alive = host == socket.gethostname() and pid.isdigit() and _pid_alive(int(pid))
-                if alive:
-                    raise RunLocked(f"{self.path.parent} is being written by process {pid} on {host}; not starting a second copy.")
-                self.path.unlink(missing_ok=True)
-        raise RunLocked(f"could not lock {self.path}")
-
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-        return False
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-
-
 # --------------------------------------------------------------------- preemption
 # Preemption and requeue.
 #
@@ -160,7 +119,8 @@ def _pid_alive(pid: int) -> bool:
 # write the checkpoint, then call submitit's handler ourselves: it calls the launcher's
 # ``checkpoint()`` (a DelayedSubmission of the same sweep overrides), pickles it, runs ``scontrol
 # requeue`` and ``sys.exit(-1)``. The requeued job composes the same config, lands in the same run
-# directory (named by the config hash), takes over the stale lock (dead host:pid) and resumes. Had
+# directory (named by the config hash), finds the lock released (or takes over the lock a hard kill left,
+# see locks.py) and resumes. Had
 # submitit's handler run first (at the signal), it would have exited mid-step and lost the progress
 # since the last epoch checkpoint. On SIGTERM (Slurm's preemption with PreemptMode=REQUEUE, where
 # Slurm requeues by itself) the chained ``bypass`` only logs, and we exit 143.
@@ -510,9 +470,8 @@ def _run_lock(run_dir: Path):
             raise RunLocked(err)
         yield
         return
-    lock = _Lock(run_dir)
     try:
-        lock.__enter__()
+        lock = run_lock(run_dir)
     except RunLocked as e:
         dist.broadcast(str(e))
         raise
@@ -520,7 +479,7 @@ def _run_lock(run_dir: Path):
     try:
         yield
     finally:
-        lock.__exit__(None, None, None)
+        lock.release()
 
 
 def check_backbone(cfg) -> None:
