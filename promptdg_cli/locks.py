@@ -243,7 +243,7 @@ class FileLock:
             return f"its process {holder.pid} on this host ({self.host}) is gone"
         age = holder.age()
         if age > self.stale_s:
-            return f"its heartbeat is {age:.0f} s old (stale after {self.stale_s:.0f} s, {STALE_ENV})"
+            return f"no heartbeat for more than {self.stale_s:.0f} s ({STALE_ENV})"
         return None
 
     def _break_file(self, token: str, k: int) -> Path:
