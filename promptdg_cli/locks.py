@@ -73,7 +73,7 @@ def hostname() -> str:
     return os.environ.get(HOSTNAME_ENV) or socket.gethostname()
 
 
-def _seconds(env: str, default: float) -> float:
+def seconds_from_env(env: str, default: float) -> float:
     raw = os.environ.get(env)
     if raw in (None, ""):
         return default
@@ -87,11 +87,11 @@ def _seconds(env: str, default: float) -> float:
 
 
 def heartbeat_s() -> float:
-    return _seconds(HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S)
+    return seconds_from_env(HEARTBEAT_ENV, DEFAULT_HEARTBEAT_S)
 
 
 def stale_s() -> float:
-    return _seconds(STALE_ENV, DEFAULT_STALE_S)
+    return seconds_from_env(STALE_ENV, DEFAULT_STALE_S)
 
 
 def _pid_start(pid: int) -> Optional[int]:
