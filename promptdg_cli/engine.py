@@ -17,6 +17,11 @@ epoch), ``splits/<target>/`` (the checkpoint while a split trains, its final mod
   alone writes files (lock, checkpoints, metrics, split results, ``results.json``).
 * Checkpoints are ``torch.save`` files read back with ``weights_only=True``; final models and the
   feature cache are safetensors: loading never executes code from a file.
+* A file found unreadable (a checkpoint or feature file cut short, a broken generated image) is
+  recovered from (``checkpoints.py``, ``shared_files.py``) and listed in ``results.json``
+  under ``recovered``: the file, the error and the action taken.
+* The run directory's ``.lock`` (``locks.py``) has a heartbeat, so it holds across the nodes of a
+  shared file system, and the lock of a dead process is taken over.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from . import __version__
-from . import dist
+from . import checkpoints, dist
 from .config import ConfigError, UserError, config_hash
 from .data import (
     FeatureCache, Features, Split, class_names, dataset_dir, few_shot_features, make_splits, sample_shots,
@@ -60,12 +65,6 @@ def write_json_atomic(path: Path, obj: Any) -> None:
         json.dump(obj, f, indent=2, default=str)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def torch_save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
@@ -245,6 +244,7 @@ class TrainContext:
         self.dataset = dataset  # the dataset's name, for methods whose paper defaults differ by dataset
         self.shots = shots  # k images per class (None: all), for schedules that depend on it
         self.ckpt = split_dir / "checkpoint.pt"
+        self.recovered: list = []  # unreadable files recovered from (checkpoints.py, recovery.py)
 
     # ----------------------------------------------------------------- ranks (torchrun)
     @property
@@ -322,16 +322,17 @@ class TrainContext:
 
     # ----------------------------------------------------------------- checkpoints and stopping
     def load_checkpoint(self) -> Optional[dict]:
-        if not self.ckpt.is_file():
+        state, events = checkpoints.load(self.ckpt, self.device, repair=self.is_main)
+        self.recovered += events
+        if state is None:
             return None
-        state = torch.load(self.ckpt, map_location=self.device, weights_only=True)
         log.info("resuming %s from its checkpoint (epoch %s%s)", self.target, state.get("epoch"),
                  f", step {state['step']}" if state.get("step") else "")
         return state
 
     def _write_checkpoint(self, state: dict) -> None:
         if self.is_main:
-            torch_save_atomic(state, self.ckpt)
+            checkpoints.save(state, self.ckpt)
         dist.barrier()  # no rank goes on (or exits) before the checkpoint is on disk
 
     def save_checkpoint(self, state: dict) -> None:
@@ -543,7 +544,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, chash: str, mode: str) -> dict:
         backbone = ClipBackbone.from_config(cfg.backbone, device=device)
     cache = FeatureCache(cfg.cache_root, num_workers=cfg.num_workers)
     record = _base_record(cfg, run_dir, chash) | {"protocol": protocol, "shots": cfg.get("shots")}
-    record.update(target_domains=[], source_domains={}, accuracy={}, mean_per_class_accuracy={}, val_accuracy={})
+    record.update(target_domains=[], source_domains={}, accuracy={}, mean_per_class_accuracy={}, val_accuracy={}, recovered=[])
     timings = {"train_s": 0.0, "eval_s": 0.0}
     main = dist.is_main()
     for split in splits:
@@ -555,14 +556,14 @@ def _run_locked(cfg: DictConfig, run_dir: Path, chash: str, mode: str) -> dict:
             res = json.loads(done.read_text())
             if main:
                 print(f"[promptdg] {split.target}: finished earlier, read back")
-                (split_dir / "checkpoint.pt").unlink(missing_ok=True)  # (left by a stop just after the result)
+                checkpoints.remove(split_dir / "checkpoint.pt")  # (left by a stop just after the result)
         else:
             res = _run_split(cfg, method_cls, backbone, cache, names, split, split_dir, run_dir, device)
             if main:
                 write_json_atomic(done, res)
                 # the final model replaces the resume checkpoint once the split's result is on disk
                 # (kept until then: a run stopped during the evaluation resumes after its last epoch)
-                (split_dir / "checkpoint.pt").unlink(missing_ok=True)
+                checkpoints.remove(split_dir / "checkpoint.pt")
             dist.barrier()
         tests = res["tests"] if "tests" in res else {split.key: res["test"]}
         for domain, test in tests.items():
@@ -576,6 +577,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, chash: str, mode: str) -> dict:
             record["val_accuracy"][split.key] = res["val"]["top1"]
         for k, v in res.get("extra", {}).items():  # counters of the method (DomainFusion: generated_images)
             record[k] = record.get(k, 0) + v
+        record["recovered"] += res.get("recovered", [])  # unreadable checkpoints and generated images
         timings["train_s"] += res["train_s"]
         timings["eval_s"] += res["eval_s"]
     if method_cls.source_free:
@@ -587,6 +589,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, chash: str, mode: str) -> dict:
     record["timings"] = timings | {"total_s": time.time() - t0}
     record["peak_memory_mb"] = peak_memory_mb(device)
     record["feature_cache"] = {"hits": cache.hits, "misses": cache.misses}
+    record["recovered"] += cache.recovered  # unreadable feature files computed again
     record["status"] = "finished"
     return record
 
@@ -667,6 +670,7 @@ def _run_split(cfg, method_cls, backbone, cache, names, split, split_dir, run_di
         "n_train": len(data["train"]) if "train" in data else 0,
         "n_target_unlabelled": len(data["target"]) if "target" in data else 0,
         "extra": method.extra_results(),
+        "recovered": ctx.recovered,
         "train_s": train_s,
         "eval_s": time.time() - t,
     }

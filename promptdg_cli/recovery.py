@@ -18,7 +18,9 @@ log = logging.getLogger("promptdg.recovery")
 def recovery_event(file: Path, error, action: str) -> dict:
     """Log a recovery and return its event."""
     err = f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else str(error)
-    err = err.strip().splitlines()[0][:300] if err.strip() else err
+    err = err.strip().splitlines()[0] if err.strip() else err
+    if len(err) > 160:  # e.g. PyTorch's paragraph after "failed finding central directory"
+        err = err.split(". ")[0]
     log.warning("%s could not be read (%s): %s", file, err, action)
     return {"file": str(file), "error": err, "action": action, "time": round(time.time(), 3)}
 

@@ -73,6 +73,7 @@ from PIL import Image
 from torch import nn
 
 from ..config import ConfigError
+from ..recovery import image_error, recovery_event
 from ..schema import MethodConfig
 from .base import Method
 from .zeroshot import zeroshot_weights
@@ -296,15 +297,18 @@ class DomainFusion(Method):
         return (ldm.decode(fused) + 1) / 2
 
     def augment_files(self, inputs: Sequence[str], labels: Sequence[int], outputs: Sequence[Path], seed: int, desc: str,
-                      progress=None, ctx=None) -> None:
-        """Augment ``inputs`` into ``outputs`` (PNG), skipping outputs that exist (an interrupted
-        round resumes); each batch has its own seeded generator, so a resumed round is identical.
+                      progress=None, ctx=None) -> list:
+        """Augment ``inputs`` into ``outputs`` (PNG), skipping outputs that exist and decode (an
+        interrupted round resumes; a file that does not decode is generated again and returned as a
+        recovery event); each batch has its own seeded generator, so a resumed round is identical.
         Under torchrun rank r generates batches r, r + world, ... (every file has one writer); a
         preemption signal stops the round after the batch in progress (its files are kept)."""
         bs = self.cfg.generate_batch
         rank, world = (ctx.rank, ctx.world) if ctx is not None else (0, 1)
         todo = [i for n, i in enumerate(range(0, len(inputs), bs)) if n % world == rank]
-        todo = [i for i in todo if not all(Path(o).is_file() for o in outputs[i : i + bs])]
+        broken = {o: err for i in todo for o in outputs[i : i + bs] if Path(o).is_file() and (err := image_error(Path(o)))}
+        events = [recovery_event(o, err, "generated again") for o, err in broken.items()]
+        todo = [i for i in todo if not all(Path(o).is_file() and o not in broken for o in outputs[i : i + bs])]
         bar = progress(todo, desc=desc) if progress else todo
         for start in bar:
             if ctx is not None and world == 1:
@@ -320,6 +324,7 @@ class DomainFusion(Method):
         if ctx is not None and world > 1:
             ctx.barrier()  # every rank reads the whole round next
             ctx.preempt_point()
+        return events
 
     # ----------------------------------------------------------------- training
     def fit(self, data, ctx):
@@ -362,8 +367,8 @@ class DomainFusion(Method):
             if epoch > 0 and epoch % cfg.augment_every == 0 and rnd < epoch // cfg.augment_every:
                 r = epoch // cfg.augment_every  # online augmentation: the synthetic set is replaced
                 outs = [syn_dir / f"round{r}" / f"{k:06d}.png" for k in range(len(syn_src))]
-                self.augment_files(syn_paths, syn_labels, outs, seed=ctx.seed * 1009 + r, desc=f"augmentation round {r}",
-                                   progress=ctx.progress, ctx=ctx)
+                ctx.recovered += self.augment_files(syn_paths, syn_labels, outs, seed=ctx.seed * 1009 + r,
+                                                    desc=f"augmentation round {r}", progress=ctx.progress, ctx=ctx)
                 # counted once per round, however often an interrupted round was resumed or shared out
                 rnd = r
                 self.counts = {"generated_images": self.counts["generated_images"] + cfg.candidates * len(syn_src),
@@ -483,7 +488,7 @@ def write_augmented(cls, cfg, run_dir: Path) -> dict:
     method = cls(cfg.method, backbone, class_names(cfg.dataset), device)
     method.cache_root, method.num_workers = cfg.cache_root, cfg.num_workers
     out_root = run_dir / "images" / cfg.dataset.folder
-    total = 0
+    total, recovered = 0, []  # recovered: broken images of an interrupted set, generated again
     from tqdm.auto import tqdm
 
     folders = list(cfg.dataset.classes.keys())
@@ -496,8 +501,8 @@ def write_augmented(cls, cfg, run_dir: Path) -> dict:
                 (out_root / domain / folders[c] / f"{Path(p).stem}.png") if last else (run_dir / "rounds" / f"round{r}" / domain / f"{k:06d}.png")
                 for k, (p, c) in enumerate(zip(paths, labels))
             ]
-            method.augment_files(current, labels, outs, seed=cfg.seed * 1009 + r, desc=f"generate {domain} round {r}",
-                                 progress=lambda it, desc: tqdm(it, desc=desc, unit="batch", dynamic_ncols=True))
+            recovered += method.augment_files(current, labels, outs, seed=cfg.seed * 1009 + r, desc=f"generate {domain} round {r}",
+                                              progress=lambda it, desc: tqdm(it, desc=desc, unit="batch", dynamic_ncols=True))
             current = [str(o) for o in outs]
         total += len(paths)
     if cfg.target:
@@ -507,7 +512,7 @@ def write_augmented(cls, cfg, run_dir: Path) -> dict:
             os.symlink((root / cfg.target).resolve(), link, target_is_directory=True)
     info = {"images": total, "sources": sources, "target": cfg.target, "rounds": cfg.method.generate_rounds,
             "generated_images": total * cfg.method.candidates * cfg.method.generate_rounds,
-            "ldm": resolve_ldm(cfg.method.ldm, backbone), "dataset_root": str(run_dir / "images")}
+            "ldm": resolve_ldm(cfg.method.ldm, backbone), "dataset_root": str(run_dir / "images"), "recovered": recovered}
     write_json_atomic(done, info)
     print(f"[promptdg] wrote {total} augmented images of {', '.join(sources)} to {out_root} "
           f"({info['generated_images']} img2img candidates). Use it as a dataset: data_root={run_dir / 'images'} dataset={cfg.dataset.name}")
