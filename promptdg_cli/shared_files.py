@@ -86,6 +86,8 @@ def _compute_claimed(file, compute, write, read, events):
     if file.exists():
         try:
             return read(file)
+        except FileNotFoundError:
+            pass  # removed in between: computed below
         except Exception as e:
             ev = recovery_event(file, e, "deleted and computed again")
             if events is not None:

@@ -81,8 +81,11 @@ def test_processes_asking_at_once_encode_a_domain_once_and_get_the_same_features
     assert sorted(o["misses"] for o in outs) == [0] * (n - 1) + [1]
     assert all(torch.equal(o["x"], outs[0]["x"]) and o["paths"] == outs[0]["paths"] for o in outs)
     assert outs[0]["x"].shape == (len(paths), 128) and outs[0]["paths"] == [str(p) for p in paths]
-    waiting = [l for l in logs if "waiting for the features of demo_digits/sketch" in l]
-    assert waiting and all("being computed by process" in l for l in waiting)
+    per_process = [[l for l in log.splitlines() if "waiting for the features of demo_digits/sketch" in l] for log in logs]
+    assert all(len(w) <= 1 for w in per_process)  # logged once, however long the wait
+    waiting = [l for w in per_process for l in w]
+    assert waiting and all("being computed by process" in l for l in waiting)  # (a late one may find the file)
+    print(f"\n[shared feature cache] {n} processes, one encoding; a waiting one logged: {waiting[0]}")
     files = sorted(p.name for p in (tmp_path / "cache" / "features" / "demo_digits").iterdir())
     assert len(files) == 1 and files[0].startswith("sketch-") and files[0].endswith(".safetensors")  # no claim left
 
