@@ -98,7 +98,8 @@ def test_a_waiting_job_gives_up_naming_the_file_and_who_computes_it(tmp_path, mo
     t = time.time()
     with pytest.raises(CacheWaitTimeout) as e:
         compute_once(file, lambda: b"x", lambda v, p: p.write_bytes(v), lambda p: p.read_bytes(), "a test file")
-    assert 1 <= time.time() - t < 3
+    assert time.time() - t >= 1  # (and then gave up: no computation, no file)
+    assert not file.exists()
     msg = str(e.value)
     assert f"gave up waiting for a test file ({file}) after 1 s (PROMPTDG_CACHE_WAIT_S)" in msg
     assert f"process {os.getpid()} on " in msg and "stop it" in msg
