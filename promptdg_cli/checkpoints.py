@@ -17,7 +17,6 @@ Keeping the previous checkpoint doubles the disk space checkpoints take while a 
 """
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 from typing import Optional
@@ -26,7 +25,6 @@ import torch
 
 from .recovery import recovery_event
 
-log = logging.getLogger("promptdg.checkpoints")
 
 
 class CheckpointError(RuntimeError):

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from . import checkpoints, dist
-from .config import ConfigError, UserError, config_hash
+from .config import ConfigError, config_hash
 from .data import (
     FeatureCache, Features, Split, class_names, dataset_dir, few_shot_features, make_splits, sample_shots,
     source_free_split, split_features, uda_splits,
@@ -118,10 +118,9 @@ def peak_memory_mb(device: torch.device) -> dict:
 # write the checkpoint, then call submitit's handler ourselves: it calls the launcher's
 # ``checkpoint()`` (a DelayedSubmission of the same sweep overrides), pickles it, runs ``scontrol
 # requeue`` and ``sys.exit(-1)``. The requeued job composes the same config, lands in the same run
-# directory (named by the config hash), finds the lock released (or takes over the lock a hard kill left,
-# see locks.py) and resumes. Had
-# submitit's handler run first (at the signal), it would have exited mid-step and lost the progress
-# since the last epoch checkpoint. On SIGTERM (Slurm's preemption with PreemptMode=REQUEUE, where
+# directory (named by the config hash), finds the lock released (or takes over the one a hard kill
+# left, see locks.py) and resumes. Had submitit's handler run first (at the signal), it would have
+# exited mid-step and lost the progress since the last epoch checkpoint. On SIGTERM (Slurm's preemption with PreemptMode=REQUEUE, where
 # Slurm requeues by itself) the chained ``bypass`` only logs, and we exit 143.
 #
 # Under torchrun a signal may reach some ranks only (torchrun forwards SIGTERM/SIGINT/SIGHUP/SIGQUIT,

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from promptdg_cli.data import FeatureCache, dataset_dir, list_domain
+from promptdg_cli.data import dataset_dir, list_domain
 from promptdg_cli.locks import FileLock
 from promptdg_cli.shared_files import CacheWaitTimeout, claim_path, compute_once
 from test_data import dataset_cfg
