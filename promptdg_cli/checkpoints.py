@@ -26,7 +26,6 @@ import torch
 from .recovery import recovery_event
 
 
-
 class CheckpointError(RuntimeError):
     """A checkpoint just written does not read back; the previous checkpoint is kept."""
 
