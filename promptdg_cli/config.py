@@ -1,9 +1,10 @@
 """The run config: top-level schema, config registration, range checks, resolvers and the run key.
 
 ``register_configs()`` is the one place that stores schemas in Hydra's ConfigStore: the top-level
-``RunConfig`` (so ``dataset`` and ``backbone`` are typed by their dataclasses) and every built-in
+``RunConfig`` (so ``dataset`` and ``backbone`` are typed by their dataclasses), every built-in
 method's schema under ``schema/method/<name>`` (each ``conf/method/<name>.yaml`` lists it first in
-its defaults). Torch-free: a config error answers before any heavy library is imported.
+its defaults) and the submitit launcher's schemas under ``schema/launcher/<name>``. Torch-free: a
+config error answers before any heavy library is imported.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from hydra.core.plugins import Plugins
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 import dataclasses
@@ -60,6 +62,30 @@ def register_configs() -> None:
     cs.store(name="run_schema", node=RunConfig)
     for name, schema in METHOD_SCHEMAS.items():
         cs.store(group="schema/method", name=name, node=schema)
+    _register_launchers(cs)
+
+
+# promptdg's launchers and the plugin's names for them
+LAUNCHER_ALIASES = {"submitit_local": "local", "submitit_slurm": "slurm"}
+
+
+def _register_launchers(cs: ConfigStore) -> None:
+    """``hydra/launcher=submitit_local`` / ``submitit_slurm`` (hydra-submitit-launcher's own names)
+    become promptdg's ``local`` / ``slurm`` (conf/hydra/launcher/): the same defaults and job names.
+
+    The plugin's own nodes name the job ``${hydra.job.name}``, which promptdg sets through the
+    ``${hydra:...}`` resolver, not resolvable where the launcher is built ("HydraConfig was not
+    set"). Its schemas move to ``schema/launcher/<name>`` (which local.yaml and slurm.yaml extend),
+    and its names become aliases. A YAML file of the same name cannot do it: Hydra would merge the
+    plugin's node into it (deprecated automatic schema matching). Hydra's plugin scan registers the
+    plugin's nodes anew when it runs (once per process), so it runs here first."""
+    Plugins.instance()
+    for name, ours in LAUNCHER_ALIASES.items():
+        found = cs.load(f"hydra/launcher/{name}.yaml")
+        if found.provider == "promptdg":  # registered before in this process
+            continue
+        cs.store(group="schema/launcher", name=name, node=found.node, provider="promptdg")
+        cs.store(group="hydra/launcher", name=name, node={"defaults": [ours, "_self_"]}, provider="promptdg")
 
 
 # ---------------------------------------------------------------- ranges

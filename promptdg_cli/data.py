@@ -8,6 +8,8 @@ Feature cache: a frozen image encoder is run once per (weights, dataset, domain,
 transform); the features of a whole domain folder are stored as safetensors under
 ``<cache_root>/features`` and every method and run reuses them. The key hashes the file list
 with sizes and modification times, so adding, removing or replacing an image invalidates it.
+Jobs that need the same missing file at once compute it once (``shared_files.compute_once``), and
+an unreadable file is computed again.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from tqdm.auto import tqdm
 
 from .demo.world import generate_dataset
 from .errors import DatasetNotFound
+from .shared_files import compute_once
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +188,7 @@ class FeatureCache:
         self.dir = Path(os.path.expanduser(str(cache_root))) / "features"
         self.batch_size, self.num_workers = batch_size, num_workers
         self.hits = self.misses = 0
+        self.recovered: list = []  # unreadable cache files computed again (recovery events)
 
     @staticmethod
     def key(backbone_identity: dict, dataset: str, domain: str, paths: Sequence[Path], transform) -> str:
@@ -211,25 +215,25 @@ class FeatureCache:
         if view:
             key = hashlib.sha1(f"{key}-view{view}".encode()).hexdigest()[:16]
         file = self.dir / dataset / f"{name}-{key}.safetensors"
-        if file.is_file():
-            self.hits += 1
-            t = load_file(str(file))
-            keep = t["index"].tolist()
-        else:
-            self.misses += 1
-            what = f"{dataset}/{name}" + (f" (augmented view {view})" if view else "")
-            keep, x = self._encode(backbone, paths, what, transform, seed=view or None)
-            t = {"x": x, "index": torch.tensor(keep, dtype=torch.long)}
-            file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_suffix(f".tmp{os.getpid()}")
-            save_file(t, str(tmp), metadata={"model": backbone.model_name, "weights": backbone.weights_id, "domain": name})
-            os.replace(tmp, file)  # atomic: a half-written cache file is never read
+        what = f"{dataset}/{name}" + (f" (augmented view {view})" if view else "")
+        meta = {"model": backbone.model_name, "weights": backbone.weights_id, "domain": name}
+        # one job computes a missing (or unreadable) file, the others wait for it (shared_files.py)
+        t, computed = compute_once(file, lambda: self._encode_keep(backbone, paths, what, transform, view),
+                                   lambda t, f: save_file(t, str(f), metadata=meta), lambda f: load_file(str(f)),
+                                   f"the features of {what}", events=self.recovered)
+        self.misses += computed
+        self.hits += not computed
+        keep = t["index"].tolist()
         return Features(
             t["x"].float(),
             torch.tensor([labels[i] for i in keep], dtype=torch.long),
             [name] * len(keep),
             [str(paths[i]) for i in keep],
         )
+
+    def _encode_keep(self, backbone, paths, what, transform, view) -> dict:
+        keep, x = self._encode(backbone, paths, what, transform, seed=view or None)
+        return {"x": x, "index": torch.tensor(keep, dtype=torch.long)}
 
     @torch.no_grad()
     def _encode(self, backbone, paths: list[Path], what: str, transform=None, seed=None) -> tuple[list[int], torch.Tensor]:

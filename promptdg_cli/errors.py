@@ -20,7 +20,3 @@ class WeightsNotFound(UserError, RuntimeError):
 
 class LDMNotFound(UserError, FileNotFoundError):
     """A latent diffusion model is not on disk and cannot be fetched."""
-
-
-class RunLocked(UserError, RuntimeError):
-    """Another live process writes the run directory."""

@@ -13,8 +13,6 @@ import json
 import os
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from .backbone import ClipBackbone
 from .data import class_names, dataset_dir, list_domain
 from .errors import ConfigError
@@ -28,7 +26,7 @@ from .runtime import select_device
 def generate(cfg, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     cls = method_class(cfg.method)
-    if not hasattr(cls, "augment_batch") or not hasattr(cls, "generator_name"):
+    if not hasattr(cls, "augment_files") or not hasattr(cls, "generator_name"):
         raise ConfigError(f"method={cfg.method.name} does not generate images. Methods that do: domainfusion.")
     done = run_dir / "generated.json"
     if done.is_file():
@@ -44,17 +42,15 @@ def generate(cfg, run_dir: Path) -> dict:
     env = RunEnv(seed=int(cfg.seed), num_workers=int(cfg.num_workers), cache_root=str(cfg.cache_root))
     method = cls(cfg.method, backbone, class_names(cfg.dataset), device, env)
     out_root = run_dir / "images" / cfg.dataset.folder
-    folders, rounds, bs = list(cfg.dataset.classes.keys()), int(cfg.method.generate_rounds), int(cfg.method.generate_batch)
-    total = 0
+    folders, rounds = list(cfg.dataset.classes.keys()), int(cfg.method.generate_rounds)
+    total, recovered = 0, []
     for domain in sources:
         paths, labels = list_domain(cfg.dataset, domain)
         current = [str(p) for p in paths]
         for r in range(1, rounds + 1):
             outs = [(out_root / domain / folders[c] / f"{Path(p).stem}.png") if r == rounds else (run_dir / "rounds" / f"round{r}" / domain / f"{k:06d}.png")
                     for k, (p, c) in enumerate(zip(paths, labels))]
-            todo = [i for i in range(0, len(outs), bs) if not all(o.is_file() for o in outs[i : i + bs])]
-            for i in tqdm(todo, desc=f"generate {domain} round {r}", unit="batch", dynamic_ncols=True):
-                method.augment_batch(current, labels, outs, list(range(i, min(i + bs, len(outs)))), seed=cfg.seed * 1009 + r)
+            recovered += method.augment_files(current, labels, outs, cfg.seed * 1009 + r, f"generate {domain} round {r}")
             current = [str(o) for o in outs]
         total += len(paths)
     if cfg.target:
@@ -63,7 +59,8 @@ def generate(cfg, run_dir: Path) -> dict:
             link.parent.mkdir(parents=True, exist_ok=True)
             os.symlink((root / cfg.target).resolve(), link, target_is_directory=True)
     info = {"images": total, "sources": sources, "target": cfg.target, "rounds": rounds,
-            "generated_images": total * cfg.method.candidates * rounds, "ldm": method.generator_name(), "dataset_root": str(run_dir / "images")}
+            "generated_images": total * cfg.method.candidates * rounds, "ldm": method.generator_name(), "dataset_root": str(run_dir / "images"),
+            "recovered": recovered}
     write_json_atomic(done, info)
     print(f"[promptdg] wrote {total} augmented images of {', '.join(sources)} to {out_root} "
           f"({info['generated_images']} img2img candidates). Use it as a dataset: data_root={run_dir / 'images'} dataset={cfg.dataset.name}")

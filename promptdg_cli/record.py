@@ -197,6 +197,8 @@ class RunRecord:
     peak_memory_mb: Optional[Dict[str, Optional[float]]] = _spec(
         (_mapping_of(lambda v: v is None or _is_number(v), "a finite number or null"), "an object of finite numbers or nulls"), FINISHED)
     feature_cache: Optional[Dict[str, int]] = _spec((_mapping_of(_is_int, "an integer"), "an object of integers"))  # hits, misses
+    # unreadable files recovered from (a checkpoint, a cached feature file, a generated image): file, error, action
+    recovered: Optional[List[Dict[str, Any]]] = _spec((_list_of(lambda v: isinstance(v, dict), "an object"), "a list of objects"))
     # ---- keys the schema does not name (a method's counters): written back at the top level
     extra: Dict[str, Any] = field(default_factory=dict)
 

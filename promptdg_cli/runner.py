@@ -30,15 +30,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from . import __version__, dist
+from . import __version__, checkpoints, dist
 from .backbone import ClipBackbone
 from .config import config_hash
 from .data import FeatureCache
 from .demo.pretrain import build_demo_clip
-from .errors import ConfigError, RunLocked
+from .errors import ConfigError
 from .evaluation import evaluate
 from .files import write_json_atomic
-from .locks import RunLock
+from .locks import RunLocked, run_lock
 from .methods import method_class
 from .methods.base import RunEnv
 from .protocols import Split, protocol_for, protocol_name
@@ -137,9 +137,8 @@ def _run_lock(run_dir: Path):
             raise RunLocked(err)
         yield
         return
-    lock = RunLock(run_dir)
     try:
-        lock.__enter__()
+        lock = run_lock(run_dir)  # a heartbeat holds it across the nodes of a shared file system (locks.py)
     except RunLocked as e:
         dist.broadcast(str(e))
         raise
@@ -147,7 +146,7 @@ def _run_lock(run_dir: Path):
     try:
         yield
     finally:
-        lock.__exit__(None, None, None)
+        lock.release()
 
 
 def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: dict) -> RunRecord:
@@ -167,6 +166,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
     per_class = str(cfg.dataset.metric) == "mean_per_class"
     out = {"target_domains": [], "source_domains": {}, "accuracy": {}, "mean_per_class_accuracy": {}, "val_accuracy": {}}
     counters: dict = {}
+    recovered: list = []  # unreadable checkpoints, feature files and generated images, and what was done
     timings = {"train_s": 0.0, "eval_s": 0.0}
     main = dist.is_main()
     for split in splits:
@@ -178,13 +178,13 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
             res = json.loads(done.read_text())
             if main:
                 print(f"[promptdg] {split.target}: finished earlier, read back")
-                (split_dir / "checkpoint.pt").unlink(missing_ok=True)  # (left by a stop just after the result)
+                checkpoints.remove(split_dir / "checkpoint.pt")  # (left by a stop just after the result)
         else:
             res = _run_split(cfg, method_cls, backbone, protocol, names, split, split_dir, run_dir, device)
             if main:
                 write_json_atomic(done, res)
                 # the final model replaces the resume checkpoint once the split's result is on disk
-                (split_dir / "checkpoint.pt").unlink(missing_ok=True)
+                checkpoints.remove(split_dir / "checkpoint.pt")
             dist.barrier()
         tests = res["tests"] if "tests" in res else {split.key: res["test"]}  # (a split finished by promptdg 0.1: "test")
         for domain, test in tests.items():
@@ -198,13 +198,15 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
             out["val_accuracy"][split.key] = res["val"]["top1"]
         for k, v in res.get("extra", {}).items():  # a method's counters (DomainFusion: generated_images), summed over splits
             counters[k] = counters.get(k, 0) + v
+        recovered += res.get("recovered", [])
         timings["train_s"] += res["train_s"]
         timings["eval_s"] += res["eval_s"]
     if not per_class:
         out["mean_per_class_accuracy"] = None
     rec = RunRecord(status=Status.FINISHED, **ident, **out, avg_accuracy=sum(out["accuracy"].values()) / len(out["accuracy"]),
                     source_free=method_cls.protocol == "source_free", timings=timings | {"total_s": time.time() - t0},
-                    peak_memory_mb=peak_memory_mb(device), feature_cache={"hits": cache.hits, "misses": cache.misses})
+                    peak_memory_mb=peak_memory_mb(device), feature_cache={"hits": cache.hits, "misses": cache.misses},
+                    recovered=recovered + cache.recovered)
     rec.add_counters(counters)
     return rec
 
@@ -235,4 +237,4 @@ def _run_split(cfg, method_cls, backbone, protocol, names, split: Split, split_d
     return {"target": split.target, "sources": split.sources, "tests": results, "val": val,
             "n_train": len(data.train) if data is not None and data.train is not None else 0,
             "n_target_unlabelled": len(data.target) if data is not None and data.target is not None else 0,
-            "extra": method.extra_results(), "train_s": train_s, "eval_s": time.time() - t}
+            "extra": method.extra_results(), "recovered": ctx.recovered, "train_s": train_s, "eval_s": time.time() - t}

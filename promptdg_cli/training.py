@@ -38,8 +38,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import dist
-from .runtime import STOP, Preempted, torch_save_atomic
+from . import checkpoints, dist
+from .runtime import STOP, Preempted
 
 log = logging.getLogger("promptdg")
 
@@ -105,13 +105,15 @@ class TrainContext:
         self.run_dir, self.split_dir, self.target, self.seed, self.device = Path(run_dir), Path(split_dir), target, seed, device
         self.ckpt = self.split_dir / "checkpoint.pt"
         self._state: Optional[Dict[str, Any]] = None  # the checkpoint's sections, read once
+        self.recovered: list = []  # unreadable files recovered from (checkpoints.py, recovery.py)
 
     # ----------------------------------------------------------------- checkpoint (one file, sections)
     def checkpoint(self, section: str) -> Optional[dict]:
         if self._state is None:
-            self._state = {}
-            if self.ckpt.is_file():
-                self._state = torch.load(self.ckpt, map_location=self.device, weights_only=True)
+            state, events = checkpoints.load(self.ckpt, self.device, repair=dist.is_main())
+            self.recovered += events  # a checkpoint that cannot be read: its previous one, or a restart
+            self._state = state or {}
+            if state:
                 log.info("resuming %s from its checkpoint (%s)", self.target, ", ".join(self._state))
         return self._state.get(section)
 
@@ -119,7 +121,7 @@ class TrainContext:
         self.checkpoint(section)  # (reads the file once, so the other sections are kept)
         self._state[section] = state
         if dist.is_main():
-            torch_save_atomic(self._state, self.ckpt)
+            checkpoints.save(self._state, self.ckpt)  # verified, the previous one kept until then
         dist.barrier()  # no rank goes on (or exits) before the checkpoint is on disk
 
     def stop_point(self, section: Optional[str] = None, state: Optional[Callable[[], dict]] = None) -> None:
@@ -241,6 +243,15 @@ class TrainContext:
         if dist.world() > 1:
             dist.barrier()  # every rank reads the whole set next
             self.stop_point()
+
+
+def make_files(outputs: Sequence[Path], make: Callable[[List[int]], None], batch_size: int, desc: str,
+               is_done: Callable[[Path], bool] = Path.is_file) -> None:
+    """One process's :meth:`TrainContext.files` outside training (``promptdg generate``): the batches
+    whose files are not all done, with a progress bar."""
+    todo = [i for i in range(0, len(outputs), batch_size) if not all(is_done(Path(o)) for o in outputs[i : i + batch_size])]
+    for i in tqdm(todo, desc=desc, unit="batch", dynamic_ncols=True):
+        make(list(range(i, min(i + batch_size, len(outputs)))))
 
 
 def _add(a: dict, b: dict) -> dict:

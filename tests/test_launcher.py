@@ -88,6 +88,21 @@ def test_resource_shapes_set_only_the_launcher(hydra_ctx, launcher, shape, gpus)
     assert "resources" not in plain.hydra.launcher and plain.hydra.runtime.choices.resources is None
 
 
+@pytest.mark.parametrize("alias,ours", [("submitit_local", "local"), ("submitit_slurm", "slurm")])
+def test_the_plugins_launcher_names_are_promptdgs(hydra_ctx, alias, ours):
+    """hydra/launcher=submitit_local|submitit_slurm (the plugin's names) compose to promptdg's local|slurm,
+    resource shapes and overrides included; the plugin's own nodes failed to resolve their job name."""
+    extra = ["resources=gpu1", "hydra.launcher.timeout_min=30"]
+    got = compose("train", overrides=[f"hydra/launcher={alias}", *extra], return_hydra_config=True).hydra.launcher
+    want = compose("train", overrides=[f"hydra/launcher={ours}", *extra], return_hydra_config=True).hydra.launcher
+    got, want = OmegaConf.to_container(got, resolve=True), OmegaConf.to_container(want, resolve=True)
+    assert got == want
+    assert got["name"] == "promptdg_train" and got["timeout_min"] == 30 and got["gpus_per_node"] == 1
+    assert got["_target_"] == {"local": LOCAL_TARGET, "slurm": SLURM_TARGET}[ours]
+    if ours == "slurm":  # promptdg's defaults, not the plugin's (0 requeues, 256 jobs at once)
+        assert got["max_num_timeout"] == 3 and got["array_parallelism"] == 64
+
+
 def test_cfg_hydra_and_help_on_the_command_line(capsys):
     code = cli_main(["train", "hydra/launcher=slurm", "resources=gpu4", "hydra.launcher.partition=a100",
                      "method=coop", "--cfg", "hydra"])
@@ -134,6 +149,24 @@ def test_local_launcher_sweep_in_separate_processes_then_collect(run_cli, tmp_pa
     assert code == 0, err
     rows = [l for l in out.splitlines() if l.startswith("| zeroshot")]
     assert len(rows) == 2 and "Failed runs" not in out
+
+
+def test_a_sweep_through_the_plugins_own_launcher_name(run_cli, tmp_path):
+    """hydra/launcher=submitit_local runs like hydra/launcher=local: the jobs in their own processes, the
+    same sweep report (it used to end in "InterpolationResolutionError: HydraConfig was not set")."""
+    code, _, err, _ = run_cli("train", "method=zeroshot", "target=sketch", f"out_root={tmp_path / 'warm'}")
+    assert code == 0, err
+    t = time.time()
+    code, out, err, out_root = run_cli("train", "-m", "hydra/launcher=submitit_local", "method=zeroshot,zeroshot_name", "target=sketch")
+    elapsed = time.time() - t
+    assert code == 0, err
+    recs = results(out_root)
+    assert sorted(r["variant"] for r in recs) == ["[class]", "a photo of a [class]."]
+    assert all(r["status"] == "finished" for r in recs)
+    assert len(list((out_root / ".submitit").glob("*/*_result.pkl"))) == 2  # two processes of submitit's
+    assert "[promptdg] sweep of 2 runs: 2 finished" in out and "HydraConfig was not set" not in out + err
+    summary = next(l for l in out.splitlines() if "sweep of" in l)
+    print(f"\n[submitit_local sweep] 2 jobs in {elapsed:.1f} s: {summary}")
 
 
 # --------------------------------------------------------------------- failures and reruns
@@ -184,7 +217,7 @@ def test_rerun_of_a_sweep_skips_finished_runs_and_retries_the_rest(run_cli, monk
     sketch = Path(by_key[("zeroshot", "sketch")]["run_dir"]) / "results.json"
     before = sketch.stat().st_mtime_ns
 
-    monkeypatch.setattr(engine, "check_backbone", real)
+    monkeypatch.setattr(runner, "check_method", real)
     code, out, err, _ = run_cli(*sweep)
     assert code == 0, err
     assert sketch.stat().st_mtime_ns == before  # untouched
@@ -201,9 +234,9 @@ def test_rerun_of_a_sweep_skips_finished_runs_and_retries_the_rest(run_cli, monk
 def test_a_job_that_stops_the_sweep_is_reported(run_cli, monkeypatch):
     """A job that leaves the process (a preemption's SystemExit) ends an in-process sweep: the
     summary names it by its record (preempted) and says that the sweep stopped early."""
-    from promptdg_cli import engine
+    from promptdg_cli import runner
 
-    real = engine.run
+    real = runner.run
 
     def preempted_on_photo(cfg, run_dir, mode="train"):
         if cfg.target != "photo":
@@ -212,7 +245,7 @@ def test_a_job_that_stops_the_sweep_is_reported(run_cli, monkeypatch):
         (run_dir / "results.json").write_text(json.dumps({"status": "preempted", "config_hash": config_hash(cfg)}))
         raise SystemExit(128 + 10)
 
-    monkeypatch.setattr(engine, "run", preempted_on_photo)
+    monkeypatch.setattr(runner, "run", preempted_on_photo)
     code, out, err, out_root = run_cli("train", "-m", "method=zeroshot", "target=sketch,photo,printed")
     assert code == 138
     assert ("[promptdg] sweep of 2 runs: 1 finished, 1 preempted (the sweep stopped early, exit code 138: "

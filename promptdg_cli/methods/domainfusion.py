@@ -75,8 +75,9 @@ from ..demo.ldm import build_demo_ldm, demo_ldm_dir
 from ..errors import ConfigError
 from ..evaluation import accuracy
 from ..ldm import load_ldm, to_ldm_pixels
+from ..recovery import image_error, recovery_event
 from ..schema import DomainFusionConfig
-from ..training import Term
+from ..training import Term, make_files
 from .base import Method
 
 SD_DEFAULT = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -286,6 +287,18 @@ class DomainFusion(Method):
         for j, i in enumerate(idx):
             save_png(out[j], Path(outputs[i]))
 
+    def augment_files(self, inputs: Sequence[str], labels: Sequence[int], outputs: Sequence[Path], seed: int, desc: str,
+                      ctx=None) -> list:
+        """``inputs`` augmented into ``outputs`` batch by batch (``ctx.files``: resumable, shared out
+        over ranks; one process without ``ctx``). An output of an interrupted run that does not decode
+        (a half-written image) is generated again and returned as a recovery event."""
+        broken = {Path(o): err for o in outputs if Path(o).is_file() and (err := image_error(Path(o)))}
+        events = [recovery_event(o, err, "generated again") for o, err in broken.items()]
+        (ctx.files if ctx is not None else make_files)(
+            outputs, lambda idx: self.augment_batch(inputs, labels, outputs, idx, seed), self.cfg.generate_batch, desc,
+            lambda o: o.is_file() and o not in broken)
+        return events
+
     def on_epoch(self, epoch, ctx):
         """Every T epochs the synthetic set is replaced by its augmented copy (a round resumes from its files)."""
         cfg = self.cfg
@@ -293,8 +306,7 @@ class DomainFusion(Method):
             return
         r = epoch // cfg.augment_every
         outs = [self.syn_dir / f"round{r}" / f"{k:06d}.png" for k in range(len(self.syn_src))]
-        ctx.files(outs, lambda idx: self.augment_batch(self.syn_paths, self.syn_labels, outs, idx, self.env.seed * 1009 + r),
-                  cfg.generate_batch, desc=f"augmentation round {r}")
+        ctx.recovered += self.augment_files(self.syn_paths, self.syn_labels, outs, self.env.seed * 1009 + r, f"augmentation round {r}", ctx)
         self.round = r  # counted once per round, however often an interrupted round was resumed or shared out
         n = len(self.syn_src)
         self.counts = {"generated_images": self.counts["generated_images"] + cfg.candidates * n,
