@@ -63,6 +63,16 @@ def run_env(cfg) -> RunEnv:
                   domain_names=OmegaConf.to_container(cfg.dataset.domain_names), precision=str(cfg.backbone.precision))
 
 
+def method_config(cfg, method_cls):
+    """The method's config: a built-in's as composed (its schema is part of the composition), an
+    outside method's (``_target_``) merged onto its own ``Config`` dataclass, so its defaults apply."""
+    schema = getattr(method_cls, "Config", None)
+    if not cfg.method.get("_target_") or schema is None:
+        return cfg.method
+    body = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "_target_"}
+    return OmegaConf.merge(OmegaConf.structured(schema), body)
+
+
 def check_method(cfg, method_cls) -> None:
     """What can be refused before anything loads: a method that needs a ViT on a ResNet backbone."""
     if method_cls.needs_vit and str(cfg.backbone.arch) != "vit":
@@ -74,7 +84,7 @@ def check_method(cfg, method_cls) -> None:
 
 def identity(cfg: DictConfig, run_dir: Path, chash: str, protocol: str) -> dict:
     """The record fields that name a run."""
-    return {"method": cfg.method.name, "variant": cfg.method.variant, "dataset": cfg.dataset.name, "backbone": cfg.backbone.name,
+    return {"method": cfg.method.name, "variant": cfg.method.get("variant", ""), "dataset": cfg.dataset.name, "backbone": cfg.backbone.name,
             "model": cfg.backbone.model, "pretrained": str(cfg.backbone.pretrained), "protocol": protocol, "seed": int(cfg.seed),
             "domains": list(cfg.dataset.domains), "config_hash": chash, "run_dir": str(run_dir), "version": __version__,
             "git_revision": git_revision(), "host": platform.node(), "shots": cfg.get("shots")}
@@ -213,7 +223,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
 
 def _run_split(cfg, method_cls, backbone, protocol, names, split: Split, split_dir: Path, run_dir: Path, device) -> dict:
     torch.manual_seed(cfg.seed)
-    method = method_cls(cfg.method, backbone, names, device, run_env(cfg))
+    method = method_cls(method_config(cfg, method_cls), backbone, names, device, run_env(cfg))
     ctx = TrainContext(run_dir, split_dir, split.key, int(cfg.seed), device)
     data = None
     if method_cls.trains:
