@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet -c constraints.txt torch torchvision
-	$(PIP) install --quiet -c constraints.txt -e '.[test]'
+	# (setuptools reports every editable install as a BuildBackendWarning; nothing to act on)
+	PYTHONWARNINGS=ignore $(PIP) install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 # The main job on the offline demo world: build the world and the demo CLIP if not cached, run the
@@ -35,6 +36,7 @@ demo: $(STAMP)
 	$(VENV)/bin/promptdg collect $(DEMO_OUT)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q --durations=10
 
 test-all: $(STAMP)

@@ -25,13 +25,15 @@ from typing import Optional, Sequence
 
 from . import _compat  # noqa: F401  (must precede open_clip: makes torchvision importable)
 
-import open_clip
+# isort: split
 
-from .errors import ConfigError, WeightsNotFound
-from .shared_prefix import PromptGroups, encode_shared_prefix, supports_shared_prefix
+import open_clip
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .errors import ConfigError, WeightsNotFound
+from .shared_prefix import PromptGroups, encode_shared_prefix, supports_shared_prefix
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)

@@ -7,9 +7,7 @@
 from __future__ import annotations
 
 import difflib
-import os
 import sys
-from pathlib import Path
 
 HELP = """\
 usage: promptdg <command> [overrides ...]

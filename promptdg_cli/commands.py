@@ -26,11 +26,11 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger("promptdg")
-
 from .config import check_ranges, config_hash, register_resolvers
 from .errors import ConfigError, UserError
 from .record import RunRecord, Status
+
+log = logging.getLogger("promptdg")
 
 # A job of a submitit sweep runs in a fresh process that unpickles this module's task functions:
 # the run-key resolver of hydra.sweep.subdir must exist there too.

@@ -8,8 +8,10 @@ config error answers before any heavy library is imported.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -17,9 +19,6 @@ from typing import Any, List, Optional
 from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
-
-import dataclasses
-import re
 
 from .errors import ConfigError, UserError  # noqa: F401  (UserError: re-exported for callers of config)
 from .schema import METHOD_SCHEMAS, BackboneConfig, DatasetConfig

@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import warnings
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -189,6 +188,10 @@ class FeatureCache:
         self.batch_size, self.num_workers = batch_size, num_workers
         self.hits = self.misses = 0
         self.recovered: list = []  # unreadable cache files computed again (recovery events)
+        # the data as it was used, for the run's record: image files skipped as unreadable and class
+        # folders with no image, by "<dataset>/<domain or split>"
+        self.unreadable: Dict[str, int] = {}
+        self.empty_classes: Dict[str, List[str]] = {}
 
     @staticmethod
     def key(backbone_identity: dict, dataset: str, domain: str, paths: Sequence[Path], transform) -> str:
@@ -205,6 +208,9 @@ class FeatureCache:
     def domain_features(self, backbone, dataset_cfg, domain: str, view: int = 0) -> Features:
         """Features of a whole domain; ``view`` k >= 1: the k-th seeded augmented view of every image."""
         paths, labels = list_domain(dataset_cfg, domain)
+        empty = [name for i, name in enumerate(dataset_cfg.classes) if i not in set(labels)]
+        if empty:  # (some benchmarks lack a class in a domain: recorded, not an error)
+            self.empty_classes[f"{dataset_cfg.name}/{domain}"] = empty
         return self.list_features(backbone, dataset_cfg.name, domain, paths, labels, view)
 
     def list_features(self, backbone, dataset: str, name: str, paths: Sequence[Path], labels: Sequence[int], view: int = 0) -> Features:
@@ -224,6 +230,8 @@ class FeatureCache:
         self.misses += computed
         self.hits += not computed
         keep = t["index"].tolist()
+        if len(keep) < len(paths):
+            self.unreadable[f"{dataset}/{name}"] = len(paths) - len(keep)
         return Features(
             t["x"].float(),
             torch.tensor([labels[i] for i in keep], dtype=torch.long),

@@ -29,8 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import ConfigError, DatasetNotFound
 from .data import IMAGE_EXTENSIONS
+from .errors import ConfigError, DatasetNotFound
 
 PROTOCOL = "fewshot"
 FORMATS = ("json", "wnid_folders", "index_folders", "txt")

@@ -38,6 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _compat  # noqa: F401  (before diffusers: makes torchvision importable)
+
+# isort: split
 from .errors import ConfigError, LDMNotFound
 
 SD_PARTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")

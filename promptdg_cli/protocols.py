@@ -62,6 +62,11 @@ class TrainData:
     train_views: Optional[torch.Tensor] = None
     target_views: Optional[torch.Tensor] = None
 
+    def shots_per_class(self, classnames: Sequence[str]) -> Dict[str, int]:
+        """Training images per class as drawn (``shots=k``: k, or fewer where a class has fewer)."""
+        counts = torch.bincount(self.train.y, minlength=len(classnames)).tolist()
+        return {name: int(n) for name, n in zip(classnames, counts)}
+
 
 # --------------------------------------------------------------------- helpers
 def check_domains(dataset_cfg, target, source) -> List[str]:

@@ -199,6 +199,8 @@ class RunRecord:
     feature_cache: Optional[Dict[str, int]] = _spec((_mapping_of(_is_int, "an integer"), "an object of integers"))  # hits, misses
     # unreadable files recovered from (a checkpoint, a cached feature file, a generated image): file, error, action
     recovered: Optional[List[Dict[str, Any]]] = _spec((_list_of(lambda v: isinstance(v, dict), "an object"), "a list of objects"))
+    # the data as used: unreadable images skipped and empty class folders (by dataset/domain), shots drawn per class (by split)
+    data_used: Optional[Dict[str, Any]] = _spec((_scalar(lambda v: isinstance(v, dict)), "an object"))
     # ---- keys the schema does not name (a method's counters): written back at the top level
     extra: Dict[str, Any] = field(default_factory=dict)
 

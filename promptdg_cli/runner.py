@@ -177,6 +177,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
     out = {"target_domains": [], "source_domains": {}, "accuracy": {}, "mean_per_class_accuracy": {}, "val_accuracy": {}}
     counters: dict = {}
     recovered: list = []  # unreadable checkpoints, feature files and generated images, and what was done
+    shots: dict = {}  # training images per class of each split, as drawn (shots=k)
     timings = {"train_s": 0.0, "eval_s": 0.0}
     main = dist.is_main()
     for split in splits:
@@ -209,6 +210,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
         for k, v in res.get("extra", {}).items():  # a method's counters (DomainFusion: generated_images), summed over splits
             counters[k] = counters.get(k, 0) + v
         recovered += res.get("recovered", [])
+        if res.get("shots_per_class"):
+            shots[split.key] = res["shots_per_class"]
         timings["train_s"] += res["train_s"]
         timings["eval_s"] += res["eval_s"]
     if not per_class:
@@ -216,7 +219,9 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
     rec = RunRecord(status=Status.FINISHED, **ident, **out, avg_accuracy=sum(out["accuracy"].values()) / len(out["accuracy"]),
                     source_free=method_cls.protocol == "source_free", timings=timings | {"total_s": time.time() - t0},
                     peak_memory_mb=peak_memory_mb(device), feature_cache={"hits": cache.hits, "misses": cache.misses},
-                    recovered=recovered + cache.recovered)
+                    recovered=recovered + cache.recovered,
+                    data_used={"unreadable_images": cache.unreadable, "empty_class_folders": cache.empty_classes,
+                               "shots_per_class": shots})
     rec.add_counters(counters)
     return rec
 
@@ -247,4 +252,5 @@ def _run_split(cfg, method_cls, backbone, protocol, names, split: Split, split_d
     return {"target": split.target, "sources": split.sources, "tests": results, "val": val,
             "n_train": len(data.train) if data is not None and data.train is not None else 0,
             "n_target_unlabelled": len(data.target) if data is not None and data.target is not None else 0,
+            "shots_per_class": data.shots_per_class(names) if cfg.get("shots") and data is not None and data.train is not None else None,
             "extra": method.extra_results(), "recovered": ctx.recovered, "train_s": train_s, "eval_s": time.time() - t}

@@ -39,8 +39,10 @@ from typing import Sequence, Union
 
 from . import _compat  # noqa: F401  (must precede open_clip: makes torchvision importable)
 
-from open_clip.transformer import VisionTransformer
+# isort: split
+
 import torch
+from open_clip.transformer import VisionTransformer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 

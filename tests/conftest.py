@@ -17,6 +17,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 import promptdg_cli.backbone  # noqa: E402,F401  (the torchvision shim must precede open_clip)
+
+# isort: split
 import open_clip  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
@@ -99,9 +101,9 @@ def results(out_root: Path) -> list[dict]:
 def build_tiny_ldm(folder: Path, seed: int = 0) -> Path:
     """A latent diffusion model with random weights in the demo LDM's layout: a 3-level VAE (32 px ->
     4x8x8 latents) and a 2-level UNet cross-attending to the demo CLIP's 128-wide text states."""
-    from promptdg_cli.ldm import DEMO_MARKER
-
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+    from promptdg_cli.ldm import DEMO_MARKER
 
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,

@@ -8,7 +8,6 @@ import torch
 from promptdg_cli.backbone import ClipBackbone, WeightsNotFound, resolve_weights
 from promptdg_cli.config import ConfigError
 
-
 PROMPTS = ["a photo of a seven.", "seven", "a sketch of the number seven drawn with a very thick pencil on paper"]
 
 

@@ -7,11 +7,11 @@ import time
 from pathlib import Path
 
 import pytest
-
 from conftest import results
-from promptdg_cli.training import TrainContext
+
 from promptdg_cli.methods import REGISTRY, get_method
 from promptdg_cli.record import RunRecord
+from promptdg_cli.training import TrainContext
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = {
@@ -20,18 +20,24 @@ FIELDS = {
 }
 
 
+def test_every_registered_method_has_tiny_settings_and_resume_and_two_rank_checks():
+    """The registry drives the checks: conf/debug/<name>.yaml, a preemption case and a torchrun case."""
+    from test_ddp import CASES as DDP_CASES
+    from test_preempt import CASES as PREEMPT_CASES
+
+    debug = {p.stem for p in (REPO / "conf" / "debug").glob("*.yaml")}
+    assert set(REGISTRY) <= debug
+    trained = {m for m in REGISTRY if get_method(m).trains}
+    assert trained <= {c.split("_round")[0] for c in PREEMPT_CASES}
+    assert {m for m in trained if m != "promptstyler"} <= set(DDP_CASES)  # (source-free: the same on every rank)
+
+
 @pytest.mark.parametrize("method", sorted(REGISTRY))
 def test_each_method_end_to_end_writes_records(run_cli, method, request):
-    short = {
-        "coop": ["method.epochs=2"],
-        "promptstyler": ["method.n_styles=2", "method.style_iters=2", "method.epochs=2"],
-        "dapl": ["method.epochs=2", "source=[printed]"],  # UDA: one source -> sketch
-        "dapt": ["method.epochs=1", "shots=2", "method.n_visual=2"],
-        # the tiny random LDM (never the demo LDM, which takes minutes to build)
-        "domainfusion": [f"method.ldm={request.getfixturevalue('tiny_ldm_dir')}" if method == "domainfusion" else "",
-                         "method.epochs=2", "method.augment_every=1", "method.candidates=2", "method.img2img_steps=4"],
-    }
-    code, out, err, out_root = run_cli("train", f"method={method}", *short.get(method, ["seed=1"]), "target=sketch")
+    """Every registered method, with its tiny settings from conf/debug/<method>.yaml (a new method is
+    covered by adding its file there)."""
+    ldm = [f"method.ldm={request.getfixturevalue('tiny_ldm_dir')}"] if method == "domainfusion" else []  # never the demo LDM
+    code, out, err, out_root = run_cli("train", f"method={method}", f"+debug={method}", *ldm, "target=sketch")
     assert code == 0, err
     (rec,) = results(out_root)
     assert FIELDS <= set(rec)
@@ -208,3 +214,25 @@ def test_fewshot_dataset_refuses_domain_methods_and_names_missing_data(run_cli, 
     assert code == 2 and "dataset=caltech101" in err and "few-shot protocol" in err and "Traceback" not in err
     code, _, err, _ = run_cli("train", "method=coop", "dataset=caltech101", f"data_root={tmp_path}", tiny=False)
     assert code == 2 and "split_zhou_Caltech101.json" in err and "Traceback" not in err
+
+
+def test_the_record_says_what_data_was_used(run_cli, tmp_path, monkeypatch):
+    """Unreadable images, empty class folders and the shots drawn per class are in results.json."""
+    from promptdg_cli.demo.world import generate_dataset
+
+    monkeypatch.setenv("PROMPTDG_CACHE", str(tmp_path / "cache"))  # a world of this test's own
+    root = generate_dataset(tmp_path / "cache" / "data" / "demo_digits", per_class=8)
+    for p in (Path(root) / "photo" / "seven").iterdir():
+        p.unlink()
+    broken = sorted((Path(root) / "sketch" / "one").iterdir())[0]
+    broken.write_bytes(b"not a png")
+    code, _, err, out_root = run_cli("train", "method=coop", "method.epochs=1", "shots=1000", "target=handwritten")
+    assert code == 0, err
+    (rec,) = results(out_root)
+    used = rec["data_used"]
+    assert used["empty_class_folders"] == {"demo_digits/photo": ["seven"]}
+    assert used["unreadable_images"] == {"demo_digits/sketch": 1}
+    drawn = used["shots_per_class"]["handwritten"]
+    assert set(drawn) == {"zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"}
+    # 1000 asked, every training image of a class used: 3 source domains x 8, 20 % held out
+    assert all(0 < n < 1000 for n in drawn.values()) and drawn["seven"] < drawn["two"]  # (photo has no seven)

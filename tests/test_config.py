@@ -6,11 +6,9 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
 
-from promptdg_cli.config import conf_dir, config_hash, register_configs, register_resolvers
+from promptdg_cli.config import ConfigError, conf_dir, config_hash, register_configs, register_resolvers
 from promptdg_cli.methods import REGISTRY, get_method
-from promptdg_cli.config import ConfigError
 
 
 def choices(group):

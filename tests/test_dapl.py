@@ -6,11 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import method_cfg, results
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import method_cfg, results
-from promptdg_cli.protocols import uda_splits
 from promptdg_cli.methods.dapl import (
     DAPL,
     DomainPromptLearner,
@@ -18,6 +17,7 @@ from promptdg_cli.methods.dapl import (
     masked_cross_entropy,
     pseudo_labels,
 )
+from promptdg_cli.protocols import uda_splits
 
 TINY_DAPL = ("method=dapl", "method.epochs=2", "method.n_ctx=2", "method.n_dom_ctx=2")
 

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import method_cfg, results
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from conftest import method_cfg, results
 from promptdg_cli.methods.dapt import (
     DAPT,
     class_prototypes,
@@ -160,7 +160,7 @@ def test_evaluation_restricted_to_a_class_subset():
 
 
 def test_imagenet_run_reevaluated_on_imagenet_a(run_cli, tmp_path, random_clip):
-    from test_fewshot import WNIDS, make_imagenet, make_imagenet_a
+    from test_fewshot import make_imagenet, make_imagenet_a
 
     make_imagenet(tmp_path)
     make_imagenet_a(tmp_path)

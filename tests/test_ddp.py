@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import TINY, results
+from safetensors.torch import load_file
 
 pytest.importorskip("torch.distributed.run")
 if not torch.distributed.is_available():

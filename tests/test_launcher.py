@@ -12,11 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import results
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
-from conftest import results
 from promptdg_cli import collect
 from promptdg_cli.cli import main as cli_main
 from promptdg_cli.config import ConfigError, conf_dir, config_hash, register_configs, register_resolvers

@@ -3,10 +3,9 @@ import math
 
 import pytest
 import torch
-
 import torch.nn.functional as F
-
 from conftest import method_cfg
+
 from promptdg_cli.methods.coop import CoOp
 
 

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY, results
 from safetensors.torch import load_file
 
-from conftest import TINY, results
 from promptdg_cli.training import TrainContext
-
 
 # method -> (overrides, split folder, which preempt point (1-based) gets the signal, mid-epoch checkpoint?)
 # preempt points: one after every optimisation step (coop, dapl, dapt) and one at every checkpoint

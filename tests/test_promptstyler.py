@@ -7,13 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from omegaconf import OmegaConf
+from conftest import method_cfg, results
 from safetensors.torch import load_file
 
-from conftest import method_cfg, results
 from promptdg_cli.methods.base import RunEnv
-from promptdg_cli.protocols import TrainData
-from promptdg_cli.training import TrainContext
 from promptdg_cli.methods.promptstyler import (
     PromptStyler,
     StylePrompts,
@@ -22,6 +19,8 @@ from promptdg_cli.methods.promptstyler import (
     content_consistency_loss,
     style_diversity_loss,
 )
+from promptdg_cli.protocols import TrainData
+from promptdg_cli.training import TrainContext
 
 TINY_STYLER = ("method=promptstyler", "method.n_styles=3", "method.style_iters=2", "method.epochs=2")
 

@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from conftest import method_cfg, results
+from test_data import dataset_cfg
+
 from promptdg_cli import checkpoints
 from promptdg_cli.data import FeatureCache, dataset_dir
-from promptdg_cli.training import TrainContext
 from promptdg_cli.methods.domainfusion import DomainFusion
-from test_data import dataset_cfg
+from promptdg_cli.training import TrainContext
 
 COOP = ("train", "method=coop", "method.epochs=3", "method.n_ctx=4", "target=sketch")
 

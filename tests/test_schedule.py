@@ -2,10 +2,10 @@
 import math
 
 import pytest
-
 import torch
 
-from promptdg_cli.training import dassl_lr as warmup_cosine_lr, order_batches
+from promptdg_cli.training import dassl_lr as warmup_cosine_lr
+from promptdg_cli.training import order_batches
 
 
 def test_constant_warmup_then_cosine_recounted_from_zero():

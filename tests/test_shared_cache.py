@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_data import dataset_cfg
 
 from promptdg_cli.data import dataset_dir, list_domain
 from promptdg_cli.locks import FileLock
 from promptdg_cli.shared_files import CacheWaitTimeout, claim_path, compute_once
-from test_data import dataset_cfg
 
 REPO = Path(__file__).resolve().parents[1]
 

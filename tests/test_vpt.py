@@ -3,6 +3,8 @@ import pytest
 import torch
 
 import promptdg_cli.backbone  # noqa: F401  (the torchvision shim must precede open_clip)
+
+# isort: split
 import open_clip
 
 from promptdg_cli.config import ConfigError

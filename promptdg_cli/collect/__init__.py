@@ -57,12 +57,33 @@ the domain, or the uda pair), :func:`method_label`, the ``render_*`` / ``write_*
 from .command import OUTPUT_NAMES, build_parser, main, write_outputs
 from .plot import write_plot
 from .records import (
-    FILTER_KEYS, METRICS, PAIR_ARROW, RESULTS_NAME, UDA, CollectError, Loaded, as_mapping, column_label,
-    filter_records, find_results, load_records, method_label, parse_filters, split_pair,
+    FILTER_KEYS,
+    METRICS,
+    PAIR_ARROW,
+    RESULTS_NAME,
+    UDA,
+    CollectError,
+    Loaded,
+    as_mapping,
+    column_label,
+    filter_records,
+    find_results,
+    load_records,
+    method_label,
+    parse_filters,
+    split_pair,
 )
 from .render import CSV_FIELDS, DATASET_CSV_FIELDS, MISSING, caption, format_cell, render_csv, render_latex, render_markdown
 from .tables import (
-    COLUMN_MODES, DATASET_ORDER, DATASETS_TITLE, METRIC_TITLES, ZERO_SHOT, Cell, FailedRun, Row, Table,
+    COLUMN_MODES,
+    DATASET_ORDER,
+    DATASETS_TITLE,
+    METRIC_TITLES,
+    ZERO_SHOT,
+    Cell,
+    FailedRun,
+    Row,
+    Table,
     collect_tables,
 )
 

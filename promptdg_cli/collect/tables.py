@@ -15,8 +15,18 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 from ..record import RunRecord
 from .records import (
-    METRICS, PAIR_ARROW, UDA, CollectError, as_mapping, backbone_label, column_label, domain_index,
-    filter_records, method_label, pair_sources, split_pair,
+    METRICS,
+    PAIR_ARROW,
+    UDA,
+    CollectError,
+    as_mapping,
+    backbone_label,
+    column_label,
+    domain_index,
+    filter_records,
+    method_label,
+    pair_sources,
+    split_pair,
 )
 
 ZERO_SHOT = "zeroshot"

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import _compat  # noqa: F401  (before diffusers: makes torchvision importable)
+
+# isort: split
 from ..ldm import DEMO_MARKER, DEMO_TEXT_LENGTH, LatentDiffusion, clip_token_states
 from .world import CLASSES, DOMAINS, STYLE_WORDS, sample_images
 

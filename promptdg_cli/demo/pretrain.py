@@ -86,9 +86,9 @@ def pretraining_set(n_images: int, size: int):
 
 def build_demo_clip(path: Path, model_name: str, recipe: dict | None = None) -> Path:
     """Train the demo CLIP and write its weights to ``path`` (safetensors, atomically)."""
-    from ..backbone import ClipBackbone  # noqa: WPS433 (import cycle: backbone builds the demo)
-
     import open_clip
+
+    from ..backbone import ClipBackbone  # noqa: WPS433 (import cycle: backbone builds the demo)
 
     recipe = {**RECIPE, **(recipe or {})}
     path = Path(path)
