@@ -39,7 +39,6 @@ domain-out, ``shots=k`` drawn from the source training split) both work; the eng
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -131,7 +130,7 @@ class DAPT(Method):
     def epoch_batches(self, epoch, g):
         """Batches of positions in the epoch's order of the shots (an image's augmentation is seeded by
         its position, so it is the same whichever rank loads it and after a resume)."""
-        self.order = np.random.default_rng([self.env.seed, epoch]).permutation(len(self.shots))
+        self.order = torch.randperm(len(self.shots), generator=g).numpy()
         n, bs = len(self.order), self.cfg.batch_size
         end = (n // bs) * bs if (self.cfg.drop_last and n >= bs) else n
         return [torch.arange(i, min(i + bs, n)) for i in range(0, end, bs)]

@@ -353,7 +353,7 @@ class DomainFusion(Method):
         """Batches of indices into the source training images followed by the synthetic set."""
         self.paths = list(self.train.paths) + self.syn_paths
         self.labels = torch.cat([self.train.y, torch.as_tensor(self.syn_labels, dtype=torch.long)]).to(self.device)
-        order = np.random.default_rng([self.env.seed, epoch]).permutation(len(self.paths))
+        order = torch.randperm(len(self.paths), generator=g)
         return [torch.as_tensor(order[i : i + self.cfg.batch_size]) for i in range(0, len(order), self.cfg.batch_size)]
 
     def load(self, epoch, local_batches):
