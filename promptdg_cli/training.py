@@ -47,7 +47,8 @@ log = logging.getLogger("promptdg")
 @dataclass
 class Term:
     """One term of a step's loss: ``loss`` is the mean over this rank's ``n_local`` items (None when
-    it has none); ``n_global`` the items of the whole batch (None: the sum of n_local over ranks)."""
+    it has none); ``n_global`` the items of the whole batch (None: the sum of n_local over ranks).
+    Every rank returns the same terms, by name and order (a rank with nothing to add: ``loss`` None)."""
 
     name: str
     loss: Optional[torch.Tensor]
@@ -191,6 +192,7 @@ class TrainContext:
                 for t in terms:
                     n_global = dist.all_sum(t.n_local) if t.n_global is None else t.n_global
                     n_any += n_global
+                    sums.setdefault(t.name, 0.0)  # (every rank sums the same names: the collectives match)
                     if t.loss is None or not t.n_local:
                         continue
                     share = t.loss * (t.n_local / n_global) if dist.world() > 1 else t.loss
@@ -202,8 +204,8 @@ class TrainContext:
                         loss.backward()
                     dist.sync_grads(params)
                     opt.step()
-                self.stop_point("loop", lambda: snapshot(epoch, step + 1, _add(base, dist.all_sum(sums))))
-            total = _add(base, {k: dist.all_sum(v) for k, v in sorted(sums.items())})
+                self.stop_point("loop", lambda: snapshot(epoch, step + 1, _add(base, _all_sum(sums))))
+            total = _add(base, _all_sum(sums))
             val = m.validate()
             val = None if val is None else dist.broadcast(val)  # every rank selects the same epoch
             if select_last or val is None or val > best["acc"]:
@@ -252,6 +254,11 @@ def make_files(outputs: Sequence[Path], make: Callable[[List[int]], None], batch
     todo = [i for i in range(0, len(outputs), batch_size) if not all(is_done(Path(o)) for o in outputs[i : i + batch_size])]
     for i in tqdm(todo, desc=desc, unit="batch", dynamic_ncols=True):
         make(list(range(i, min(i + batch_size, len(outputs)))))
+
+
+def _all_sum(sums: dict) -> dict:
+    """Each value summed over ranks (one collective per name, in name order)."""
+    return {k: dist.all_sum(v) for k, v in sorted(sums.items())}
 
 
 def _add(a: dict, b: dict) -> dict:

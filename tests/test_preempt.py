@@ -175,10 +175,10 @@ def test_sigterm_from_outside_stops_a_cli_process_and_the_rerun_resumes(run_cli,
 
 def test_a_failure_is_still_failed_and_sigint_is_not_preemption(run_cli, monkeypatch):
     """Only the preemption signals stop at a checkpoint; an error or Ctrl-C still ends as "failed"."""
-    def interrupted(self, state=None):
+    def interrupted(self, *a, **k):
         raise KeyboardInterrupt("Ctrl-C")
 
-    monkeypatch.setattr(TrainContext, "preempt_point", interrupted)
+    monkeypatch.setattr(TrainContext, "stop_point", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_cli("train", *CASES["coop"][0])
     _unhook(monkeypatch)

@@ -372,8 +372,9 @@ class DomainFusion(Method):
         n_source = len(self.train)
         # the distilled images: the first distill_per_step source images of the global batch
         src_global = [int(i) for i in batch if int(i) < n_source][: cfg.distill_per_step]
+        none = [Term("ld", None, 0, len(src_global), cfg.distill_weight), Term("ld_grad_rms", None, 0, len(src_global), 0.0)]
         if item is None:
-            return [Term("ce", None, 0, len(batch)), Term("ld", None, 0, len(src_global), cfg.distill_weight)]
+            return [Term("ce", None, 0, len(batch))] + none
         pos, x_clf, x01 = item
         y = self.labels[pos.to(self.device)]
         f = self.feats[pos].to(self.device) if self.frozen else self.image_features(x_clf)
@@ -382,7 +383,7 @@ class DomainFusion(Method):
         where = {int(i): j for j, i in enumerate(pos.tolist())}
         src = [s for s in src_global if s in where]
         if not (cfg.distill_weight and src):
-            return terms + [Term("ld", None, 0, len(src_global), cfg.distill_weight)]
+            return terms + none
         ldm, size = self.ldm(), self.ldm_size()
         # t and ε are drawn for the global list and indexed: the same as on one process
         g = torch.Generator().manual_seed(self.env.seed * 1_000_003 + info.epoch * 10_007 + info.step)
