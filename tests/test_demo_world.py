@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from promptdg_cli.demo import world
+from promptdg_cli.demo import renderers, world
 
 PER_CLASS = 6
 SIZE = 32
@@ -51,8 +51,9 @@ def test_constants():
     assert "sketch" in world.STYLE_WORDS["sketch"] and "photo" in world.STYLE_WORDS["photo"]
 
 
-def test_world_does_not_import_torch():
-    src = Path(world.__file__).read_text()
+@pytest.mark.parametrize("module", [world, renderers])
+def test_world_does_not_import_torch(module):
+    src = Path(module.__file__).read_text()
     for mod in ("torch", "torchvision", "open_clip"):
         assert f"import {mod}" not in src and f"from {mod}" not in src
 
@@ -241,8 +242,8 @@ def test_sample_images_is_deterministic_and_differs_from_benchmark(dataset):
 
 def test_handwritten_pretrain_and_benchmark_use_disjoint_scans():
     for digit in range(10):
-        bench = set(world._handwritten_indices(digit, "benchmark").tolist())
-        pre = set(world._handwritten_indices(digit, "pretrain").tolist())
+        bench = set(renderers._handwritten_indices(digit, "benchmark").tolist())
+        pre = set(renderers._handwritten_indices(digit, "pretrain").tolist())
         assert bench and pre and not bench & pre
 
 
