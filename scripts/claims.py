@@ -232,7 +232,7 @@ def cell(mean: Optional[float], std: Optional[float], n: int, n_seeds: int, seed
 
 def markdown(results: Sequence[dict], seeds: Sequence[int], wall_s: float, notes: Sequence[str]) -> str:
     n = len(seeds)
-    lines = [f"# Claims on the demo world (seeds {', '.join(map(str, seeds))})", "",
+    lines = [f"# Claims on the demo world (seed{'s' if n > 1 else ''} {', '.join(map(str, seeds))})", "",
              "| Claim | Paper | Baseline | Baseline acc. | Method | Method acc. | Verdict |",
              "|:---|:---|:---|---:|:---|---:|:---|"]
     for r in results:
