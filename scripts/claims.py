@@ -310,6 +310,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         t = time.perf_counter()
         code = run_arm(sweep_args(ARMS[key], seeds, out, args.debug, args.extra))
         timings[key] = time.perf_counter() - t
+        if code > 128:  # stopped by a signal (promptdg's preemption exits 128 + the signal): stop too
+            print(f"claims: the sweep of {key} was stopped (exit code {code}); rerun the same command to "
+                  "resume (finished runs are reused)", file=sys.stderr)
+            return code
         if code:
             notes.append(f"the sweep of {key} exited with {code} (see {out / key}): its failed runs are left out")
     values = {}

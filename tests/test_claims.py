@@ -85,6 +85,65 @@ def test_every_row_names_known_arms_and_the_options_are_checked():
     assert claims.parse_only("dapt,coop") == ["coop", "dapt"]
 
 
+# --------------------------------------------------------------------- the script's flow, runs faked
+def finished_record(run_dir: Path, method: str, seed: int, avg: float) -> dict:
+    """A finished results.json that passes RunRecord's checks (one target domain, its accuracy = avg)."""
+    return {"status": "finished", "method": method, "variant": "", "dataset": "demo_digits", "backbone": "demo_clip",
+            "model": "demo-clip-vit", "pretrained": "x", "protocol": "dg", "seed": seed, "domains": ["sketch"],
+            "config_hash": f"{method}{seed}", "run_dir": str(run_dir), "target_domains": ["sketch"],
+            "source_domains": {"sketch": []}, "accuracy": {"sketch": avg}, "avg_accuracy": avg,
+            "timings": {"total_s": 1.0}, "peak_memory_mb": {"cpu": None}}
+
+
+def fake_promptdg(accuracies, codes, calls):
+    """Stands in for `promptdg train -m ...`: writes a record per seed with the arm's accuracy, or
+    none (a failed sweep), and returns the arm's exit code."""
+    def run(args):
+        calls.append(args)
+        opts = dict(a.split("=", 1) for a in args if "=" in a)
+        out_root = Path(opts["out_root"])
+        for seed in map(int, opts["seed"].split(",")):
+            acc = accuracies[out_root.name].get(seed)
+            if acc is not None:
+                run_dir = out_root / f"seed{seed}"
+                run_dir.mkdir(parents=True)
+                (run_dir / "results.json").write_text(json.dumps(finished_record(run_dir, opts["method"], seed, acc)))
+        return codes.get(out_root.name, 0)
+    return run
+
+
+def test_main_flow_with_faked_runs(tmp_path, monkeypatch, capsys):
+    calls = []
+    accuracies = {"zeroshot_uda": {1: 40.0}, "dapl": {1: 41.0, 2: 42.0, 3: 39.0}, "dapl_U0": {1: 40.0, 3: 38.0}}
+    monkeypatch.setattr(claims, "promptdg", fake_promptdg(accuracies, {"dapl_U0": 1}, calls))
+    out = tmp_path / "claims"
+    assert claims.main(["--only", "dapl", "--out", str(out)]) == 1  # dapl_U0's sweep failed at seed 2
+    # one sweep per arm; the zero-shot arm at the first seed only
+    assert [(c[2], c[3]) for c in calls] == [("method=zeroshot", "seed=1"), ("method=dapl", "seed=1,2,3"),
+                                             ("method=dapl", "seed=1,2,3")]
+    assert "dataset.protocol=uda" in calls[0] and "method.U=0" in calls[2]
+    saved = json.loads((out / "claims.json").read_text())
+    zs, u0 = saved["rows"]
+    # 41 > 40, 42 > 40, 39 < 40; mean 40.667, std sqrt((0.111 + 1.778 + 2.778) / 2) = sqrt(7/3)
+    assert (zs["wins"], zs["verdict"]) == (2, "not reproduced (2/3)")
+    assert zs["method_mean"] == pytest.approx(122.0 / 3) and zs["method_std"] == pytest.approx(math.sqrt(7.0 / 3.0))
+    assert zs["baseline_mean"] == 40.0 and zs["baseline_std"] is None
+    assert (u0["paired_seeds"], u0["verdict"]) == (2, "incomplete (2 of 3 seeds)")
+    table = (out / "claims.md").read_text()
+    assert "| 40.0 | DAPL | 40.7 ± 1.5 | not reproduced (2/3) |" in table
+    assert "| 39.0 ± 1.4 (2/3 seeds) | DAPL | 40.7 ± 1.5 | incomplete (2 of 3 seeds) |" in table
+    assert "the sweep of dapl_U0 exited with 1" in table
+
+
+def test_main_stops_at_a_stopped_sweep(tmp_path, monkeypatch, capsys):
+    """A sweep stopped by a signal (promptdg's preemption: exit 128 + 15) stops the script there."""
+    calls = []
+    accuracies = {"zeroshot": {}, "coop": {}}
+    monkeypatch.setattr(claims, "promptdg", fake_promptdg(accuracies, {"zeroshot": 143}, calls))
+    assert claims.main(["--only", "coop", "--out", str(tmp_path / "c")]) == 143
+    assert len(calls) == 1 and "rerun the same command to resume" in capsys.readouterr().err
+
+
 # --------------------------------------------------------------------- end to end
 def test_claims_script_end_to_end_on_the_tiny_world(tmp_path, shared_cache, random_clip, monkeypatch, capsys):
     monkeypatch.setenv("PROMPTDG_CACHE", str(shared_cache))
