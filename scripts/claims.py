@@ -29,6 +29,11 @@ Claims (``--only`` takes the names on the left):
   distillation, no augmentation round), and its online augmentation adds to the distillation
   (distillation only vs both).
 
+Ablations: DAPL ``method.U=0``; DAPT ``method.beta_v=0 method.beta_t=0``; DomainFusion
+``method.distill_weight=0`` (no distillation) and ``method.augment_every=1000`` (no augmentation round:
+rounds come at epochs T, 2T, ... below the 20 epochs). When an arm's folder holds several finished
+records of one seed (a rerun with other ``--extra``), the newest counts and the output says so.
+
 Demo-scale overrides (every other value is the method YAML's default); each is written next to it
 in :data:`ARMS` with its reason:
 
