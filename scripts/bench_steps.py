@@ -284,8 +284,9 @@ def coop_step(b: Bench, names: List[str], batch: int = 32, dataset: str = "demo_
 
 # --------------------------------------------------------------------- DAPL
 def _middle_tau(conf: torch.Tensor) -> float:
-    """A threshold between two target confidences near the median, at the widest gap there (random
-    weights give confidences near 1/C: the paper's tau would keep none)."""
+    """A threshold at the widest gap between two target confidences in the middle half of their order,
+    so that between a quarter and three quarters of the batch are kept (random weights give
+    confidences near 1/C: the paper's tau would keep none)."""
     s = conf.sort().values.cpu()
     n = len(s)
     lo, hi = n // 4, max(n // 4 + 1, (3 * n) // 4)
@@ -297,12 +298,12 @@ def _middle_tau(conf: torch.Tensor) -> float:
 def dapl_step(b: Bench, names: List[str], batch: int = 32, dataset: str = "officehome",
               domains=("Art", "Real World")) -> dict:
     clip, dev = b.clip, b.device
-    cfg = method_config("dapl", dataset)
+    cfg = method_config("dapl", dataset, f"batch_size={batch}", f"target_batch_size={batch}")
     g = torch.Generator().manual_seed(2)
     src, tgt = b.images(batch, 2), b.images(batch, 3)
     y = torch.randint(len(names), (batch,), generator=g).to(dev)
     xs, xt = b.encode_images(src), b.encode_images(tgt)
-    with torch.no_grad():  # a tau that keeps about half of the target batch (see _middle_tau)
+    with torch.no_grad():  # a tau that keeps part of the target batch (see _middle_tau)
         zs = clip.zeroshot_weights(names, [cfg.pseudo_template])
         cfg.tau = _middle_tau(torch.softmax(clip.logit_scale * xt @ zs.T / cfg.T, -1).max(-1).values)
     m = DAPL(cfg, clip, names, dev, RunEnv(seed=0, precision=b.precision))
@@ -316,7 +317,7 @@ def dapl_step(b: Bench, names: List[str], batch: int = 32, dataset: str = "offic
     (item,) = m.epoch_batches(0, torch.Generator().manual_seed(0))
     params = m.parameters_to_train()
     opt = m.optimizer(params)
-    c, n_dom, width = len(names), len(m.domains), clip.text_width
+    c, n_dom = len(names), len(m.domains)
     # the official model's prompts: (domain, class) rows of "[SOS][ctx][dom] suffix" + the naive prompts, 77 positions
     placeholder = " ".join(["X"] * (cfg.n_ctx + cfg.n_dom_ctx))
     texts = [f"{placeholder} {SUFFIXES[str(cfg.prompt)].format(name=n, domain=w)}" for w in m.words for n in names]
