@@ -12,10 +12,15 @@ Sections (``--only`` picks some; the step functions are in ``bench_steps.py``, t
 * ``domainfusion``: SD-1.x-size img2img candidates/s and latent-distillation steps/s at 256 px;
 * ``domainfusion_count``: the images DomainFusion's DomainNet sweep generates vs 5M offline.
 
-The markdown tables for the README are printed at the end and stored as ``markdown``.
+Each step's check runs in fp32; its timings in ``--precision`` (autocast on CUDA). Wall time and
+this process's CPU time are both stored (``speedup``, ``speedup_cpu_time``): on a shared CPU the
+latter is the steadier. On the CPU, torch runs one thread by default (``--threads``) and the official
+way's step, a minute or more there, is timed on its checked run. The markdown tables for the README
+are printed at the end and stored as ``markdown``.
 
 Usage: python scripts/bench.py [--out bench/bench.json] [--device cpu|cuda] [--precision fp32|bf16]
-       [--repeats 1] [--only coop,dapl,dapt,promptstyler,features,domainfusion,domainfusion_count] [--breakdown]
+       [--repeats 3] [--repeats-official N] [--threads 1] [--breakdown]
+       [--only coop,dapl,dapt,promptstyler,features,domainfusion,domainfusion_count]
 """
 from __future__ import annotations
 

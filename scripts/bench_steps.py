@@ -38,6 +38,8 @@ import promptdg_cli.backbone  # noqa: F401  (torchvision shim before open_clip)
 import open_clip
 import torch
 import torch.nn.functional as F
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from promptdg_cli.backbone import ClipBackbone
@@ -132,9 +134,6 @@ def image_size(clip: ClipBackbone) -> int:
 def method_config(choice: str, dataset: str = "demo_digits", *overrides: str):
     """A method's config as ``promptdg train method=<choice> dataset=<dataset>`` composes it, merged
     onto its schema (``key=value`` overrides of the method's keys)."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     register_resolvers()
     register_configs()
     GlobalHydra.instance().clear()

@@ -20,6 +20,7 @@ memory figures are skipped (null), nothing else changes.
 Usage: python scripts/gpu_check.py [--device cuda] [--precision bf16] [--sizes real|tiny]
        [--out gpu_check/gpu_check.json] [--work gpu_check/work] [--only runs,features,steps,domainfusion]
        [--methods zeroshot,linear_probe,coop,promptstyler,dapl,dapt,domainfusion] [--clip random|demo|FILE] [--ldm demo|DIR]
+       [--per-class N] [--workers N] [--threads N]
 """
 from __future__ import annotations
 
@@ -33,7 +34,10 @@ import time
 import traceback
 from pathlib import Path
 
+import promptdg_cli.backbone  # noqa: F401  (the torchvision shim before open_clip)
+import open_clip
 import torch
+from safetensors.torch import save_file
 
 from bench_extra import domainfusion, feature_extraction
 from bench_steps import Bench, build_clip, classnames, coop_step, dapl_step, dapt_step, image_size, promptstyler_iteration
@@ -88,9 +92,6 @@ def parse(argv=None):
 
 def random_clip(folder: Path) -> Path:
     """A demo-clip-vit checkpoint with random weights (the plumbing needs no trained model)."""
-    import open_clip
-    from safetensors.torch import save_file
-
     path = folder / "random-demo-clip.safetensors"
     if not path.is_file():
         folder.mkdir(parents=True, exist_ok=True)
@@ -106,6 +107,8 @@ def check_run(method: str, args, work: Path, common: list) -> dict:
     out_root = work / "outputs" / method
     extra = SHORT[method] + ([f"method.ldm={args.ldm}"] if method == "domainfusion" else [])
     argv = ["train", f"method={method}", *common, f"out_root={out_root}", *extra]
+    if torch.device(args.device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(torch.device(args.device))  # the record's CUDA peak: this run's
     t = time.perf_counter()
     try:
         code = cli_main(argv)
