@@ -28,6 +28,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from . import runtime
 from .demo.world import generate_dataset
 from .errors import DatasetNotFound
 from .shared_files import compute_once
@@ -248,12 +249,12 @@ class FeatureCache:
         loader = image_batches(paths, transform or backbone.preprocess, self.batch_size, self.num_workers, seed)
         keep, feats, bad = [], [], []
         device = backbone.device
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+        precision = getattr(backbone, "precision", "fp32")  # backbone.precision: bf16/fp16 autocast on CUDA
         for idx, images, skipped in tqdm(loader, desc=f"encoding {what}", unit="batch", leave=False):
             bad += skipped
             if images is None:
                 continue
-            with autocast:
+            with runtime.autocast(device, precision):
                 f = backbone.encode_image(images.to(device), normalize=True)
             keep += idx.tolist()
             feats.append(f.float().cpu())
@@ -262,14 +263,6 @@ class FeatureCache:
         if not feats:
             raise DatasetNotFound(f"{what}: none of the {len(paths)} image files could be read")
         return keep, torch.cat(feats)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
 
 
 def augmented_transform(preprocess):

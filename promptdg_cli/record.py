@@ -175,6 +175,8 @@ class RunRecord:
     git_revision: Optional[str] = _spec(_STR)
     host: Optional[str] = _spec(_STR)
     shots: Optional[int] = _spec(_INT)  # k images per class; null: all
+    device: Optional[str] = _spec(_STR)  # where it ran: cpu, cuda, cuda:N (requested, until the run has chosen)
+    precision: Optional[str] = _spec(_STR)  # backbone.precision: fp32, or bf16/fp16 autocast on CUDA
     # ---- why a run did not finish
     error: Optional[str] = _spec(_STR, STOPPED)  # "<ExceptionType>: <message>"
     traceback: Optional[str] = _spec(_STR)

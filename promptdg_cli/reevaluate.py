@@ -44,7 +44,8 @@ def load_split_model(run_cfg, run_dir: Path, split: str, backbone, device) -> An
 def _record(cfg, run_cfg, out_dir: Path, source_run: Path, t0: float, device, **results) -> RunRecord:
     ident = identity(cfg, out_dir, config_hash(cfg), str(results.pop("protocol", cfg.dataset.protocol)))
     ident |= {"method": run_cfg.method.name, "variant": run_cfg.method.variant, "backbone": run_cfg.backbone.name,
-              "model": run_cfg.backbone.model, "pretrained": str(run_cfg.backbone.pretrained), "seed": int(run_cfg.seed)}
+              "model": run_cfg.backbone.model, "pretrained": str(run_cfg.backbone.pretrained), "seed": int(run_cfg.seed),
+              "device": str(device), "precision": str(run_cfg.backbone.precision)}
     acc = results["accuracy"]
     rec = RunRecord(status=Status.FINISHED, **ident | {"shots": run_cfg.get("shots")}, evaluated_run=str(source_run),
                     avg_accuracy=sum(acc.values()) / len(acc), timings={"total_s": time.time() - t0},

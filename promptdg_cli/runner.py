@@ -87,7 +87,8 @@ def identity(cfg: DictConfig, run_dir: Path, chash: str, protocol: str) -> dict:
     return {"method": cfg.method.name, "variant": cfg.method.get("variant", ""), "dataset": cfg.dataset.name, "backbone": cfg.backbone.name,
             "model": cfg.backbone.model, "pretrained": str(cfg.backbone.pretrained), "protocol": protocol, "seed": int(cfg.seed),
             "domains": list(cfg.dataset.domains), "config_hash": chash, "run_dir": str(run_dir), "version": __version__,
-            "git_revision": git_revision(), "host": platform.node(), "shots": cfg.get("shots")}
+            "git_revision": git_revision(), "host": platform.node(), "shots": cfg.get("shots"), "device": str(cfg.device),
+            "precision": str(cfg.backbone.precision)}
 
 
 # --------------------------------------------------------------------- train / eval
@@ -163,6 +164,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     device = select_device(cfg.device)
+    ident = {**ident, "device": str(device)}  # the device chosen (device=auto: cpu or cuda)
     if mode == "train" and not method_cls.trains:
         log.info("%s trains nothing: evaluating only", cfg.method.name)
     protocol = protocol_for(cfg, method_cls)

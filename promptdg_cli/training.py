@@ -18,7 +18,9 @@ is weighted by the rank's share of the batch, ``n_local / n_global``, and the gr
 over ranks, so the update is the single-process one, uneven last batches included), a preemption
 check at every step boundary, model selection on validation (``method.select``: val | last), one
 checkpoint layout (a mid-epoch checkpoint carries the step index; the resumed epoch skips the steps
-done), metrics (``metrics.jsonl``) and a progress bar. Rank 0 alone writes files.
+done), mixed precision (each step's ``batch_loss`` under ``runtime.autocast`` of the run's
+``backbone.precision``: bf16/fp16 on CUDA, nothing on the CPU; parameters and their updates stay
+fp32), metrics (``metrics.jsonl``) and a progress bar. Rank 0 alone writes files.
 
 :meth:`TrainContext.units` runs a resumable sequence of small jobs (PromptStyler's styles, the
 linear probe's C values) with a checkpoint after each; :meth:`TrainContext.files` produces a list
@@ -38,7 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoints, dist
+from . import checkpoints, dist, runtime
 from .runtime import STOP, Preempted
 
 log = logging.getLogger("promptdg")
@@ -154,6 +156,7 @@ class TrainContext:
         cfg = m.cfg
         params = m.parameters_to_train()
         opt = m.optimizer(params)
+        precision = str(getattr(getattr(m, "env", None), "precision", "fp32"))  # the forward's autocast (fp32 parameters)
         epochs = int(cfg.epochs)
         select_last = str(getattr(cfg, "select", "last")) == "last"
         best = {"acc": -1.0, "epoch": -1, "params": [p.detach().clone() for p in params]}
@@ -187,7 +190,8 @@ class TrainContext:
                 if lr is not None:
                     for group in opt.param_groups:
                         group["lr"] = lr
-                terms = m.batch_loss(item, batch, StepInfo(epoch, step))
+                with runtime.autocast(self.device, precision):  # backbone.precision on CUDA; nothing on the CPU
+                    terms = m.batch_loss(item, batch, StepInfo(epoch, step))
                 loss, n_any = None, 0
                 for t in terms:
                     n_global = dist.all_sum(t.n_local) if t.n_global is None else t.n_global

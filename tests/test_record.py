@@ -129,6 +129,14 @@ def test_version_1_fields_land_where_they_belong():
     assert failed.config_hash is None and failed.error.startswith("ConfigError")
 
 
+def test_device_and_precision_are_fields_a_record_before_them_lacks():
+    rec = RunRecord.from_dict(v1_finished(device="cuda:1", precision="bf16"))
+    assert (rec.device, rec.precision) == ("cuda:1", "bf16") and "device" not in rec.extra
+    assert rec.to_dict()["device"] == "cuda:1"
+    old = RunRecord.from_dict(v1_finished())
+    assert old.device is None and old.precision is None
+
+
 # --------------------------------------------------------------------- errors
 def _without(key):
     d = v1_finished()
@@ -147,6 +155,7 @@ def _without(key):
     (v1_finished(status="done"), "status", "'done'", "one of running, finished, failed, preempted"),
     (v1_finished(feature_cache={"hits": 1.5}), "feature_cache.hits", "1.5", "an integer"),
     (v1_finished(method=""), "method", "''", "a non-empty string"),
+    (v1_finished(device=0), "device", "0", "a string"),
     (v1_finished(record_version="2"), "record_version", "'2'", "an integer >= 1"),
 ])
 def test_a_wrong_type_names_the_field_the_value_and_what_was_expected(d, field, shown, expected):
