@@ -13,9 +13,10 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from bench_steps import Bench, method_config
 from promptdg_cli.config import conf_dir
 from promptdg_cli.data import FeatureCache
+
+from bench_steps import Bench, method_config
 
 # --------------------------------------------------------------------- schedules of the papers
 OFFICEHOME_SIZES = {"Art": 2427, "Clipart": 4365, "Product": 4439, "Real World": 4357}

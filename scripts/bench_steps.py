@@ -34,7 +34,10 @@ from types import SimpleNamespace
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
+
+# isort: off
 import promptdg_cli.backbone  # noqa: F401  (torchvision shim before open_clip)
+# isort: on
 import open_clip
 import torch
 import torch.nn.functional as F

@@ -34,14 +34,17 @@ import time
 import traceback
 from pathlib import Path
 
+# isort: off
 import promptdg_cli.backbone  # noqa: F401  (the torchvision shim before open_clip)
+# isort: on
 import open_clip
 import torch
 from safetensors.torch import save_file
 
+from promptdg_cli.cli import main as cli_main
+
 from bench_extra import domainfusion, feature_extraction
 from bench_steps import Bench, build_clip, classnames, coop_step, dapl_step, dapt_step, image_size, promptstyler_iteration
-from promptdg_cli.cli import main as cli_main
 
 METHODS = ("zeroshot", "linear_probe", "coop", "promptstyler", "dapl", "dapt", "domainfusion")
 PARTS = ("runs", "features", "steps", "domainfusion")

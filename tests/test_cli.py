@@ -7,11 +7,12 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import results
 
 from promptdg_cli.methods import REGISTRY, get_method
 from promptdg_cli.record import RunRecord
 from promptdg_cli.training import TrainContext
+
+from conftest import results
 
 REPO = Path(__file__).resolve().parents[1]
 FIELDS = {

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import method_cfg, results
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -18,6 +17,8 @@ from promptdg_cli.methods.dapl import (
     pseudo_labels,
 )
 from promptdg_cli.protocols import uda_splits
+
+from conftest import method_cfg, results
 
 TINY_DAPL = ("method=dapl", "method.epochs=2", "method.n_ctx=2", "method.n_dom_ctx=2")
 

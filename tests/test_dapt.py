@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import method_cfg, results
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
@@ -15,6 +14,8 @@ from promptdg_cli.methods.dapt import (
     inter_dispersion_loss,
     intra_dispersion_loss,
 )
+
+from conftest import method_cfg, results
 
 
 def _unit(v):

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, results
 from safetensors.torch import load_file
+
+from conftest import TINY, results
 
 pytest.importorskip("torch.distributed.run")
 if not torch.distributed.is_available():

@@ -4,6 +4,7 @@ below perfect on every domain, so that the methods have room to improve on it.
 This trains the demo CLIP once (about two minutes on two cores); it is the claim `make demo` rests on.
 """
 import pytest
+
 from conftest import results
 
 

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import results
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
@@ -20,6 +19,8 @@ from omegaconf import OmegaConf
 from promptdg_cli import collect
 from promptdg_cli.cli import main as cli_main
 from promptdg_cli.config import ConfigError, conf_dir, config_hash, register_configs, register_resolvers
+
+from conftest import results
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM_TARGET = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"

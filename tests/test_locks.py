@@ -15,10 +15,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import results
 
 from promptdg_cli.config import ConfigError
 from promptdg_cli.locks import FileLock, RunLocked, read_holder, run_lock, stale_s
+
+from conftest import results
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -4,9 +4,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import method_cfg
 
 from promptdg_cli.methods.coop import CoOp
+
+from conftest import method_cfg
 
 
 def test_coop_loss_is_cross_entropy_of_scaled_cosines(clip):

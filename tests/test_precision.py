@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from promptdg_cli import runtime
+
 from conftest import results
 
 

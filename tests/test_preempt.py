@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, results
 from safetensors.torch import load_file
 
 from promptdg_cli.training import TrainContext
+
+from conftest import TINY, results
 
 # method -> (overrides, split folder, which preempt point (1-based) gets the signal, mid-epoch checkpoint?)
 # preempt points: one after every optimisation step (coop, dapl, dapt) and one at every checkpoint

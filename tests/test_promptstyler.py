@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import method_cfg, results
 from safetensors.torch import load_file
 
 from promptdg_cli.methods.base import RunEnv
@@ -21,6 +20,8 @@ from promptdg_cli.methods.promptstyler import (
 )
 from promptdg_cli.protocols import TrainData
 from promptdg_cli.training import TrainContext
+
+from conftest import method_cfg, results
 
 TINY_STYLER = ("method=promptstyler", "method.n_styles=3", "method.style_iters=2", "method.epochs=2")
 

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import method_cfg, results
 from test_data import dataset_cfg
 
 from promptdg_cli import checkpoints
 from promptdg_cli.data import FeatureCache, dataset_dir
 from promptdg_cli.methods.domainfusion import DomainFusion
 from promptdg_cli.training import TrainContext
+
+from conftest import method_cfg, results
 
 COOP = ("train", "method=coop", "method.epochs=3", "method.n_ctx=4", "target=sketch")
 

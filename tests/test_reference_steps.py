@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import method_cfg
 from PIL import Image
 from torch import nn
 
@@ -29,6 +28,8 @@ from promptdg_cli.methods.promptstyler import PromptStyler
 from promptdg_cli.protocols import TrainData
 from promptdg_cli.training import TrainContext
 from promptdg_cli.vpt import VisualPrompts
+
+from conftest import method_cfg
 
 CPU = torch.device("cpu")
 SEED = 1
