@@ -153,6 +153,7 @@ class LinearProbeConfig(MethodConfig):
     c_max: float = num(gt=0.0)
     refine_steps: int = num(ge=0)
     max_iter: int = num(ge=1)
+    tol: float = num(gt=0.0)  # a fit stops at this fraction of the objective's max-abs gradient at the cold start
 
 
 @dataclass

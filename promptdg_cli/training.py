@@ -113,7 +113,13 @@ class TrainContext:
     # ----------------------------------------------------------------- checkpoint (one file, sections)
     def checkpoint(self, section: str) -> Optional[dict]:
         if self._state is None:
-            state, events = checkpoints.load(self.ckpt, self.device, repair=dist.is_main())
+            # rank 0 reads first (and repairs), the others after it; no rank saves before every rank
+            # has read, so all ranks resume from the same state (the first read is at the same point of
+            # the code on every rank)
+            for turn in (True, False):
+                if dist.is_main() == turn:
+                    state, events = checkpoints.load(self.ckpt, self.device, repair=turn)
+                dist.barrier()
             self.recovered += events  # a checkpoint that cannot be read: its previous one, or a restart
             self._state = state or {}
             if state:

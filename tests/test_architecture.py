@@ -114,7 +114,10 @@ def test_a_config_error_answers_before_torch_is_imported():
     code = (
         "import sys\n"
         "from promptdg_cli.cli import main\n"
-        "rc = main(['train', 'method=coop', 'method.lr=-1'])\n"
+        "try:\n"
+        "    rc = main(['train', 'method=coop', 'method.lr=-1'])\n"
+        "except SystemExit as e:\n"
+        "    rc = e.code\n"
         "print('TORCH', 'torch' in sys.modules)\n"
         "sys.exit(rc)\n"
     )

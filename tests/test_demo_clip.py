@@ -13,6 +13,7 @@ def demo_cache(tmp_path_factory):
     return tmp_path_factory.mktemp("demo-cache")
 
 
+@pytest.mark.slow  # trains the demo CLIP (~2.5 min on two cores): make test-all
 def test_demo_clip_zero_shot_is_informative_but_not_perfect(run_cli, demo_cache, monkeypatch):
     monkeypatch.setenv("PROMPTDG_CACHE", str(demo_cache))
     code, out, err, out_root = run_cli("eval", "method=zeroshot", "num_workers=0", tiny=False)

@@ -64,7 +64,7 @@ def test_tiny_build_is_deterministic(tiny_root, clip, tmp_path):
 
 
 def test_load_encode_decode_img2img(tiny_root, clip):
-    ldm = load_ldm("demo", torch.device("cpu"), clip=clip, cache_root=str(tiny_root))
+    ldm = load_ldm(str(demo_ldm_dir(str(tiny_root))), torch.device("cpu"), clip=clip)
     assert isinstance(ldm, LatentDiffusion) and ldm.resolution == 32 and ldm.num_train_timesteps == 1000
     assert not any(p.requires_grad for p in ldm.parameters())  # frozen
     assert ldm.unet.config.cross_attention_dim == clip.text_width
@@ -93,7 +93,7 @@ def test_load_encode_decode_img2img(tiny_root, clip):
 
 
 def test_sample_quality_report(tiny_root, clip):
-    ldm = load_ldm("demo", torch.device("cpu"), clip=clip, cache_root=str(tiny_root))
+    ldm = load_ldm(str(demo_ldm_dir(str(tiny_root))), torch.device("cpu"), clip=clip)
     q = sample_quality(ldm, clip, list(CLASSES), per_class=1, steps=2, guidance=2.0)
     assert q["n"] == 10 and q["chance"] == 10.0 and 0 <= q["top1"] <= 100
 
@@ -102,7 +102,7 @@ def test_demo_ldm_needs_its_clip(tiny_root, clip):
     from promptdg_cli.config import ConfigError
 
     with pytest.raises(ConfigError):
-        load_ldm("demo", torch.device("cpu"), clip=None, cache_root=str(tiny_root))
+        load_ldm(str(demo_ldm_dir(str(tiny_root))), torch.device("cpu"), clip=None)
 
 
 @pytest.mark.slow
@@ -116,7 +116,7 @@ def test_demo_ldm_draws_the_digit_it_is_asked_for(tmp_path_factory):
     cfg = SimpleNamespace(model="demo-clip-vit", pretrained=str(root / "demo_clip" / f"demo-clip-vit-r{CLIP_REVISION}.safetensors"),
                           builder="demo_digits", cache_dir=None, arch="vit")
     clip = ClipBackbone.from_config(cfg)
-    ldm = load_ldm("demo", torch.device("cpu"), clip=clip, cache_root=str(root))  # builds it
+    ldm = load_ldm(str(build_demo_ldm(demo_ldm_dir(str(root)), clip)), torch.device("cpu"), clip=clip)  # builds it
     info = json.loads((demo_ldm_dir(str(root)) / DEMO_MARKER).read_text())
     q = info["quality"]
     assert q["n"] == 10 * q["per_class"] and q["chance"] == 10.0

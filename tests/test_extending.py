@@ -7,7 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from conftest import TINY
+from conftest import TINY  # (less its demo-world size: the dataset here is the user's own)
 
 METHOD_FILE = '''
 """Nearest class mean of the labelled source features, refined with SGD on a linear head."""
@@ -97,7 +97,7 @@ def _setup(tmp_path: Path):
 def _run(tmp_path, random_clip, *args):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path / "src"), os.environ.get("PYTHONPATH", "")]),
            "PROMPTDG_CACHE": str(tmp_path / "cache"), "PROMPTDG_OUT": str(tmp_path / "out"), "PROMPTDG_DATA": str(tmp_path / "data")}
-    cmd = [sys.executable, "-m", "promptdg_cli", "train", "--config-dir", str(tmp_path / "myconf"), *TINY,
+    cmd = [sys.executable, "-m", "promptdg_cli", "train", "--config-dir", str(tmp_path / "myconf"), *TINY[1:],
            f"backbone.pretrained={random_clip}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
 

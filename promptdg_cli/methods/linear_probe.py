@@ -3,24 +3,45 @@ Supervision", ICML 2021, Sec. 3.2, https://arxiv.org/abs/2103.00020).
 
 A multinomial logistic regression (L-BFGS, L2-regularised) on frozen, cached CLIP image features of
 the labelled source images. The inverse regularisation strength C is chosen on the source
-validation split, never on the target.
+validation split, never on the target. The objective is scikit-learn's LogisticRegression's (CLIP's
+solver), minimised by full-batch L-BFGS in torch on the run's device (``promptdg_cli/logreg.py``).
 
-Resume: a checkpoint after every fitted C (its validation accuracy, and the weights of the best fit
-so far); a preemption signal stops the sweep after the fit in progress. torchrun: the C values are
-shared out over the ranks (rank r fits every world-th value), the accuracies and the best weights
-gathered on every rank; the fits are deterministic, so the result is a single process's.
+The sweep: 13 log-spaced values of C over [c_min, c_max] fitted as a regularisation path (in
+increasing order, each fit warm-started from the previous solution), then ``refine_steps`` values
+around the best one, each warm-started from the solution of the path's C nearest to it in log C
+(the smaller on a tie). Every fit converges to the unique minimiser of its objective; a warm start
+only shortens the way there.
+
+Resume: the loop's units, a checkpoint after every fitted C (its accuracy and its solution, the warm
+start of what follows), so a resumed sweep starts each remaining fit from the same weights as an
+uninterrupted one. torchrun: every rank fits the same deterministic sequence.
 """
 from __future__ import annotations
 
-import warnings
+import math
 
 import numpy as np
 import torch
-from sklearn.exceptions import ConvergenceWarning
-from sklearn.linear_model import LogisticRegression
 
+from ..logreg import cold_start, fit_logreg, objective_and_grad
 from ..schema import LinearProbeConfig
 from .base import Method
+
+DTYPE = torch.float64  # features, weights and the objective (see scripts/bench_linear_probe.py)
+SOLVER = "lbfgs-torch"  # in the checkpoint's unit names: a checkpoint of the former scikit-learn sweep is not reused
+
+
+def start_gradient(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> float:
+    """Max-abs gradient of the objective at the cold start (W = 0, b = log class frequencies): the
+    scale of a fit's stopping tolerance. The gradient in b vanishes there; what is left is what
+    W has to fit, the same for every C."""
+    _, g = objective_and_grad(cold_start(y, n_classes, x.shape[1], x.dtype), x, y, 1.0)
+    return float(g.abs().max())
+
+
+def nearest_on_path(c: float, path: list[float]) -> float:
+    """The C of ``path`` nearest to ``c`` in log C (the smaller on a tie): a refinement value's warm start."""
+    return min(sorted(path), key=lambda p: abs(math.log(p) - math.log(c)))
 
 
 class LinearProbe(Method):
@@ -31,49 +52,44 @@ class LinearProbe(Method):
         self.weight = torch.zeros(len(classnames), backbone.embed_dim)  # (C, D)
         self.bias = torch.zeros(len(classnames))  # (C,)
 
-    def fit_one(self, c: float, data) -> dict:
-        """One L2-regularised multinomial logistic regression at inverse strength C, scored on validation."""
-        xtr, ytr = data.train.x.numpy(), data.train.y.numpy()
-        # C as a NumPy float64, as np.logspace gives it: under NumPy 2's promotion rules a Python
-        # float would let sklearn compute parts of a float32 problem in float32 (other results)
-        clf = LogisticRegression(C=np.float64(c), max_iter=self.cfg.max_iter, random_state=self.env.seed)
-        with warnings.catch_warnings():
-            # weakly regularised fits (large C) may stop at max_iter; they are still valid candidates
-            warnings.simplefilter("ignore", ConvergenceWarning)
-            clf.fit(xtr, ytr)
-        acc = float((clf.predict(data.val.x.numpy()) == data.val.y.numpy()).mean() * 100)
-        return {"C": c, "acc": acc, "classes": torch.as_tensor(clf.classes_), "coef": torch.as_tensor(clf.coef_),
-                "intercept": torch.as_tensor(clf.intercept_)}
-
     def fit(self, data, ctx):
-        """C over a log grid (one value per decade), then a finer grid around the best, selected on
-        source validation; the first fit of the highest accuracy wins."""
-        cfg = self.cfg
-        fit = lambda c, done: self.fit_one(c, data)  # noqa: E731
+        cfg, dev = self.cfg, self.device
+        xtr, xva = data.train.x.to(dev, DTYPE), data.val.x.to(dev, DTYPE)
+        yva = data.val.y.to(dev)
+        classes, ytr = torch.unique(data.train.y.to(dev), return_inverse=True)  # fit the classes present only
+        gtol = cfg.tol * start_gradient(xtr, ytr, len(classes))  # the same for every C
+        ctx.log(gradient_tol=gtol)
+
+        def fit_one(c: float, init) -> dict:
+            r = fit_logreg(xtr, ytr, len(classes), c, init=None if init is None else init.to(dev),
+                           max_iter=cfg.max_iter, tol=gtol)
+            pred = classes[(xva @ r.weight.T + r.bias).argmax(dim=1)]  # (N,) the first of equal scores, as sklearn's predict
+            return {"C": c, "acc": float((pred == yva).double().mean().item() * 100), "theta": r.theta.cpu(),
+                    "n_iter": r.n_iter, "converged": r.converged}
+
         coarse = [float(c) for c in np.logspace(np.log10(cfg.c_min), np.log10(cfg.c_max), 13)]
-        scores = ctx.units("C", coarse, fit, desc="linear probe: C sweep")
-        center = max(coarse, key=lambda c: scores[c]["acc"])
+        previous = lambda c, done: done[coarse[coarse.index(c) - 1]]["theta"] if coarse.index(c) else None  # noqa: E731
+        path = ctx.units(f"{SOLVER}:path", coarse, lambda c, done: fit_one(c, previous(c, done)), desc="linear probe: C path")
+        center = max(coarse, key=lambda c: path[c]["acc"])
         fine = [float(c) for c in np.logspace(np.log10(center) - 1, np.log10(center) + 1, cfg.refine_steps + 2)[1:-1]]
-        fine = [c for c in fine if c not in scores]
-        scores |= ctx.units("C-refine", fine, fit, desc="linear probe: refine")
-        best = max(scores.values(), key=lambda r: r["acc"])  # (max keeps the first of equals: the coarse grid's order)
+        fine = [c for c in fine if c not in path]
+        refine = ctx.units(f"{SOLVER}:refine", fine, lambda c, done: fit_one(c, path[nearest_on_path(c, coarse)]["theta"]),
+                           desc="linear probe: refine")
+        scores = path | refine
         for r in scores.values():
-            ctx.log(C=r["C"], val_acc=r["acc"])
+            ctx.log(C=r["C"], val_acc=r["acc"], n_iter=r["n_iter"], converged=r["converged"])
+        best = max(scores.values(), key=lambda r: r["acc"])  # (max keeps the first of equals: the path's order)
         ctx.log(selected_C=best["C"], val_acc=best["acc"])
-        self._set(best["classes"], best["coef"], best["intercept"])
+        self._set(classes.cpu(), best["theta"][:, :-1], best["theta"][:, -1])
 
     def _set(self, classes: torch.Tensor, coef: torch.Tensor, intercept: torch.Tensor):
-        """The weights of a fitted sklearn LogisticRegression (classes_, coef_, intercept_)."""
+        """The probe's weights over the classes present in the source data: coef (K, D) and
+        intercept (K,) of the classes ``classes`` (K,) (indices into the class names)."""
         w = torch.zeros_like(self.weight)
         b = torch.zeros_like(self.bias)
         classes = classes.to(torch.long)
-        if coef.shape[0] == 1:  # sklearn's binary case: one row for class 1
-            coef = torch.cat([-coef, coef]) / 2
-            intercept = torch.cat([-intercept, intercept]) / 2
-        coef, icpt = coef.to(torch.float32), intercept.to(torch.float32)
-        w[classes], b[classes] = coef, icpt
-        # classes absent from the source data can never win
-        missing = torch.ones(len(b), dtype=torch.bool)
+        w[classes], b[classes] = coef.to("cpu", torch.float32), intercept.to("cpu", torch.float32)
+        missing = torch.ones(len(b), dtype=torch.bool)  # classes absent from the source data can never win
         missing[classes] = False
         b[missing] = -1e4
         self.weight, self.bias = w, b

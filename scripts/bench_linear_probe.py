@@ -1,0 +1,127 @@
+"""Linear-probe benchmark: the former scikit-learn C sweep against the torch L-BFGS path
+(``promptdg_cli/logreg.py``, ``methods/linear_probe.py``).
+
+Both sweeps are the probe's: 13 log-spaced C values over [c_min, c_max], then ``refine_steps``
+values around the best, selected on validation accuracy, max_iter 1000.
+
+* sklearn: ``LogisticRegression(C, max_iter)`` (lbfgs, multinomial) fitted cold for every C, as the
+  probe did before (absolute gradient tolerance 1e-4);
+* torch: ``LinearProbe.fit`` itself (warm-started path, checkpoints included), float64.
+
+Problems are synthetic, shaped like a benchmark: K classes, D-dim L2-normalised features, class
+means random on the sphere, each sample normalise(signal * mean + noise), noise ~ N(0, I / D).
+Reported per shape: the selected C, its validation accuracy, the sweep's wall time, the speed-up.
+Timings are of this process's two sweeps back to back; run it with nothing else on the machine.
+
+Usage: python scripts/bench_linear_probe.py [--out bench/linear_probe.json]
+       [--shapes demo:10x128x1200x400,domainnet:345x512x20000x5000] [--device cpu|cuda]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+
+from promptdg_cli.config import conf_dir
+from promptdg_cli.data import Features
+from promptdg_cli.methods.linear_probe import LinearProbe
+from promptdg_cli.protocols import TrainData
+from promptdg_cli.schema import LinearProbeConfig
+from promptdg_cli.training import TrainContext
+
+
+def sklearn_sweep(data: TrainData, cfg) -> dict:
+    """The former probe's sweep: a cold scikit-learn fit per C, the first best on validation."""
+    xtr, ytr, xva, yva = data.train.x.numpy(), data.train.y.numpy(), data.val.x.numpy(), data.val.y.numpy()
+    scores = {}
+
+    def fit(c):
+        clf = LogisticRegression(C=np.float64(c), max_iter=cfg.max_iter)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(xtr, ytr)
+        scores[float(c)] = (float((clf.predict(xva) == yva).mean() * 100), int(clf.n_iter_[0]))
+
+    coarse = np.logspace(np.log10(cfg.c_min), np.log10(cfg.c_max), 13)
+    for c in coarse:
+        fit(c)
+    center = max(coarse, key=lambda c: scores[float(c)][0])
+    for c in np.logspace(np.log10(center) - 1, np.log10(center) + 1, cfg.refine_steps + 2)[1:-1]:
+        if float(c) not in scores:
+            fit(c)
+    best = max(scores, key=lambda c: scores[c][0])
+    return {"C": best, "val_acc": scores[best][0], "iterations": sum(s[1] for s in scores.values()),
+            "at_max_iter": sum(s[1] >= cfg.max_iter for s in scores.values())}
+
+
+def torch_sweep(data: TrainData, cfg, device: torch.device) -> dict:
+    """``LinearProbe.fit`` as a run calls it (checkpoints in a temporary folder)."""
+    n_classes = int(max(data.train.y.max(), data.val.y.max())) + 1
+    probe = LinearProbe(cfg, SimpleNamespace(embed_dim=data.train.x.shape[1]), [str(i) for i in range(n_classes)], device)
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "split").mkdir()
+        probe.fit(data, TrainContext(Path(tmp), Path(tmp) / "split", "bench", 0, device))
+        lines = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    fits = [line for line in lines if "n_iter" in line]
+    return {"C": lines[-1]["selected_C"], "val_acc": lines[-1]["val_acc"], "iterations": sum(f["n_iter"] for f in fits),
+            "at_max_iter": sum(f["n_iter"] >= cfg.max_iter for f in fits), "not_converged": sum(not f["converged"] for f in fits)}
+
+
+def problem(k: int, d: int, n_train: int, n_val: int, signal: float, seed: int = 0) -> TrainData:
+    g = torch.Generator().manual_seed(seed)
+    means = torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1)
+
+    def draw(n):
+        y = torch.randint(k, (n,), generator=g)
+        x = torch.nn.functional.normalize(signal * means[y] + torch.randn(n, d, generator=g) / d**0.5, dim=1)
+        return Features(x, y, ["synthetic"] * n, [""] * n)
+
+    return TrainData(train=draw(n_train), val=draw(n_val))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="bench/linear_probe.json")
+    ap.add_argument("--shapes", default="demo:10x128x1200x400,domainnet:345x512x20000x5000",
+                    help="name:KxDxTRAINxVAL, comma-separated")
+    ap.add_argument("--signal", type=float, default=0.2, help="weight of the class mean in a sample")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="the torch sweep's device")
+    args = ap.parse_args(argv)
+    cfg = OmegaConf.merge(OmegaConf.structured(LinearProbeConfig), OmegaConf.load(conf_dir() / "method" / "linear_probe.yaml"))
+    cfg.pop("defaults", None)
+    device = torch.device(args.device)
+    result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "host": platform.node(),
+              "sweep": {k: cfg[k] for k in ("c_min", "c_max", "refine_steps", "max_iter", "tol")}, "shapes": {}}
+    for spec in args.shapes.split(","):
+        name, dims = spec.split(":")
+        k, d, n_train, n_val = (int(v) for v in dims.split("x"))
+        data = problem(k, d, n_train, n_val, args.signal)
+        row = {"classes": k, "dim": d, "n_train": n_train, "n_val": n_val}
+        for key, sweep in (("sklearn", lambda: sklearn_sweep(data, cfg)), ("torch", lambda: torch_sweep(data, cfg, device))):
+            t = time.perf_counter()
+            row[key] = sweep() | {"sweep_s": round(time.perf_counter() - t, 2)}
+            print(f"{name}: {key} {row[key]}", flush=True)
+        row["speedup"] = round(row["sklearn"]["sweep_s"] / row["torch"]["sweep_s"], 2)
+        row["val_acc_torch_minus_sklearn"] = round(row["torch"]["val_acc"] - row["sklearn"]["val_acc"], 3)
+        result["shapes"][name] = row
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
