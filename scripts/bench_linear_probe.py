@@ -99,8 +99,9 @@ def main(argv=None) -> int:
     ap.add_argument("--signal", type=float, default=0.2, help="weight of the class mean in a sample")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="the torch sweep's device")
     args = ap.parse_args(argv)
-    cfg = OmegaConf.merge(OmegaConf.structured(LinearProbeConfig), OmegaConf.load(conf_dir() / "method" / "linear_probe.yaml"))
-    cfg.pop("defaults", None)
+    values = OmegaConf.load(conf_dir() / "method" / "linear_probe.yaml")
+    values.pop("defaults")
+    cfg = OmegaConf.merge(OmegaConf.structured(LinearProbeConfig), values)  # the probe's defaults, as a run composes them
     device = torch.device(args.device)
     result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "host": platform.node(),
               "sweep": {k: cfg[k] for k in ("c_min", "c_max", "refine_steps", "max_iter", "tol")}, "shapes": {}}
