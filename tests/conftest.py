@@ -124,3 +124,14 @@ def build_tiny_ldm(folder: Path, seed: int = 0) -> Path:
 def tiny_ldm_dir(tmp_path_factory):
     """DomainFusion's LDM in tests (method.ldm=<this folder>)."""
     return build_tiny_ldm(tmp_path_factory.mktemp("tiny_ldm"))
+
+
+@pytest.fixture(scope="session")
+def built_demo_clip(tmp_path_factory) -> Path:
+    """The real demo CLIP, built once per test session in its own cache root (about 3 minutes on two
+    cores): ``<root>/demo_clip/demo-clip-vit-r<REVISION>.safetensors``, the benchmark it was measured on
+    in ``<root>/data/demo_digits`` (where conf/dataset/demo_digits.yaml looks for it with that cache root)."""
+    from promptdg_cli.demo.pretrain import RECIPE_REVISION, build_demo_clip
+
+    root = tmp_path_factory.mktemp("demo-clip-cache")
+    return build_demo_clip(root / "demo_clip" / f"demo-clip-vit-r{RECIPE_REVISION}.safetensors", "demo-clip-vit")

@@ -97,12 +97,13 @@ def _place(
     shear: float = 0.0,
     aspect: float = 1.0,
     margin: float = 0.06,
+    attrs: dict | None = None,
 ) -> np.ndarray:
     """Warp an "L" mask into a canvas x canvas float array in [0, 1].
 
     The source is scaled to ``height`` pixels tall (times ``aspect`` in width), sheared,
     rotated by ``rotation`` degrees and put at a random position that keeps it inside the
-    canvas (shrunk if it would not fit).
+    canvas (shrunk if it would not fit). ``attrs`` (a dict) receives the rotation and shear.
     """
     w, h = src.size
     s = height / h
@@ -122,7 +123,18 @@ def _place(
     c = np.array([w / 2.0, h / 2.0]) - inv @ np.array([cx, cy])
     data = (inv[0, 0], inv[0, 1], c[0], inv[1, 0], inv[1, 1], c[1])
     out = src.transform((canvas, canvas), Image.Transform.AFFINE, data, Image.Resampling.BICUBIC)
+    if attrs is not None:
+        attrs.update(rotation=float(rotation), shear=float(shear))
     return np.asarray(out, dtype=np.float32) / 255.0
+
+
+def _record_ink(attrs: dict, mask: np.ndarray, ink) -> None:
+    """Where the ink of ``mask`` lies (fractions of the canvas: bounding box size, centroid) and its colour."""
+    C = mask.shape[0]
+    ys, xs = np.nonzero(mask > 0.5)
+    ys, xs = (ys, xs) if len(ys) else (np.array([C // 2]), np.array([C // 2]))
+    attrs.update(height=float(ys.max() - ys.min() + 1) / C, width=float(xs.max() - xs.min() + 1) / C, cx=float(xs.mean()) / C,
+                 cy=float(ys.mean()) / C, ink=tuple(float(v) for v in np.asarray(ink, dtype=np.float32).reshape(-1, 3).mean(0)))
 
 
 def _smooth_noise(rng: np.random.Generator, canvas: int, cells: int) -> np.ndarray:
@@ -176,7 +188,7 @@ def _luma(rgb) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 
 
-def _render_handwritten(digit: int, rng: np.random.Generator, size: int, split: str | None):
+def _render_handwritten(digit: int, rng: np.random.Generator, size: int, split: str | None, attrs: dict):
     C = size * _SUPERSAMPLE
     images, _ = _digits_pool()
     idx = _handwritten_indices(digit, split)
@@ -187,7 +199,7 @@ def _render_handwritten(digit: int, rng: np.random.Generator, size: int, split: 
         src, C, rng,
         height=rng.uniform(0.95, 1.2) * C,  # the 8x8 scans carry ~1/10 blank border per side
         rotation=rng.uniform(-14, 14), shear=rng.uniform(-0.3, 0.2),
-        aspect=rng.uniform(0.75, 1.1), margin=0.0,
+        aspect=rng.uniform(0.75, 1.1), margin=0.0, attrs=attrs,
     )
     # Threshold the soft upscaled scan into a stroke; the threshold sets the pen thickness.
     t = rng.uniform(0.36, 0.56)
@@ -197,7 +209,8 @@ def _render_handwritten(digit: int, rng: np.random.Generator, size: int, split: 
                      dtype=np.float32)
     bg = np.broadcast_to(paper, (C, C, 3)).copy()
     bg += (_smooth_noise(rng, C, 5)[..., None] - 0.5) * rng.uniform(8, 20)
-    if rng.random() < 0.5:
+    ruled = rng.random() < 0.5
+    if ruled:
         gap = rng.uniform(0.22, 0.32) * C
         off = rng.uniform(0, gap)
         ys = np.arange(C, dtype=np.float32)
@@ -214,11 +227,13 @@ def _render_handwritten(digit: int, rng: np.random.Generator, size: int, split: 
     else:
         ink = (rng.uniform(20, 50), rng.uniform(20, 40), rng.uniform(60, 95))  # dark violet
     pressure = 0.7 + 0.3 * _smooth_noise(rng, C, 4)
+    _record_ink(attrs, ink_a, ink)
+    attrs.update(thickness=float((0.56 - t) / 0.2), paper=tuple(float(v) for v in paper), ruled=bool(ruled))
     arr = _composite(bg, ink, ink_a * pressure * rng.uniform(0.85, 1.0))
     return _finish(arr, size, rng, noise=rng.uniform(1.0, 3.0))
 
 
-def _render_printed(digit: int, rng: np.random.Generator, size: int):
+def _render_printed(digit: int, rng: np.random.Generator, size: int, attrs: dict):
     C = size * _SUPERSAMPLE
     stroke = int(rng.integers(0, 5))
     italic = rng.random() < 0.2
@@ -226,7 +241,7 @@ def _render_printed(digit: int, rng: np.random.Generator, size: int):
         _glyph(digit, stroke), C, rng,
         height=rng.uniform(0.5, 0.85) * C, rotation=rng.uniform(-7, 7),
         shear=(-rng.uniform(0.15, 0.3) if italic else rng.uniform(-0.05, 0.05)),
-        aspect=rng.uniform(0.8, 1.25), margin=0.05,
+        aspect=rng.uniform(0.8, 1.25), margin=0.05, attrs=attrs,
     )
     white = rng.uniform(247, 255)
     bg = np.full((C, C, 3), white, dtype=np.float32)
@@ -240,6 +255,8 @@ def _render_printed(digit: int, rng: np.random.Generator, size: int):
         ink = (rng.uniform(90, 140), rng.uniform(0, 25), rng.uniform(0, 30))  # dark red
     else:
         ink = (rng.uniform(0, 25), rng.uniform(50, 80), rng.uniform(20, 45))  # dark green
+    _record_ink(attrs, m, ink)
+    attrs.update(thickness=stroke / 4.0, italic=bool(italic), paper=(white, white, white))
     arr = _composite(bg, ink, m)
     return _finish(arr, size, rng, noise=rng.uniform(0.0, 1.0))
 
@@ -264,13 +281,13 @@ def _hatch(C: int, rng: np.random.Generator, spacing: float, width: float) -> np
     return np.clip((d - (spacing / 2.0 - width)) / 1.5, 0, 1)
 
 
-def _render_sketch(digit: int, rng: np.random.Generator, size: int):
+def _render_sketch(digit: int, rng: np.random.Generator, size: int, attrs: dict):
     C = size * _SUPERSAMPLE
     stroke = int(rng.integers(2, 7))
     m = _place(
         _glyph(digit, stroke), C, rng,
         height=rng.uniform(0.6, 0.85) * C, rotation=rng.uniform(-10, 10),
-        shear=rng.uniform(-0.15, 0.15), aspect=rng.uniform(0.85, 1.25), margin=0.07,
+        shear=rng.uniform(-0.15, 0.15), aspect=rng.uniform(0.85, 1.25), margin=0.07, attrs=attrs,
     )
     solid = (m > 0.5).astype(np.float32)
     k = int(rng.choice([3, 5]))
@@ -283,23 +300,29 @@ def _render_sketch(digit: int, rng: np.random.Generator, size: int):
     bg = np.broadcast_to(np.array([p, p, p + rng.uniform(-2, 5)], dtype=np.float32), (C, C, 3)).copy()
     bg -= _smooth_noise(rng, C, 3)[..., None] * rng.uniform(4, 14)
     alpha = lines * rng.uniform(0.8, 1.0)
-    if rng.random() < 0.6:  # hatching inside the glyph
+    hatched = rng.random() < 0.6
+    if hatched:  # hatching inside the glyph
         inside = _warp(_erode(solid, 5), rng, amp=2.0)
         alpha = np.maximum(alpha, _hatch(C, rng, rng.uniform(9, 13), 1.6) * inside * rng.uniform(0.35, 0.6))
-    for _ in range(int(rng.integers(0, 3))):  # faint stray construction lines
+    strays = int(rng.integers(0, 3))
+    for _ in range(strays):  # faint stray construction lines
         stray = Image.new("L", (C, C), 0)
         x0, y0, x1, y1 = rng.uniform(0, C, 4)
         ImageDraw.Draw(stray).line([(x0, y0), (x1, y1)], fill=255, width=2)
         alpha = np.maximum(alpha, np.asarray(stray, dtype=np.float32) / 255.0 * rng.uniform(0.15, 0.35))
     g = rng.uniform(35, 80)
-    arr = _composite(bg, (g, g, g * rng.uniform(1.0, 1.12)), alpha)
+    ink = (g, g, g * rng.uniform(1.0, 1.12))
+    _record_ink(attrs, solid, ink)
+    attrs.update(thickness=(stroke - 2) / 4.0, paper=(p, p, p), hatched=bool(hatched), strays=strays)
+    arr = _composite(bg, ink, alpha)
     return _finish(arr, size, rng, noise=rng.uniform(1.0, 2.5))
 
 
-def _photo_background(C: int, rng: np.random.Generator) -> np.ndarray:
+def _photo_background(C: int, rng: np.random.Generator, attrs: dict) -> np.ndarray:
     h0 = rng.random()
     c0 = _hsv(h0, rng.uniform(0.3, 0.9), rng.uniform(0.3, 0.95))
     c1 = _hsv(h0 + rng.uniform(0.15, 0.6), rng.uniform(0.3, 0.9), rng.uniform(0.3, 0.95))
+    attrs["background"] = (tuple(float(v) for v in c0), tuple(float(v) for v in c1))
     th = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:C, 0:C].astype(np.float32) / C
     t = np.clip((xx - 0.5) * np.cos(th) + (yy - 0.5) * np.sin(th) + 0.5, 0, 1)[..., None]
@@ -321,20 +344,22 @@ def _photo_background(C: int, rng: np.random.Generator) -> np.ndarray:
             pts = [tuple(p) for p in rng.uniform(-0.1, 1.1, (3, 2)) * C]
             draw.polygon(pts, fill=fill)
     im = Image.alpha_composite(im, layer).convert("RGB")
-    im = im.filter(ImageFilter.GaussianBlur(rng.uniform(1.5, 5.0)))  # shallow depth of field
+    blur = rng.uniform(1.5, 5.0)
+    attrs["blur"] = float(blur)
+    im = im.filter(ImageFilter.GaussianBlur(blur))  # shallow depth of field
     arr = np.asarray(im, dtype=np.float32)
     arr += (_smooth_noise(rng, C, 16)[..., None] - 0.5) * rng.uniform(10, 35)  # texture
     return arr
 
 
-def _render_photo(digit: int, rng: np.random.Generator, size: int):
+def _render_photo(digit: int, rng: np.random.Generator, size: int, attrs: dict):
     C = size * _SUPERSAMPLE
-    bg = _photo_background(C, rng)
+    bg = _photo_background(C, rng, attrs)
     stroke = int(rng.integers(2, 8))
     m = _place(
         _glyph(digit, stroke), C, rng,
         height=rng.uniform(0.6, 0.88) * C, rotation=rng.uniform(-15, 15),
-        shear=rng.uniform(-0.2, 0.2), aspect=rng.uniform(0.85, 1.3), margin=0.04,
+        shear=rng.uniform(-0.2, 0.2), aspect=rng.uniform(0.85, 1.3), margin=0.04, attrs=attrs,
     )
     # A saturated fill that contrasts in brightness with what lies behind the digit.
     under = float(_luma((bg * m[..., None]).sum((0, 1)) / max(m.sum(), 1.0)))
@@ -352,6 +377,9 @@ def _render_photo(digit: int, rng: np.random.Generator, size: int):
     # Slight shading across the digit (a painted/plastic object, not flat ink).
     shade = 0.8 + 0.35 * _smooth_noise(rng, C, 3)[..., None]
     rim = 0.0 if best_c < 90 else rng.random()  # weak contrast: always outline the digit
+    _record_ink(attrs, m, fill)
+    attrs.update(thickness=(stroke - 2) / 5.0, edge="outline" if rim < 0.45 else "shadow" if rim < 0.8 else "none",
+                 outline=(20, 20, 20) if bright else (240, 240, 240))
     if rim < 0.45:  # contrasting rim
         rim_a = _dilate(m, int(rng.choice([5, 7, 9])))
         rim_col = (20, 20, 20) if bright else (240, 240, 240)
@@ -377,25 +405,26 @@ def _render_photo(digit: int, rng: np.random.Generator, size: int):
     return _finish(arr, size, rng, noise=rng.uniform(2.0, 7.0))
 
 
-
 # --------------------------------------------------------------------------------------------
 # public API
 # --------------------------------------------------------------------------------------------
 
 
-def render(
-    domain: str,
-    digit: int,
-    rng: np.random.Generator,
-    size: int = 32,
-    *,
-    split: str | None = None,
-) -> Image.Image:
+def render(domain: str, digit: int, rng: np.random.Generator, size: int = 32, *, split: str | None = None,
+           attrs: dict | None = None) -> Image.Image:
     """Draw one ``size`` x ``size`` RGB image of ``digit`` (0-9) in the style of ``domain``.
 
     All randomness comes from ``rng``. ``split`` ("benchmark", "pretrain" or None for all)
     only matters for ``handwritten``: it selects a disjoint half of scikit-learn's scans, so
     that pretraining images never reuse a benchmark image's handwriting.
+
+    ``attrs``: a dict that receives what was drawn (for captions that describe their image; the
+    drawing and the generator's draws are the same with or without it): ``height``, ``width``,
+    ``cx``, ``cy`` (ink bounding box and centroid, fractions of the image, y down), ``rotation``
+    (degrees) and ``shear``, ``thickness`` (0 thinnest .. 1 boldest of the domain), ``ink`` (RGB
+    0..255), then per domain ``paper`` (RGB), ``ruled``, ``italic``, ``hatched``, ``strays``,
+    ``background`` (the photo's two gradient colours), ``blur``, ``edge`` ("outline", "shadow",
+    "none") and ``outline`` (its colour).
     """
     if domain not in DOMAINS:
         raise ValueError(f"unknown domain {domain!r}; expected one of {DOMAINS}")
@@ -407,10 +436,11 @@ def render(
     if split is not None and split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
     size = int(size)
+    attrs = {} if attrs is None else attrs
     if domain == "handwritten":
-        return _render_handwritten(digit, rng, size, split)
+        return _render_handwritten(digit, rng, size, split, attrs)
     if domain == "printed":
-        return _render_printed(digit, rng, size)
+        return _render_printed(digit, rng, size, attrs)
     if domain == "sketch":
-        return _render_sketch(digit, rng, size)
-    return _render_photo(digit, rng, size)
+        return _render_sketch(digit, rng, size, attrs)
+    return _render_photo(digit, rng, size, attrs)
