@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, WeightsNotFound
-from .shared_prefix import PromptGroups, encode_shared_prefix, supports_shared_prefix
+from .shared_prefix import PromptGroups, encode_bucketed, supports_shared_prefix
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -159,7 +159,7 @@ class ClipBackbone(nn.Module):
         if self._shared_prefix_ok is None:
             self._shared_prefix_ok = supports_shared_prefix(self.model)
         if self._shared_prefix_ok and prompts.prefix_len > 0 and self.use_shared_prefix:
-            x = encode_shared_prefix(self.model, prompts)
+            x = encode_bucketed(self.model, prompts)
         else:
             emb, eot = prompts.full()
             x = self.encode_prompts(emb, eot, normalize=False).view(prompts.groups, prompts.n_prompts, -1)

@@ -8,6 +8,11 @@ layer. ``encode_shared_prefix`` runs them once per group and runs each prompt's 
 prefix's cached per-layer keys and values (plus its own causally masked suffix): the same features as
 the plain truncated path, at the cost of ``G·P + G·C·S`` token positions instead of ``G·C·(P + S)``.
 
+S is the longest suffix; a prompt with a shorter one still runs through S positions. ``encode_bucketed``
+splits the prompts into buckets of similar suffix length (``length_buckets``: the split that minimises
+the positions run, each bucket paying its own prefix pass) and runs each bucket on its own length:
+PromptStyler's 345 DomainNet class names range from 1 to 7 tokens, most of them 1 or 2.
+
 ``PromptGroups`` holds the prompts (learned vectors may sit in the prefix or the suffix; gradients flow
 through both); ``PromptGroups.full()`` gives the plain form that ``ClipBackbone.encode_prompts`` takes.
 Only open_clip's default text blocks (``ResidualAttentionBlock`` over ``nn.MultiheadAttention``) are
@@ -194,3 +199,42 @@ def _attention(block, h: torch.Tensor, prefix_shape, suffix_shape, allowed: torc
     out_s = F.scaled_dot_product_attention(qs.flatten(0, 1), k_all, v_all, attn_mask=allowed)  # (G·C, H, S, dh)
     out = torch.cat([out_p.transpose(1, 2).reshape(n, w), out_s.view(g, c, heads, s, dh).permute(0, 1, 3, 2, 4).reshape(-1, w)])
     return F.linear(out, a.out_proj.weight, a.out_proj.bias)
+
+
+def length_buckets(lengths: Sequence[int], prefix_cost: int, groups: int) -> list[list[int]]:
+    """Prompt indices split into buckets of contiguous suffix lengths, minimising the token positions
+    run: a bucket of n prompts whose longest suffix is S costs ``prefix_cost + groups·n·S`` (its own
+    prefix pass, ``prefix_cost`` = Gp·P, and its suffixes padded to S). Exact (dynamic programming over
+    the distinct lengths, sorted); one bucket where splitting saves nothing."""
+    distinct = sorted(set(int(n) for n in lengths))
+    count = [sum(1 for n in lengths if n == d) for d in distinct]
+    best = [0.0] + [float("inf")] * len(distinct)  # best[j]: cost of the shortest j distinct lengths
+    cut = [0] * (len(distinct) + 1)
+    for j in range(1, len(distinct) + 1):
+        for i in range(j):  # the last bucket holds distinct[i:j]; its suffixes padded to distinct[j-1]
+            cost = best[i] + prefix_cost + groups * sum(count[i:j]) * distinct[j - 1]
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    bounds, j = [], len(distinct)
+    while j > 0:
+        bounds.append((distinct[cut[j]], distinct[j - 1]))
+        j = cut[j]
+    return [[k for k, n in enumerate(lengths) if lo <= n <= hi] for lo, hi in reversed(bounds)]
+
+
+def encode_bucketed(model: nn.Module, prompts: PromptGroups) -> torch.Tensor:
+    """``encode_shared_prefix`` per bucket of suffix lengths (``length_buckets``): the same (G, C, D)
+    features, without running short suffixes through the longest one's positions."""
+    p = prompts.prefix_len
+    lengths = (prompts.eot.expand(prompts.groups, prompts.n_prompts).max(dim=0).values - p + 1).tolist()  # (C,)
+    buckets = length_buckets(lengths, prompts.prefix.shape[0] * p, prompts.groups)
+    if len(buckets) == 1:
+        return encode_shared_prefix(model, prompts)
+    eot = prompts.eot
+    parts = []
+    for idx in buckets:
+        s = max(lengths[k] for k in idx)
+        at = torch.tensor(idx, device=prompts.suffix.device)
+        parts.append(encode_shared_prefix(model, PromptGroups(prompts.prefix, prompts.suffix[:, at, :s], eot[:, at])))
+    order = torch.tensor([k for idx in buckets for k in idx], device=prompts.suffix.device)
+    return torch.cat(parts, dim=1)[:, torch.argsort(order)]  # back to the prompts' order

@@ -16,7 +16,7 @@ from open_clip.transformer import LayerScale
 from torch import nn
 
 from promptdg_cli.backbone import ClipBackbone
-from promptdg_cli.shared_prefix import PromptGroups, encode_shared_prefix, supports_shared_prefix
+from promptdg_cli.shared_prefix import PromptGroups, encode_shared_prefix, length_buckets, supports_shared_prefix
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 CLASSES = ["cat", "airplane with wings", "seven"]
@@ -234,6 +234,35 @@ def test_style_prompt_and_style_content_prompts(clip):
     g = clip.group_texts(texts)
     assert g.prefix_len == 6 and int(g.eot[0, 0]) == 6  # [SOS] a X style of a | [EOT]
     style = (torch.randn(clip.text_width, generator=torch.Generator().manual_seed(5)) * 0.02).requires_grad_()
+    pre = g.prefix[0]
+    prompts = PromptGroups.from_parts([pre[:2], style[None], pre[3:]], [g.suffix], g.eot)
+    full, eot = g.full()
+    ref = clip.encode_prompts(torch.cat([full[:, :2], style.expand(len(texts), 1, -1), full[:, 3:]], dim=1), eot)
+    ours = clip.encode_grouped(prompts)[0]
+    torch.testing.assert_close(ours, ref, **TOL)
+    assert_grads_close(grads(ours, [style]), grads(ref, [style]))
+
+
+def test_length_buckets_minimise_the_positions_run():
+    # lengths 1 x 6, 2 x 3, 7 x 1; prefix pass 5, one group. By hand: one bucket 5 + 10*7 = 75;
+    # {1,2} {7}: (5 + 9*2) + (5 + 7) = 35; {1} {2} {7}: 11 + 11 + 12 = 34; {1} {2,7}: 11 + 5 + 4*7 = 44
+    lengths = [1, 2, 1, 7, 1, 2, 1, 1, 2, 1]
+    assert length_buckets(lengths, prefix_cost=5, groups=1) == [[0, 2, 4, 6, 7, 9], [1, 5, 8], [3]]
+    # a dear prefix pass (5 -> 40): {1,2} {7}: 58 + 47 = 105; {1} {2} {7}: 46 + 46 + 47 = 139; one: 110
+    assert length_buckets(lengths, prefix_cost=40, groups=1) == [[0, 1, 2, 4, 5, 6, 7, 8, 9], [3]]
+    # equal lengths: one bucket
+    assert length_buckets([3, 3, 3], prefix_cost=0, groups=4) == [[0, 1, 2]]
+
+
+def test_style_content_prompts_of_many_lengths_run_in_buckets(clip):
+    """Class names of 1 to 8 tokens: the prompts split into buckets (checked), and the features and the
+    style word's gradient equal the plain path's."""
+    names = ["cat", "dog", "car", "tree", "the eiffel tower at night", "sun", "pen", "a very long and strange name of a thing"]
+    texts = [f"a X style of a {c}" for c in names]
+    g = clip.group_texts(texts)
+    lengths = (g.eot[0] - g.prefix_len + 1).tolist()
+    assert len(length_buckets(lengths, g.prefix_len, 1)) >= 2
+    style = (torch.randn(clip.text_width, generator=torch.Generator().manual_seed(6)) * 0.02).requires_grad_()
     pre = g.prefix[0]
     prompts = PromptGroups.from_parts([pre[:2], style[None], pre[3:]], [g.suffix], g.eot)
     full, eot = g.full()
