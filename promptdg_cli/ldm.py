@@ -239,6 +239,9 @@ def load_ldm(source: str, device: torch.device, dtype: str = "auto", revision: O
         info = json.loads(marker.read_text())
         if clip is None or info.get("clip_model") != clip.model_name:
             raise ConfigError(f"{folder} is conditioned on the text tower of {info.get('clip_model')}; use it with that backbone")
+        if info.get("clip_weights") not in (None, clip.identity()["weights"]):
+            raise ConfigError(f"{folder} is conditioned on the text tower of the CLIP weights {info['clip_weights']}, not on "
+                              f"{clip.identity()['weights']}; build the demo LDM for these weights (method.ldm=demo) or load the CLIP it was built on")
         _check_layout(folder, source, ("vae", "unet", "scheduler"))
         text = lambda prompts: clip_token_states(clip, prompts)  # noqa: E731
     else:

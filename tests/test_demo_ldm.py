@@ -124,3 +124,14 @@ def test_demo_ldm_draws_the_digit_it_is_asked_for(tmp_path_factory):
     # the figure is reproducible from the loaded model
     again = sample_quality(ldm, clip, list(CLASSES), per_class=q["per_class"], steps=q["steps"], guidance=q["guidance"])
     assert abs(again["top1"] - q["top1"]) <= 5.0, (again, q)
+
+
+def test_an_ldm_is_never_used_with_another_clips_text_tower(tiny_root, clip):
+    """The folder is keyed by the CLIP's weights, and loading with other weights is refused by name."""
+    from promptdg_cli.config import ConfigError
+
+    other = SimpleNamespace(model_name=clip.model_name, identity=lambda: {**clip.identity(), "weights": "another-checkpoint"})
+    assert demo_ldm_dir(str(tiny_root), clip) != demo_ldm_dir(str(tiny_root), other)
+    assert demo_ldm_dir(str(tiny_root), clip).name.startswith(f"demo-ldm-r{RECIPE_REVISION}-")
+    with pytest.raises(ConfigError, match="another-checkpoint"):
+        load_ldm(str(demo_ldm_dir(str(tiny_root))), torch.device("cpu"), clip=other)

@@ -34,6 +34,7 @@ asked for: class-conditional samples from pure noise, classified zero-shot by th
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -82,10 +83,13 @@ RECIPE = {
 }
 
 
-def demo_ldm_dir(cache_root: Optional[str] = None) -> Path:
-    """``<cache_root>/demo_ldm/demo-ldm-r<RECIPE_REVISION>`` (cache_root None: $PROMPTDG_CACHE or ~/.cache/promptdg)."""
+def demo_ldm_dir(cache_root: Optional[str] = None, clip=None) -> Path:
+    """``<cache_root>/demo_ldm/demo-ldm-r<RECIPE_REVISION>`` (cache_root None: $PROMPTDG_CACHE or ~/.cache/promptdg),
+    with ``-<8 hex digits of the CLIP's weights>`` when ``clip`` is given: an LDM conditioned on one demo CLIP's
+    text tower is never reused with another's (a new demo CLIP recipe gets its own LDM)."""
     root = cache_root or os.environ.get("PROMPTDG_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "promptdg")
-    return Path(root).expanduser() / "demo_ldm" / f"demo-ldm-r{RECIPE_REVISION}"
+    tag = "" if clip is None else "-" + hashlib.sha1(str(clip.identity()["weights"]).encode()).hexdigest()[:8]
+    return Path(root).expanduser() / "demo_ldm" / f"demo-ldm-r{RECIPE_REVISION}{tag}"
 
 
 # --------------------------------------------------------------------- data

@@ -247,7 +247,7 @@ class DomainFusion(Method):
             if source == "demo":  # built once on first use, conditioned on the demo CLIP's text tower
                 if not self.backbone.model_name.startswith("demo"):
                     raise ConfigError("method.ldm=demo is conditioned on the demo CLIP's text tower: use it with backbone=demo_clip")
-                source = str(build_demo_ldm(demo_ldm_dir(self.env.cache_root), self.backbone))
+                source = str(build_demo_ldm(demo_ldm_dir(self.env.cache_root, self.backbone), self.backbone))
             self._ldm = load_ldm(source, self.device, self.cfg.ldm_dtype, self.cfg.ldm_revision, clip=self.backbone)
         return self._ldm
 
