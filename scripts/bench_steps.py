@@ -41,12 +41,10 @@ import promptdg_cli.backbone  # noqa: F401  (torchvision shim before open_clip)
 import open_clip
 import torch
 import torch.nn.functional as F
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from promptdg_cli.backbone import ClipBackbone
-from promptdg_cli.config import conf_dir, register_configs, register_resolvers
+from promptdg_cli.config import compose_method, conf_dir
 from promptdg_cli.data import Features
 from promptdg_cli.methods.base import RunEnv
 from promptdg_cli.methods.coop import CoOp
@@ -55,7 +53,6 @@ from promptdg_cli.methods.dapt import DAPT, class_prototypes
 from promptdg_cli.methods.promptstyler import PLACEHOLDER, PromptStyler, content_consistency_loss, style_diversity_loss
 from promptdg_cli.protocols import TrainData
 from promptdg_cli.runtime import autocast
-from promptdg_cli.schema import METHOD_SCHEMAS
 from promptdg_cli.training import StepInfo
 
 # |official - promptdg| allowed, relative: (loss, largest gradient entry). The check runs in fp32 (the
@@ -135,16 +132,8 @@ def image_size(clip: ClipBackbone) -> int:
 
 
 def method_config(choice: str, dataset: str = "demo_digits", *overrides: str):
-    """A method's config as ``promptdg train method=<choice> dataset=<dataset>`` composes it, merged
-    onto its schema (``key=value`` overrides of the method's keys)."""
-    register_resolvers()
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[f"method={choice}", f"dataset={dataset}", *[f"method.{o}" for o in overrides]])
-    GlobalHydra.instance().clear()
-    plain = OmegaConf.to_container(cfg.method, resolve=True)
-    return OmegaConf.merge(OmegaConf.structured(METHOD_SCHEMAS[plain["name"]]), plain)
+    """A method's config as ``promptdg train method=<choice> dataset=<dataset>`` composes it (config.compose_method)."""
+    return compose_method(choice, *overrides, dataset=dataset)
 
 
 def classnames(dataset: str) -> List[str]:

@@ -75,23 +75,10 @@ TINY = ("dataset.generator_args.per_class=8", "backbone.builder=null", "num_work
 
 
 def method_cfg(choice: str, *overrides: str, dataset: str = "demo_digits"):
-    """A method's config exactly as `promptdg train method=<choice>` composes it (its YAML holds every
-    value), with `key=value` overrides of the method's keys, detached from the run config."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-    from omegaconf import OmegaConf
+    """A method's config exactly as `promptdg train method=<choice>` composes it (config.compose_method)."""
+    from promptdg_cli.config import compose_method
 
-    from promptdg_cli.config import conf_dir, register_configs, register_resolvers
-    from promptdg_cli.schema import METHOD_SCHEMAS
-
-    register_resolvers()
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[f"method={choice}", f"dataset={dataset}", *[f"method.{o}" for o in overrides]])
-    GlobalHydra.instance().clear()
-    plain = OmegaConf.to_container(cfg.method, resolve=True)
-    return OmegaConf.merge(OmegaConf.structured(METHOD_SCHEMAS[plain["name"]]), plain)
+    return compose_method(choice, *overrides, dataset=dataset)
 
 
 def results(out_root: Path) -> list[dict]:

@@ -227,20 +227,26 @@ def test_common_prefix_of_texts():
     assert PromptGroups.from_tokens(torch.randn(2, 4, 2), same, same.argmax(1)).prefix_len == 2  # EOT stays in the suffix
 
 
+def assert_style_word_path_equals_plain(clip, g: PromptGroups, seed: int):
+    """A learned style word at position 2 ("[SOS] a S style of a ..."): the grouped path's features and the
+    word's gradient equal the plain path's on the same prompts assembled by hand."""
+    style = (torch.randn(clip.text_width, generator=torch.Generator().manual_seed(seed)) * 0.02).requires_grad_()
+    pre = g.prefix[0]
+    prompts = PromptGroups.from_parts([pre[:2], style[None], pre[3:]], [g.suffix], g.eot)
+    full, eot = g.full()
+    ref = clip.encode_prompts(torch.cat([full[:, :2], style.expand(full.shape[0], 1, -1), full[:, 3:]], dim=1), eot)
+    ours = clip.encode_grouped(prompts)[0]
+    torch.testing.assert_close(ours, ref, **TOL)
+    assert_grads_close(grads(ours, [style]), grads(ref, [style]))
+
+
 def test_style_prompt_and_style_content_prompts(clip):
     """PromptStyler's batch: "a S style of a" (EOT right after the shared prefix) and "a S style of a
     {class}", the learned style word inside the shared prefix."""
     texts = ["a X style of a"] + [f"a X style of a {c}" for c in CLASSES]
     g = clip.group_texts(texts)
     assert g.prefix_len == 6 and int(g.eot[0, 0]) == 6  # [SOS] a X style of a | [EOT]
-    style = (torch.randn(clip.text_width, generator=torch.Generator().manual_seed(5)) * 0.02).requires_grad_()
-    pre = g.prefix[0]
-    prompts = PromptGroups.from_parts([pre[:2], style[None], pre[3:]], [g.suffix], g.eot)
-    full, eot = g.full()
-    ref = clip.encode_prompts(torch.cat([full[:, :2], style.expand(len(texts), 1, -1), full[:, 3:]], dim=1), eot)
-    ours = clip.encode_grouped(prompts)[0]
-    torch.testing.assert_close(ours, ref, **TOL)
-    assert_grads_close(grads(ours, [style]), grads(ref, [style]))
+    assert_style_word_path_equals_plain(clip, g, 5)
 
 
 def test_length_buckets_minimise_the_positions_run():
@@ -262,14 +268,7 @@ def test_style_content_prompts_of_many_lengths_run_in_buckets(clip):
     g = clip.group_texts(texts)
     lengths = (g.eot[0] - g.prefix_len + 1).tolist()
     assert len(length_buckets(lengths, g.prefix_len, 1)) >= 2
-    style = (torch.randn(clip.text_width, generator=torch.Generator().manual_seed(6)) * 0.02).requires_grad_()
-    pre = g.prefix[0]
-    prompts = PromptGroups.from_parts([pre[:2], style[None], pre[3:]], [g.suffix], g.eot)
-    full, eot = g.full()
-    ref = clip.encode_prompts(torch.cat([full[:, :2], style.expand(len(texts), 1, -1), full[:, 3:]], dim=1), eot)
-    ours = clip.encode_grouped(prompts)[0]
-    torch.testing.assert_close(ours, ref, **TOL)
-    assert_grads_close(grads(ours, [style]), grads(ref, [style]))
+    assert_style_word_path_equals_plain(clip, g, 6)
 
 
 def test_bad_shapes_are_named():
