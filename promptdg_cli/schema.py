@@ -154,6 +154,7 @@ class LinearProbeConfig(MethodConfig):
     refine_steps: int = num(ge=0)
     max_iter: int = num(ge=1)
     tol: float = num(gt=0.0)  # a fit stops at this fraction of the objective's max-abs gradient at the cold start
+    patience: Optional[int] = num(ge=1)  # the C path stops after this many values without a gain; None: the whole path
 
 
 @dataclass

@@ -15,7 +15,7 @@ from sklearn.linear_model import LogisticRegression
 
 from promptdg_cli.data import Features
 from promptdg_cli.logreg import fit_logreg, fit_path
-from promptdg_cli.methods.linear_probe import LinearProbe, nearest_on_path
+from promptdg_cli.methods.linear_probe import LinearProbe, out_of_patience, refine_order, refine_start
 from promptdg_cli.protocols import TrainData
 from promptdg_cli.schema import LinearProbeConfig
 from promptdg_cli.training import TrainContext
@@ -124,17 +124,38 @@ def test_bad_input_is_named():
         fit_logreg(x, y[:-1], 4, 1.0)
 
 
-def test_refinement_values_start_from_the_nearest_path_value_in_log_c():
-    path = [1e-2, 1e-1, 1.0, 10.0]
-    assert nearest_on_path(10 ** -0.7, path) == 1e-1  # 0.3 decades from 0.1, 0.7 from 1
-    assert nearest_on_path(10 ** -0.4, path) == 1.0
-    assert nearest_on_path(10 ** 0.5, path) == 1.0  # a tie: the smaller
-    assert nearest_on_path(1e3, path) == 10.0
+def test_refinement_values_form_two_paths_leaving_the_best_value():
+    center = 1.0
+    fine = [10 ** -0.6, 10 ** -0.2, 10 ** 0.2, 10 ** 0.6]
+    assert refine_order(center, fine) == [10 ** 0.2, 10 ** 0.6, 10 ** -0.2, 10 ** -0.6]
+    assert refine_start(10 ** 0.2, center, fine) is None  # next to the path's best: its solution
+    assert refine_start(10 ** 0.6, center, fine) == 10 ** 0.2
+    assert refine_start(10 ** -0.2, center, fine) is None
+    assert refine_start(10 ** -0.6, center, fine) == 10 ** -0.2
+    # every start comes before its fit in the order
+    order = refine_order(center, fine)
+    assert all(refine_start(c, center, fine) in (None, *order[:i]) for i, c in enumerate(order))
+
+
+def test_patience_counts_values_without_a_higher_accuracy():
+    done = lambda *accs: {float(i): {"acc": a} for i, a in enumerate(accs)}  # noqa: E731
+    assert not out_of_patience(done(10, 50, 40, 40), 3)  # only 2 values after the best
+    assert out_of_patience(done(10, 50, 40, 40, 50), 3)  # equal to the best is no gain
+    assert not out_of_patience(done(10, 50, 40, 40, 51), 3)
+    assert not out_of_patience(done(10, 50, 40, 40, 30, 20), None)  # None: never
+    assert out_of_patience(done(10, 60, 50, 40), 2)
+    assert not out_of_patience(done(10, 60, 50), 2)  # one value after the best
+    assert not out_of_patience(done(10, 10, 10, 10), 3)  # the flat start (majority class) is no peak
+    assert not out_of_patience(done(60, 50, 40), 2)  # nor is the first value
+    # skipped values do not count
+    d = done(10, 50, 40) | {3.0: {"skipped": True}}
+    assert not out_of_patience(d, 3)
 
 
 # ----------------------------------------------------------------------------- the probe's sweep
 def _probe(tmp_path, n_names=5, **cfg):
-    values = {"name": "linear_probe", "c_min": 1e-3, "c_max": 1e3, "refine_steps": 4, "max_iter": 1000, "tol": 1e-3, **cfg}
+    values = {"name": "linear_probe", "c_min": 1e-3, "c_max": 1e3, "refine_steps": 4, "max_iter": 1000, "tol": 1e-3,
+              "patience": None, **cfg}
     conf = OmegaConf.structured(LinearProbeConfig(**values))
     probe = LinearProbe(conf, SimpleNamespace(embed_dim=16), [f"c{i}" for i in range(n_names)], torch.device("cpu"))
     (tmp_path / "split").mkdir(parents=True, exist_ok=True)
@@ -200,3 +221,19 @@ def test_a_sweep_resumed_from_its_checkpoint_equals_an_uninterrupted_one(tmp_pat
     lines = [json.loads(l) for l in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
     assert torch.equal(resumed.weight, whole.weight) and torch.equal(resumed.bias, whole.bias)
     assert sum("C" in l for l in lines) == 13 + 4
+
+
+def test_patience_stops_the_path_where_the_full_path_stops_improving(tmp_path):
+    full, ctx = _probe(tmp_path / "full", refine_steps=0)
+    full.fit(_data(), ctx)
+    accs = [json.loads(l)["val_acc"] for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines() if '"C"' in l]
+    assert len(accs) == 13
+    # by hand: the first prefix whose last 2 accuracies are not above the best before them
+    stop = next(i for i in range(3, 14) if accs[0] < max(accs[: i - 2]) >= max(accs[i - 2 : i]))
+    assert stop < 13  # not vacuous: the path on this problem does stop early
+    short, ctx = _probe(tmp_path / "short", refine_steps=0, patience=2)
+    short.fit(_data(), ctx)
+    lines = [json.loads(l) for l in (tmp_path / "short" / "metrics.jsonl").read_text().splitlines()]
+    assert [l["val_acc"] for l in lines if "C" in l] == accs[:stop]  # the same warm starts, the same fits
+    assert lines[-2]["skipped_C"] == pytest.approx(np.logspace(-3, 3, 13)[stop:].tolist())
+    assert lines[-1]["val_acc"] == max(accs)
