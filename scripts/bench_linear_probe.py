@@ -6,7 +6,7 @@ values around the best, selected on validation accuracy, max_iter 1000.
 
 * sklearn: ``LogisticRegression(C, max_iter)`` (lbfgs, multinomial) fitted cold for every C, as the
   probe did before (absolute gradient tolerance 1e-4);
-* torch: ``LinearProbe.fit`` itself (warm-started path, checkpoints included), float64.
+* torch: ``LinearProbe.fit`` itself (warm-started path, its patience stop, checkpoints included), float32.
 
 Problems are synthetic, shaped like a benchmark: K classes, D-dim L2-normalised features, class
 means random on the sphere, each sample normalise(signal * mean + noise), noise ~ N(0, I / D).
