@@ -79,20 +79,32 @@ class LinearProbe(Method):
         self.bias = torch.zeros(len(classnames))  # (C,)
 
     def fit(self, data, ctx):
-        cfg, dev = self.cfg, self.device
+        dev = self.device
         xtr, xva = data.train.x.to(dev, DTYPE), data.val.x.to(dev, DTYPE)
         yva = data.val.y.to(dev)
         classes, ytr = torch.unique(data.train.y.to(dev), return_inverse=True)  # fit the classes present only
-        gtol = cfg.tol * start_gradient(xtr, ytr, len(classes))  # the same for every C
+        gtol = self.cfg.tol * start_gradient(xtr, ytr, len(classes))  # the same for every C
         ctx.log(gradient_tol=gtol)
 
         def fit_one(c: float, init) -> dict:
             r = fit_logreg(xtr, ytr, len(classes), c, init=None if init is None else init.to(dev),
-                           max_iter=cfg.max_iter, tol=gtol)
+                           max_iter=self.cfg.max_iter, tol=gtol)
             pred = classes[(xva @ r.weight.T + r.bias).argmax(dim=1)]  # (N,) the first of equal scores, as sklearn's predict
             return {"C": c, "acc": float((pred == yva).double().mean().item() * 100), "theta": r.theta.cpu(),
                     "n_iter": r.n_iter, "converged": r.converged}
 
+        fitted = self._path(fit_one, ctx)
+        scores = fitted | self._refine(fit_one, fitted, ctx)
+        for r in scores.values():
+            ctx.log(C=r["C"], val_acc=r["acc"], n_iter=r["n_iter"], converged=r["converged"])
+        best = max(scores.values(), key=lambda r: r["acc"])  # (max keeps the first of equals: the path's order)
+        ctx.log(selected_C=best["C"], val_acc=best["acc"])
+        self._set(classes.cpu(), best["theta"][:, :-1], best["theta"][:, -1])
+
+    def _path(self, fit_one, ctx) -> dict:
+        """The 13 path values in increasing order, each fit from the previous solution, until the
+        patience runs out; returns {C: result} of the fitted ones (the skipped ones are logged)."""
+        cfg = self.cfg
         coarse = [float(c) for c in np.logspace(np.log10(cfg.c_min), np.log10(cfg.c_max), 13)]
 
         def path_fit(c: float, done: dict) -> dict:
@@ -102,10 +114,16 @@ class LinearProbe(Method):
             return fit_one(c, fitted[-1]["theta"] if fitted else None)
 
         path = ctx.units(f"{SOLVER}:path", coarse, path_fit, desc="linear probe: C path")
-        fitted = {c: r for c, r in path.items() if not r.get("skipped")}
-        skipped = [c for c in coarse if c not in fitted]
+        skipped = [c for c, r in path.items() if r.get("skipped")]
+        if skipped:
+            ctx.log(skipped_C=skipped, patience=cfg.patience)
+        return {c: r for c, r in path.items() if not r.get("skipped")}
+
+    def _refine(self, fit_one, fitted: dict, ctx) -> dict:
+        """``refine_steps`` values over the decade on each side of the path's best, as two paths
+        leaving it; returns {C: result} in increasing C."""
         center = max(fitted, key=lambda c: fitted[c]["acc"])  # (max keeps the first of equals: the smallest C)
-        fine = [float(c) for c in np.logspace(np.log10(center) - 1, np.log10(center) + 1, cfg.refine_steps + 2)[1:-1]]
+        fine = [float(c) for c in np.logspace(np.log10(center) - 1, np.log10(center) + 1, self.cfg.refine_steps + 2)[1:-1]]
         fine = [c for c in fine if c not in fitted]
 
         def refine_fit(c: float, done: dict) -> dict:
@@ -113,14 +131,7 @@ class LinearProbe(Method):
             return fit_one(c, fitted[center]["theta"] if start is None else done[start]["theta"])
 
         refine = ctx.units(f"{SOLVER}:refine", refine_order(center, fine), refine_fit, desc="linear probe: refine")
-        scores = fitted | {c: refine[c] for c in sorted(refine)}
-        for r in scores.values():
-            ctx.log(C=r["C"], val_acc=r["acc"], n_iter=r["n_iter"], converged=r["converged"])
-        if skipped:
-            ctx.log(skipped_C=skipped, patience=cfg.patience)
-        best = max(scores.values(), key=lambda r: r["acc"])  # (max keeps the first of equals: the path's order)
-        ctx.log(selected_C=best["C"], val_acc=best["acc"])
-        self._set(classes.cpu(), best["theta"][:, :-1], best["theta"][:, -1])
+        return {c: refine[c] for c in sorted(refine)}
 
     def _set(self, classes: torch.Tensor, coef: torch.Tensor, intercept: torch.Tensor):
         """The probe's weights over the classes present in the source data: coef (K, D) and
