@@ -201,6 +201,8 @@ def test_probe_selects_on_validation_and_absent_classes_never_win(tmp_path):
 def test_a_checkpoint_of_another_solver_is_ignored(tmp_path):
     probe, ctx = _probe(tmp_path)
     ctx._save("units:C", {"results": {1e-3: {"C": 1e-3, "acc": 99.0}}})  # the former scikit-learn sweep's section
+    old = {"C": 1e-3, "acc": 99.0, "theta": torch.zeros(3, 17, dtype=torch.float64), "n_iter": 1, "converged": True}
+    ctx._save("units:lbfgs-torch:path", {"results": {1e-3: old}})  # the former float64 torch sweep's
     probe.fit(_data(), ctx)
     lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [l["C"] for l in lines if "C" in l][0] == pytest.approx(1e-3)  # refitted, not taken from the checkpoint
@@ -211,10 +213,10 @@ def test_a_sweep_resumed_from_its_checkpoint_equals_an_uninterrupted_one(tmp_pat
     whole, ctx = _probe(tmp_path / "whole")
     whole.fit(_data(), ctx)
     state = torch.load(tmp_path / "whole" / "split" / "checkpoint.pt", weights_only=False)
-    path = state["units:lbfgs-torch:path"]["results"]
-    assert len(path) == 13 and len(state["units:lbfgs-torch:refine"]["results"]) == 4
+    path = state["units:lbfgs-torch-f32:path"]["results"]
+    assert len(path) == 13 and len(state["units:lbfgs-torch-f32:refine"]["results"]) == 4
     # stopped after the path's 5th fit: the remaining path fits start from the 5th's stored solution
-    cut = {"units:lbfgs-torch:path": {"results": dict(list(path.items())[:5])}}
+    cut = {"units:lbfgs-torch-f32:path": {"results": dict(list(path.items())[:5])}}
     resumed, ctx = _probe(tmp_path / "cut")
     torch.save(cut, tmp_path / "cut" / "split" / "checkpoint.pt")
     resumed.fit(_data(), ctx)

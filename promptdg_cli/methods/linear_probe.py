@@ -35,7 +35,7 @@ from ..schema import LinearProbeConfig
 from .base import Method
 
 DTYPE = torch.float32  # features and weights (see the module docstring and scripts/bench_linear_probe.py)
-SOLVER = "lbfgs-torch"  # in the checkpoint's unit names: a checkpoint of the former scikit-learn sweep is not reused
+SOLVER = "lbfgs-torch-f32"  # in the checkpoint's unit names: a checkpoint of an earlier sweep (scikit-learn, float64) is not reused
 
 
 def start_gradient(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> float:
