@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     cfg = OmegaConf.merge(OmegaConf.structured(LinearProbeConfig), values)  # the probe's defaults, as a run composes them
     device = torch.device(args.device)
     result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "host": platform.node(),
-              "sweep": {k: cfg[k] for k in ("c_min", "c_max", "refine_steps", "max_iter", "tol")}, "shapes": {}}
+              "sweep": {k: cfg[k] for k in ("c_min", "c_max", "patience", "refine_steps", "max_iter", "tol")}, "shapes": {}}
     problems = []
     for spec in filter(None, args.shapes.split(",")):
         name, dims = spec.split(":")
