@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo claims test test-all bench gpu-check clean-demo
+.PHONY: install demo demo-lane-a demo-lane-b claims test test-all bench gpu-check clean-demo
 
 install: $(STAMP)
 
@@ -20,23 +20,40 @@ $(STAMP): pyproject.toml constraints.txt
 	PYTHONWARNINGS=ignore $(PIP) install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-# The main job on the offline demo world: build the world and the demo CLIP if not cached, run the
-# baselines leave-one-domain-out for every target domain and PromptStyler (source-free: trained once,
-# tested on every domain) and DAPT with 4 shots per class (no crop/flip augmentation: it destroys
-# 32-pixel digits) and DomainFusion with the demo LDM (built once, like the demo CLIP; on 2 CPU
-# cores: a frozen encoder, a quarter of the source images in the synthetic set, 10 DDIM steps per
-# candidate, 4 epochs with one augmentation round at epoch 2 instead of fine-tuning, all of them,
-# 20 steps, 20 epochs with rounds at 5, 10, 15: in the 20-epoch demo runs, selection on source
-# validation kept epoch 0 or 1 on every target, so the last 16 epochs cost 5 minutes and changed no
-# number; `make claims` runs the 20 epochs); then DAPL on all 12 single-source pairs with zero-shot
-# CLIP in the same (UDA) table; print the collected tables.
+# The main job on the offline demo world, in four steps:
+# 1. zero-shot CLIP (both templates) leave-one-domain-out: builds the world and the demo CLIP if not
+#    cached and fills the feature cache (two threads: the CLIP build keeps both cores busy);
+# 2. two lanes side by side (`-j2`), one torch thread each (scripts/demo_lane.sh says why; each lane's
+#    progress bars go to $(DEMO_OUT)/logs/, its result lines to the terminal):
+#    a. the linear probe and CoOp leave-one-domain-out, then DAPT with 4 shots per class (no crop/flip
+#       augmentation: it destroys 32-pixel digits);
+#    b. PromptStyler (source-free: trained once on no images, tested on every domain), then zero-shot
+#       CLIP and DAPL on all 12 single-source pairs (UDA);
+#    (the split evens the lanes: about 2 min 50 s each on 2 cores);
+# 3. DomainFusion with the demo LDM (built once, like the demo CLIP; two threads: the LDM build and
+#    the img2img candidates keep both cores busy). On 2 CPU cores: a frozen encoder, a quarter of the
+#    source images in the synthetic set, 10 DDIM steps per candidate, 4 epochs with one augmentation
+#    round at epoch 2 instead of fine-tuning, all of them, 20 steps, 20 epochs with rounds at 5, 10,
+#    15: in the 20-epoch demo runs, selection on source validation kept epoch 0 or 1 on every target,
+#    so the last 16 epochs cost 5 minutes and changed no number; `make claims` runs the 20 epochs;
+# 4. print the collected tables (DG and UDA).
 DEMO_OUT ?= outputs/demo
+PROMPTDG := $(VENV)/bin/promptdg
+DEMO_LANE = scripts/demo_lane.sh $(DEMO_OUT)/logs/$@.log
 demo: $(STAMP)
-	$(VENV)/bin/promptdg train -m method=zeroshot,zeroshot_name,linear_probe,coop,promptstyler out_root=$(DEMO_OUT)
-	$(VENV)/bin/promptdg train method=dapt shots=4 method.augment=false out_root=$(DEMO_OUT)
-	$(VENV)/bin/promptdg train method=domainfusion method.train_encoder=false method.synthetic_fraction=0.25 method.img2img_steps=10 method.epochs=4 method.augment_every=2 out_root=$(DEMO_OUT)
-	$(VENV)/bin/promptdg train -m method=zeroshot,dapl dataset.protocol=uda out_root=$(DEMO_OUT)
-	$(VENV)/bin/promptdg collect $(DEMO_OUT)
+	$(PROMPTDG) train -m method=zeroshot,zeroshot_name out_root=$(DEMO_OUT)
+	@echo "[promptdg] next: linear_probe, coop, dapt | promptstyler, dapl in two one-thread lanes (progress bars: $(DEMO_OUT)/logs/demo-lane-a.log, demo-lane-b.log)"
+	$(MAKE) --no-print-directory -j2 demo-lane-a demo-lane-b
+	$(PROMPTDG) train method=domainfusion method.train_encoder=false method.synthetic_fraction=0.25 method.img2img_steps=10 method.epochs=4 method.augment_every=2 out_root=$(DEMO_OUT)
+	$(PROMPTDG) collect $(DEMO_OUT)
+
+demo-lane-a: $(STAMP)
+	$(DEMO_LANE) $(PROMPTDG) train -m method=linear_probe,coop out_root=$(DEMO_OUT)
+	$(DEMO_LANE) $(PROMPTDG) train method=dapt shots=4 method.augment=false out_root=$(DEMO_OUT)
+
+demo-lane-b: $(STAMP)
+	$(DEMO_LANE) $(PROMPTDG) train method=promptstyler out_root=$(DEMO_OUT)
+	$(DEMO_LANE) $(PROMPTDG) train -m method=zeroshot,dapl dataset.protocol=uda out_root=$(DEMO_OUT)
 
 # Each paper's central comparison on the demo world over 3 seeds (scripts/claims.py: the claims, the
 # rule for "reproduced", the demo-scale overrides and their reasons); finished runs are reused.
