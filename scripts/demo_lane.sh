@@ -8,11 +8,17 @@
 #
 # The command's whole output (progress bars included) is appended to LOG; its result lines (those that
 # start with "[promptdg]") also go to the terminal, so the two lanes' bars never overwrite each other.
-# Exits with the command's status.
+# Exits with the command's status; when that is an error, the log's last 40 lines go to stderr first
+# (the traceback would otherwise stay in the log).
 set -uo pipefail
 log=$1
 shift
 mkdir -p "$(dirname "$log")"
 echo "\$ $*" >>"$log"
 OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$@" 2>&1 | tee -a "$log" | grep --line-buffered '^\[promptdg\]'
-exit "${PIPESTATUS[0]}"
+status=${PIPESTATUS[0]}
+if [ "$status" -ne 0 ]; then
+  echo "[promptdg] this lane's command failed (exit $status): $*; the end of $log:" >&2
+  tail -n 40 "$log" | tr '\r' '\n' | tail -n 40 >&2
+fi
+exit "$status"

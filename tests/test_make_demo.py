@@ -56,9 +56,10 @@ def test_demo_lane_logs_everything_shows_result_lines_and_keeps_the_status(tmp_p
                           env=env, timeout=30)
     assert done.returncode == 3
     assert done.stdout.splitlines() == ["[promptdg] coop target=sketch: top-1 55.3%", "[promptdg] done"]
+    assert "failed (exit 3)" in done.stderr and "epochs 50%|#####" in done.stderr  # the log's end, on an error
     text = log.read_text()
     assert "epochs 50%|#####" in text and "threads=1/1" in text  # stderr kept; one thread
     assert text.splitlines()[0].startswith("$ bash -c")
     again = subprocess.run(["bash", str(LANE), str(log), "true"], capture_output=True, text=True, timeout=30)
-    assert again.returncode == 0 and again.stdout == ""  # no result line is no error
+    assert again.returncode == 0 and again.stdout == "" and again.stderr == ""  # no result line is no error
     assert log.read_text().startswith(text)  # appended, never overwritten
