@@ -15,7 +15,9 @@ log=$1
 shift
 mkdir -p "$(dirname "$log")"
 echo "\$ $*" >>"$log"
-OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$@" 2>&1 | tee -a "$log" | grep --line-buffered '^\[promptdg\]'
+# A progress bar ends in a carriage return, not a newline, so a result line printed after it shares its
+# line: split at both before picking the result lines.
+OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "$@" 2>&1 | tee -a "$log" | awk -v RS='[\r\n]' '/^\[promptdg\] /{print; fflush()}'
 status=${PIPESTATUS[0]}
 if [ "$status" -ne 0 ]; then
   echo "[promptdg] this lane's command failed (exit $status): $*; the end of $log:" >&2

@@ -49,12 +49,14 @@ def test_make_demo_lane_commands_run_through_the_one_thread_helper():
 
 def test_demo_lane_logs_everything_shows_result_lines_and_keeps_the_status(tmp_path):
     log = tmp_path / "logs" / "lane.log"
-    cmd = ['echo "[promptdg] coop target=sketch: top-1 55.3%"; echo "epochs 50%|#####" >&2; '
-           'echo "threads=$OMP_NUM_THREADS/$MKL_NUM_THREADS"; echo "[promptdg] done"; exit 3']
+    cmd = ['echo "[promptdg] coop target=sketch: top-1 55.3%"; printf "epochs 50%%|#####\\r" >&2; '
+           'echo "threads=$OMP_NUM_THREADS/$MKL_NUM_THREADS"; printf "epochs 100%%|##########\\r" >&2; '
+           'echo "[promptdg] done"; echo "[2026-11-30 11:13:03][promptdg][INFO] - a log line"; exit 3']
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     done = subprocess.run(["bash", str(LANE), str(log), "bash", "-c", *cmd], capture_output=True, text=True,
                           env=env, timeout=30)
     assert done.returncode == 3
+    # the second result line shares its line with a progress bar (which ends in "\r"); log lines stay out
     assert done.stdout.splitlines() == ["[promptdg] coop target=sketch: top-1 55.3%", "[promptdg] done"]
     assert "failed (exit 3)" in done.stderr and "epochs 50%|#####" in done.stderr  # the log's end, on an error
     text = log.read_text()
