@@ -44,7 +44,7 @@ in :data:`ARMS` with its reason:
   schedule: the claims keep the 20 epochs, so that the augmentation rounds at 5, 10, 15 happen).
 
 Usage:
-    python scripts/claims.py [--seeds 1,2,3] [--only coop,dapl] [--out outputs/claims]
+    python scripts/claims.py [--seeds 1,2,3] [--only coop,dapl] [--out outputs/claims] [--jobs 2]
     python scripts/claims.py --debug --extra backbone.pretrained=<file> ...   # tiny settings, tiny world
 
 ``--debug`` adds each method's ``+debug=<method>`` tiny settings and the tiny world (8 images per
@@ -52,12 +52,21 @@ class, in its own folder ``demo_digits_tiny`` so that the real demo world in the
 writes to ``outputs/claims-debug`` unless ``--out`` says otherwise. ``--extra`` overrides go to
 every run of the selected claims. Output: the table on stdout and in ``<out>/claims.md``, every
 number in ``<out>/claims.json``, and the wall time of the whole run.
+
+``--jobs N`` (default 1: the arms one after another in this process) runs N arms at a time, each a
+``python -m promptdg_cli`` process with ``OMP_NUM_THREADS`` = cores // N (unless it is set), its output
+in ``<out>/<arm>.log``; the arms start longest first by their times in the last ``claims.json``. A run
+on the demo world keeps one thread busy, not two, so on 2 cores ``--jobs 2`` nearly halves the
+prompt-learning arms (the accuracies can differ from a two-thread run in the last digits: float sums
+in another order).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -275,6 +284,50 @@ def run_arm(args: Sequence[str]) -> int:
         return e.code if isinstance(e.code, int) else 1
 
 
+ARM_COMMAND = [sys.executable, "-m", "promptdg_cli"]  # an arm's process under --jobs
+
+
+def run_arms_parallel(arm_args: Mapping[str, Sequence[str]], jobs: int, out: Path,
+                      timings: Dict[str, float]) -> Dict[str, int]:
+    """Run the arms ``jobs`` at a time as processes (``ARM_COMMAND`` + the arm's args), each with its
+    share of the cores and its output in ``<out>/<arm>.log``; an arm's exit code by its key. After an
+    arm stopped by a signal (exit > 128) no other arm starts, and the running ones are waited for."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
+    queue, running, codes = list(arm_args), {}, {}
+    out.mkdir(parents=True, exist_ok=True)
+    while queue or running:
+        while queue and len(running) < jobs and not any(c > 128 for c in codes.values()):
+            key = queue.pop(0)
+            log = open(out / f"{key}.log", "a", encoding="utf-8")
+            log.write("$ promptdg " + " ".join(arm_args[key]) + "\n")
+            log.flush()
+            print(f"$ promptdg {' '.join(arm_args[key])}   (output: {out / f'{key}.log'})", flush=True)
+            proc = subprocess.Popen([*ARM_COMMAND, *arm_args[key]], stdout=log, stderr=subprocess.STDOUT, env=env)
+            running[key] = (proc, log, time.perf_counter())
+        if any(c > 128 for c in codes.values()):
+            queue.clear()
+        for key, (proc, log, t) in list(running.items()):
+            if proc.poll() is None:
+                continue
+            log.close()
+            codes[key], timings[key] = proc.returncode, time.perf_counter() - t
+            del running[key]
+            print(f"claims: {key} finished with exit code {proc.returncode} in {duration(timings[key])}", flush=True)
+        time.sleep(0.2)
+    return codes
+
+
+def arm_order(keys: Sequence[str], out: Path) -> List[str]:
+    """``keys`` longest first by the arm times of the last ``<out>/claims.json`` (unknown ones first, in
+    their order): with several arms at a time, a long arm started last would run alone at the end."""
+    try:
+        last = json.loads((out / "claims.json").read_text())["arm_wall_s"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return list(keys)
+    return sorted(keys, key=lambda k: -float(last.get(k, float("inf"))))
+
+
 def parse_seeds(text: str) -> List[int]:
     try:
         seeds = [int(s) for s in text.split(",") if s.strip()]
@@ -302,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=None, help="output folder (default outputs/claims; outputs/claims-debug with --debug)")
     ap.add_argument("--debug", action="store_true", help="each method's +debug=<method> settings and the tiny world")
     ap.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE", help="overrides added to every run")
+    ap.add_argument("--jobs", type=int, default=1, help="arms run at a time, each in its own process (default 1)")
     return ap
 
 
@@ -311,12 +365,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out = Path(args.out or ("outputs/claims-debug" if args.debug else "outputs/claims"))
     rows = [r for r in ROWS if r.claim in claims]
     arms = list(dict.fromkeys(k for r in rows for k in (r.baseline, r.method)))
+    if args.jobs < 1:
+        raise SystemExit(f"claims: --jobs={args.jobs} must be at least 1 (the arms run at a time)")
     start = time.perf_counter()
-    notes, timings = [], {}
+    notes, timings, codes = [], {}, {}
+    if args.jobs == 1:
+        for key in arms:
+            t = time.perf_counter()
+            codes[key] = run_arm(sweep_args(ARMS[key], seeds, out, args.debug, args.extra))
+            timings[key] = time.perf_counter() - t
+            if codes[key] > 128:
+                break
+    else:
+        arm_args = {k: sweep_args(ARMS[k], seeds, out, args.debug, args.extra) for k in arm_order(arms, out)}
+        codes = run_arms_parallel(arm_args, args.jobs, out, timings)
     for key in arms:
-        t = time.perf_counter()
-        code = run_arm(sweep_args(ARMS[key], seeds, out, args.debug, args.extra))
-        timings[key] = time.perf_counter() - t
+        code = codes.get(key, 0)
         if code > 128:  # stopped by a signal (promptdg's preemption exits 128 + the signal): stop too
             print(f"claims: the sweep of {key} was stopped (exit code {code}); rerun the same command to "
                   "resume (finished runs are reused)", file=sys.stderr)

@@ -145,6 +145,73 @@ def test_main_stops_at_a_stopped_sweep(tmp_path, monkeypatch, capsys):
     assert len(calls) == 1 and "rerun the same command to resume" in capsys.readouterr().err
 
 
+# --------------------------------------------------------------------- --jobs: arms as processes
+FAKE_ARM = r"""
+import json, os, sys, time
+from pathlib import Path
+opts = dict(a.split("=", 1) for a in sys.argv[1:] if "=" in a)
+out_root = Path(opts["out_root"])
+plan = json.loads(Path(os.environ["FAKE_PLAN"]).read_text())[out_root.name]
+start = time.time()
+time.sleep(plan["sleep"])
+for seed in opts["seed"].split(","):
+    record = plan["records"].get(seed)
+    if record:
+        run_dir = out_root / f"seed{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "results.json").write_text(json.dumps({**record, "run_dir": str(run_dir)}))
+span = [start, time.time(), os.environ.get("OMP_NUM_THREADS")]
+(out_root.parent / f"{out_root.name}.span").write_text(json.dumps(span))
+print("fake promptdg", *sys.argv[1:])
+sys.exit(plan["code"])
+"""
+
+
+def fake_arm_processes(tmp_path, monkeypatch, accuracies, codes, sleep):
+    """ARM_COMMAND runs a script that stands in for `python -m promptdg_cli train -m ...` (as
+    fake_promptdg, in its own process), and notes when it ran and with how many threads."""
+    plan = {key: {"sleep": sleep[key] if isinstance(sleep, dict) else sleep, "code": codes.get(key, 0),
+                  "records": {str(s): finished_record(Path("x"), key, s, a) for s, a in acc.items()}}
+            for key, acc in accuracies.items()}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    (tmp_path / "fake_arm.py").write_text(FAKE_ARM)
+    monkeypatch.setattr(claims, "ARM_COMMAND", [sys.executable, str(tmp_path / "fake_arm.py")])
+    monkeypatch.setenv("FAKE_PLAN", str(tmp_path / "plan.json"))
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(claims.os, "cpu_count", lambda: 4)
+
+
+def test_jobs_run_the_arms_side_by_side_longest_first(tmp_path, monkeypatch, capsys):
+    accuracies = {"zeroshot_uda": {1: 40.0}, "dapl": {1: 41.0, 2: 42.0}, "dapl_U0": {1: 40.0, 2: 43.0}}
+    fake_arm_processes(tmp_path, monkeypatch, accuracies, {}, sleep=1.0)
+    out = tmp_path / "claims"
+    out.mkdir()  # the last run's arm times: the two DAPL arms are the long ones
+    (out / "claims.json").write_text(json.dumps({"arm_wall_s": {"zeroshot_uda": 1.0, "dapl": 300.0, "dapl_U0": 200.0}}))
+    assert claims.main(["--only", "dapl", "--seeds", "1,2", "--out", str(out), "--jobs", "2"]) == 0
+    span = {k: json.loads((out / f"{k}.span").read_text()) for k in accuracies}
+    assert {s[2] for s in span.values()} == {"2"}  # 4 cores // 2 arms at a time
+    assert span["dapl"][0] < span["dapl_U0"][1] and span["dapl_U0"][0] < span["dapl"][1]  # side by side
+    assert span["zeroshot_uda"][0] >= min(span["dapl"][1], span["dapl_U0"][1])  # the third waits for a slot
+    assert "fake promptdg train -m method=dapl seed=1,2" in (out / "dapl.log").read_text()
+    zs, u0 = json.loads((out / "claims.json").read_text())["rows"]
+    assert (zs["wins"], zs["verdict"]) == (2, "reproduced (2/2)")  # 41 > 40, 42 > 40
+    assert (u0["wins"], u0["verdict"]) == (1, "not reproduced (1/2)")  # 41 > 40, 42 < 43
+    assert "claims: dapl finished with exit code 0" in capsys.readouterr().out
+
+
+def test_jobs_start_no_arm_after_one_was_stopped(tmp_path, monkeypatch, capsys):
+    """An arm stopped by a signal (exit 128 + 15): the running arm finishes, the queued one never starts."""
+    accuracies = {"zeroshot_uda": {}, "dapl": {1: 41.0}, "dapl_U0": {1: 40.0}}
+    fake_arm_processes(tmp_path, monkeypatch, accuracies, {"zeroshot_uda": 143},
+                       sleep={"zeroshot_uda": 0.0, "dapl": 1.0, "dapl_U0": 0.0})
+    out = tmp_path / "c"
+    assert claims.main(["--only", "dapl", "--seeds", "1", "--out", str(out), "--jobs", "2"]) == 143
+    assert (out / "dapl.span").is_file() and not (out / "dapl_U0.span").exists()
+    assert "rerun the same command to resume" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="--jobs=0 must be at least 1"):
+        claims.main(["--only", "dapl", "--out", str(out), "--jobs", "0"])
+
+
 # --------------------------------------------------------------------- end to end
 def test_claims_script_end_to_end_on_the_tiny_world(tmp_path, shared_cache, random_clip, monkeypatch, capsys):
     monkeypatch.setenv("PROMPTDG_CACHE", str(shared_cache))
