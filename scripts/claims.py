@@ -291,30 +291,45 @@ def run_arms_parallel(arm_args: Mapping[str, Sequence[str]], jobs: int, out: Pat
                       timings: Dict[str, float]) -> Dict[str, int]:
     """Run the arms ``jobs`` at a time as processes (``ARM_COMMAND`` + the arm's args), each with its
     share of the cores and its output in ``<out>/<arm>.log``; an arm's exit code by its key. After an
-    arm stopped by a signal (exit > 128) no other arm starts, and the running ones are waited for."""
+    arm stopped by a signal (exit > 128) no other arm starts, and the running ones are waited for; if
+    this loop is interrupted (Ctrl-C), the running arms get SIGTERM (promptdg stops at a checkpoint)."""
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
     queue, running, codes = list(arm_args), {}, {}
     out.mkdir(parents=True, exist_ok=True)
-    while queue or running:
-        while queue and len(running) < jobs and not any(c > 128 for c in codes.values()):
-            key = queue.pop(0)
-            log = open(out / f"{key}.log", "a", encoding="utf-8")
-            log.write("$ promptdg " + " ".join(arm_args[key]) + "\n")
-            log.flush()
-            print(f"$ promptdg {' '.join(arm_args[key])}   (output: {out / f'{key}.log'})", flush=True)
-            proc = subprocess.Popen([*ARM_COMMAND, *arm_args[key]], stdout=log, stderr=subprocess.STDOUT, env=env)
-            running[key] = (proc, log, time.perf_counter())
-        if any(c > 128 for c in codes.values()):
-            queue.clear()
+
+    def start(key: str) -> None:
+        log = open(out / f"{key}.log", "a", encoding="utf-8")
+        log.write("$ promptdg " + " ".join(arm_args[key]) + "\n")
+        log.flush()
+        print(f"$ promptdg {' '.join(arm_args[key])}   (output: {out / f'{key}.log'})", flush=True)
+        proc = subprocess.Popen([*ARM_COMMAND, *arm_args[key]], stdout=log, stderr=subprocess.STDOUT, env=env)
+        running[key] = (proc, log, time.perf_counter())
+
+    def reap() -> None:
         for key, (proc, log, t) in list(running.items()):
-            if proc.poll() is None:
-                continue
+            if proc.poll() is not None:
+                log.close()
+                codes[key], timings[key] = proc.returncode, time.perf_counter() - t
+                del running[key]
+                print(f"claims: {key} finished with exit code {proc.returncode} in {duration(timings[key])}", flush=True)
+
+    try:
+        while queue or running:
+            if any(c > 128 for c in codes.values()):
+                queue.clear()
+            while queue and len(running) < jobs:
+                start(queue.pop(0))
+            time.sleep(0.2)
+            reap()
+    finally:
+        for proc, log, _ in running.values():
+            proc.terminate()
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
             log.close()
-            codes[key], timings[key] = proc.returncode, time.perf_counter() - t
-            del running[key]
-            print(f"claims: {key} finished with exit code {proc.returncode} in {duration(timings[key])}", flush=True)
-        time.sleep(0.2)
     return codes
 
 

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -210,6 +211,23 @@ def test_jobs_start_no_arm_after_one_was_stopped(tmp_path, monkeypatch, capsys):
     assert "rerun the same command to resume" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="--jobs=0 must be at least 1"):
         claims.main(["--only", "dapl", "--out", str(out), "--jobs", "0"])
+
+
+def test_jobs_interrupted_terminate_the_running_arms(tmp_path, monkeypatch):
+    accuracies = {"zeroshot": {}, "coop": {1: 50.0}}
+    fake_arm_processes(tmp_path, monkeypatch, accuracies, {}, sleep=60.0)
+    started = []
+
+    def interrupt(seconds):
+        started.append(seconds)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(claims.time, "sleep", interrupt)
+    t = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        claims.main(["--only", "coop", "--seeds", "1", "--out", str(tmp_path / "c"), "--jobs", "2"])
+    assert started and time.perf_counter() - t < 30  # both arms were stopped, not waited for (60 s each)
+    assert not list((tmp_path / "c").glob("*.span"))  # neither reached its end
 
 
 # --------------------------------------------------------------------- end to end
