@@ -44,6 +44,7 @@ from .methods.base import RunEnv
 from .protocols import Split, protocol_for, protocol_name
 from .record import RunRecord, Status
 from .runtime import STOP, Preempted, chain_and_exit, git_revision, peak_memory_mb, select_device
+from .shared_files import build_once
 from .training import TrainContext
 
 log = logging.getLogger("promptdg")
@@ -53,8 +54,9 @@ BUILDERS = {"demo_digits": build_demo_clip}
 
 def prepare_backbone(cfg, device: torch.device) -> ClipBackbone:
     """The run's frozen CLIP; a built-in checkpoint (the demo CLIP) is built first if it is missing."""
-    if cfg.builder and not Path(str(cfg.pretrained)).is_file():
-        BUILDERS[str(cfg.builder)](Path(str(cfg.pretrained)), str(cfg.model))
+    path = Path(str(cfg.pretrained))
+    if cfg.builder and not path.is_file():  # jobs that start at once on an empty cache build it once
+        build_once(path, path.is_file, lambda: BUILDERS[str(cfg.builder)](path, str(cfg.model)), f"the {cfg.model} checkpoint")
     return ClipBackbone.from_config(cfg, device=device)
 
 

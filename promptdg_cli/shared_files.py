@@ -50,30 +50,55 @@ def compute_once(file: Path, compute: Callable[[], T], write: Callable[[T, Path]
     makes the write atomic: a temporary name, then a rename), ``read(path)`` reads it back and raises
     on a broken file. ``events``: recoveries are appended to it."""
     file = Path(file)
-    limit, poll, waiting_since, holder = wait_s(), _POLL_S[0], None, None
-    while True:
+
+    def ready():
         if file.exists():
             try:
-                return read(file), False
-            except FileNotFoundError:
-                continue  # replaced or removed in between
+                return (read(file),)
             except Exception:
-                pass  # broken: whoever claims it deletes it and computes it again
-        claim = FileLock(claim_path(file))
+                pass  # gone in between, or broken: whoever claims it deletes it and computes it again
+        return None
+
+    return _once(file, ready, lambda: _compute_claimed(file, compute, write, read, events), what)
+
+
+def build_once(path: Path, done: Callable[[], bool], build: Callable[[], object], what: str) -> bool:
+    """Run ``build()`` (which writes ``path``: a file or a folder) unless ``done()``; processes that
+    need it at once build it once, the others wait for it (as ``compute_once``). Whether this process
+    built it. The demo CLIP and the demo LDM are built this way: sweeps with parallel jobs and
+    ``claims --jobs`` start several runs on an empty cache at once."""
+    def claimed():
+        if not done():  # (another process may have finished while this one waited for the claim)
+            build()
+            return True
+        return False
+
+    return _once(Path(path), lambda: (False,) if done() else None, claimed, what)[0]
+
+
+def _once(path: Path, ready: Callable[[], Optional[tuple]], claimed: Callable[[], T], what: str) -> tuple:
+    """The claim-or-wait loop: ``ready()`` -> (value,) when ``path`` is there and sound, else None;
+    ``claimed()`` runs with ``path``'s claim held. (value, False) or (claimed(), True)."""
+    limit, poll, waiting_since, holder = wait_s(), _POLL_S[0], None, None
+    while True:
+        got = ready()
+        if got is not None:
+            return got[0], False
+        claim = FileLock(claim_path(path))
         holder = claim.try_acquire()
         if holder is None:
             try:
-                return _compute_claimed(file, compute, write, read, events), True
+                return claimed(), True
             finally:
                 claim.release()
         now = time.time()
         if waiting_since is None:
             waiting_since = now
             log.info("waiting for %s (%s): it is being computed by %s; waiting up to %.0f s (%s)",
-                     what, file, holder.describe(), limit, WAIT_ENV)
+                     what, path, holder.describe(), limit, WAIT_ENV)
         elif now - waiting_since > limit:
             raise CacheWaitTimeout(
-                f"gave up waiting for {what} ({file}) after {limit:.0f} s ({WAIT_ENV}): it is being computed by "
+                f"gave up waiting for {what} ({path}) after {limit:.0f} s ({WAIT_ENV}): it is being computed by "
                 f"{holder.describe()}. If that process is stuck, stop it (its claim {claim.path} is then taken over); "
                 f"a claim without heartbeat is taken over after {claim.stale_s:.0f} s ({STALE_ENV})."
             )

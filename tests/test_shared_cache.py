@@ -129,3 +129,48 @@ def test_a_failed_computation_releases_the_claim(tmp_path):
     with pytest.raises(RuntimeError, match="out of memory"):
         compute_once(file, boom, lambda v, p: p.write_bytes(v), lambda p: p.read_bytes(), "a test file")
     assert not claim_path(file).exists() and not file.exists() and list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------- build_once (the demo CLIP and LDM)
+BUILDER = r"""
+import json, logging, sys, time
+from pathlib import Path
+from promptdg_cli.shared_files import build_once
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+a = json.loads(sys.argv[1])
+folder, go = Path(a["folder"]), Path(a["go"])
+Path(a["ready"]).touch()
+while not go.exists():
+    time.sleep(0.01)
+
+def build():  # like the demo LDM: a folder, finished when its marker is there
+    with open(a["counter"], "a") as f:
+        f.write("built\n")
+    time.sleep(1.0)
+    tmp = folder.with_name(folder.name + ".tmp" + a["ready"][-1])
+    tmp.mkdir(parents=True)
+    (tmp / "marker").write_text("done")
+    tmp.rename(folder)
+
+print("BUILT" if build_once(folder, (folder / "marker").is_file, build, "a test folder") else "FOUND")
+"""
+
+
+def test_processes_needing_a_missing_build_at_once_build_it_once(tmp_path):
+    n = 3
+    args = [{"folder": str(tmp_path / "cache" / "model"), "go": str(tmp_path / "go"), "ready": str(tmp_path / f"ready{i}"),
+             "counter": str(tmp_path / "built")} for i in range(n)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", BUILDER, json.dumps(a)], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for a in args]
+    deadline = time.time() + 120
+    while not all(Path(a["ready"]).exists() for a in args):
+        assert time.time() < deadline and all(p.poll() is None for p in procs), [p.communicate()[0] for p in procs]
+        time.sleep(0.02)
+    (tmp_path / "go").touch()
+    logs = [p.communicate(timeout=120)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    assert (tmp_path / "built").read_text() == "built\n"  # one build in all
+    assert sorted(log.splitlines()[-1] for log in logs) == ["BUILT", "FOUND", "FOUND"]
+    assert sum("waiting for a test folder" in log for log in logs) >= 1  # (a late one may find it done)
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["model"]  # no claim left behind
