@@ -95,33 +95,33 @@ def problem(k: int, d: int, n_train: int, n_val: int, signal: float, seed: int =
     return TrainData(train=draw(n_train), val=draw(n_val))
 
 
-def demo_world_problem(cache: Path, target: str, seed: int = 0) -> TrainData:
-    """The demo world's leave-one-domain-out probe problem from the image features a demo run cached
-    under ``cache`` (``features/demo_digits/<domain>-<key>.safetensors``, labels from the world's
-    folders under ``data/``): the other domains' features, split 80/20 into train and validation."""
-    from safetensors.torch import load_file
+def demo_world_problem(cache: Path, target: str, seed: int = 1) -> TrainData:
+    """The demo world's leave-one-domain-out probe problem as a ``make demo`` run gets it: the demo
+    CLIP's image features cached under ``cache`` (``FeatureCache``: read, not encoded again) and each
+    source domain's seeded train / validation split (``train_val_indices``, the run's seed 1)."""
 
-    from promptdg_cli.data import list_domain
+    from promptdg_cli.backbone import ClipBackbone
+    from promptdg_cli.data import FeatureCache
+    from promptdg_cli.protocols import train_val_indices
 
     ds = OmegaConf.load(conf_dir() / "dataset" / "demo_digits.yaml")
     ds.root = str(Path(cache) / "data")
-    xs, ys = [], []
+    bb = OmegaConf.load(conf_dir() / "backbone" / "demo_clip.yaml")
+    bb.cache_root = str(cache)  # (the YAML's ${cache_root})
+    weights = Path(bb.pretrained)
+    if not weights.is_file():
+        raise SystemExit(f"--demo-cache {cache}: no demo CLIP at {weights} (run make demo with PROMPTDG_CACHE={cache} first)")
+    backbone = ClipBackbone.from_config(SimpleNamespace(model=bb.model, pretrained=str(weights), builder=None,
+                                                        cache_dir=None, arch=bb.arch))
+    features = FeatureCache(cache)
+    train, val = [], []
     for domain in ds.domains:
-        if domain == target:
-            continue
-        files = sorted((Path(cache) / "features" / "demo_digits").glob(f"{domain}-*.safetensors"))
-        if len(files) != 1:
-            raise SystemExit(f"--demo-cache {cache}: expected one feature file of {domain}, found {len(files)} (run make demo "
-                             f"with PROMPTDG_CACHE={cache} first)")
-        feats = load_file(str(files[0]))
-        _, labels = list_domain(ds, domain)
-        xs.append(feats["x"].float())
-        ys.append(torch.tensor(labels)[feats["index"]])
-    x, y = torch.cat(xs), torch.cat(ys)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.8 * len(y))
-    f = lambda idx: Features(x[idx], y[idx], ["demo"] * len(idx), [""] * len(idx))  # noqa: E731
-    return TrainData(train=f(perm[:cut]), val=f(perm[cut:]))
+        if domain != target:
+            f = features.domain_features(backbone, ds, domain)
+            tr, va = train_val_indices(len(f), seed, domain, ds.val_fraction)
+            train.append(f.subset(tr))
+            val.append(f.subset(va))
+    return TrainData(train=Features.cat(train), val=Features.cat(val))
 
 
 def main(argv=None) -> int:
