@@ -60,6 +60,19 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast("cuda", dtype=torch.bfloat16 if p == "bf16" else torch.float16)
 
 
+@contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to ``n`` for the block (or the decorated function), restored
+    after. Training on the CPU sums in an order that depends on the thread count, so a model trained
+    with 1 and with 2 threads differs in its last bits, and after a few hundred steps in its numbers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 class _Null:
     def __enter__(self):
         return None

@@ -141,6 +141,30 @@ def test_render_attributes_do_not_change_the_image():
         assert np.array_equal(np.asarray(a), np.asarray(b)), domain
 
 
+def test_the_demo_clip_trains_with_the_build_thread_count(monkeypatch, tmp_path):
+    """Its weights depend on the thread count (float sums in another order): make demo (two threads) and
+    a one-thread claims arm must train it alike. The build is stopped where the training would start."""
+    from promptdg_cli.demo import BUILD_THREADS, pretrain
+
+    seen = []
+
+    def stop_here(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pretrain, "pretraining_set", stop_here)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            with pytest.raises(KeyboardInterrupt):
+                pretrain.build_demo_clip(tmp_path / "clip.safetensors", "demo-clip-vit")
+            assert torch.get_num_threads() == threads  # given back, after an interrupt too
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [BUILD_THREADS, BUILD_THREADS]
+
+
 # --------------------------------------------------------------------- the real demo CLIP
 @pytest.mark.slow
 def test_demo_clip_has_the_properties_the_papers_rely_on(built_demo_clip):

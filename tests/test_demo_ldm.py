@@ -63,6 +63,24 @@ def test_tiny_build_is_deterministic(tiny_root, clip, tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), part
 
 
+def test_the_build_is_the_same_whatever_threads_the_caller_uses(clip, tmp_path):
+    """make demo builds with two torch threads, a claims arm with one: both must get the same LDM.
+    This recipe is large enough for 1 and 3 threads to give other weights without the fixed count."""
+    recipe = dict(TINY_RECIPE, vae_batch=16, unet_steps=3, unet_batch=32)
+    before = torch.get_num_threads()
+    built = []
+    try:
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            built.append(build_demo_ldm(tmp_path / f"threads{threads}", clip, recipe))
+            assert torch.get_num_threads() == threads  # the caller's count is given back
+    finally:
+        torch.set_num_threads(before)
+    for part in ("vae", "unet"):
+        a, b = (load_file(str(f / part / "diffusion_pytorch_model.safetensors")) for f in built)
+        assert all(torch.equal(a[k], b[k]) for k in a), part
+
+
 def test_load_encode_decode_img2img(tiny_root, clip):
     ldm = load_ldm(str(demo_ldm_dir(str(tiny_root))), torch.device("cpu"), clip=clip)
     assert isinstance(ldm, LatentDiffusion) and ldm.resolution == 32 and ldm.num_train_timesteps == 1000

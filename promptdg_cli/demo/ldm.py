@@ -52,6 +52,8 @@ from .. import _compat  # noqa: F401  (before diffusers: makes torchvision impor
 
 # isort: split
 from ..ldm import DEMO_MARKER, DEMO_TEXT_LENGTH, LatentDiffusion, clip_token_states
+from ..runtime import torch_threads
+from . import BUILD_THREADS
 from .world import CLASSES, DOMAINS, STYLE_WORDS, sample_images
 
 LDM_SEED = 2025  # never the benchmark's seed (0), nor the demo CLIP's (2024)
@@ -165,6 +167,7 @@ def _adamw(model, lr: float, weight_decay: float):
 
 
 # --------------------------------------------------------------------- build
+@torch_threads(BUILD_THREADS)  # the same weights at any caller's thread count (demo/__init__.py)
 def build_demo_ldm(folder: Path, clip, recipe: dict | None = None) -> Path:
     """Train the demo LDM conditioned on ``clip``'s text tower and write it to ``folder`` (atomically).
 

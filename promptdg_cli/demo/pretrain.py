@@ -33,6 +33,8 @@ from tqdm.auto import tqdm
 
 from .. import _compat  # noqa: F401  (must precede open_clip: makes torchvision importable)
 from ..backbone import ClipBackbone
+from ..runtime import torch_threads
+from . import BUILD_THREADS
 from .captions import make_caption
 from .properties import format_properties, measure_demo_clip
 from .world import CLASSES, generate_dataset, render
@@ -143,6 +145,7 @@ def default_benchmark_root(path: Path) -> Path:
     return base / "data" / "demo_digits"
 
 
+@torch_threads(BUILD_THREADS)  # the same weights at any caller's thread count (demo/__init__.py)
 def build_demo_clip(path: Path, model_name: str, recipe: dict | None = None, benchmark_root: Path | None = None) -> Path:
     """Train the demo CLIP, measure it (``properties.measure_demo_clip``) and write it to ``path``.
 
