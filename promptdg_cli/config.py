@@ -213,18 +213,26 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("promptdg.choices", _choices)
 
 
-def compose_method(choice: str, *overrides: str, dataset: str = "demo_digits") -> DictConfig:
-    """A method's config exactly as ``promptdg train method=<choice> dataset=<dataset>`` composes it
-    (its YAML holds every value), with ``key=value`` overrides of the method's keys, merged onto its
-    schema and detached from the run config (for tests and scripts that build a method directly)."""
+def compose_run(*overrides: str) -> DictConfig:
+    """The run config exactly as ``promptdg train <overrides>`` composes it (for scripts that need a
+    run's dataset, backbone or method without running it)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     register_resolvers()
     register_configs()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        cfg = compose("train", overrides=[f"method={choice}", f"dataset={dataset}", *[f"method.{o}" for o in overrides]])
-    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            return compose("train", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def compose_method(choice: str, *overrides: str, dataset: str = "demo_digits") -> DictConfig:
+    """A method's config exactly as ``promptdg train method=<choice> dataset=<dataset>`` composes it
+    (its YAML holds every value), with ``key=value`` overrides of the method's keys, merged onto its
+    schema and detached from the run config (for tests and scripts that build a method directly)."""
+    cfg = compose_run(f"method={choice}", f"dataset={dataset}", *[f"method.{o}" for o in overrides])
     plain = OmegaConf.to_container(cfg.method, resolve=True)
     return OmegaConf.merge(OmegaConf.structured(METHOD_SCHEMAS[plain["name"]]), plain)

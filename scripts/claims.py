@@ -58,7 +58,9 @@ number in ``<out>/claims.json``, and the wall time of the whole run.
 in ``<out>/<arm>.log``; the arms start longest first by their times in the last ``claims.json``. A run
 on the demo world keeps one thread busy, not two, so on 2 cores ``--jobs 2`` nearly halves the
 prompt-learning arms (the accuracies can differ from a two-thread run in the last digits: float sums
-in another order).
+in another order). Before the arms, ``python -m promptdg_cli.demo.assets`` builds what they share (the
+demo world, CLIP and, with a DomainFusion arm, LDM) alone on all cores: a build next to a running arm
+would oversubscribe the cores (output: ``<out>/assets.log``).
 """
 from __future__ import annotations
 
@@ -333,6 +335,27 @@ def run_arms_parallel(arm_args: Mapping[str, Sequence[str]], jobs: int, out: Pat
     return codes
 
 
+PREPARE_COMMAND = [sys.executable, "-m", "promptdg_cli.demo.assets"]  # the shared models, before the arms under --jobs
+
+
+def prepare_assets(ldm: bool, extra: Sequence[str], out: Path) -> int:
+    """Build the demo world, the demo CLIP and (``ldm``) the demo LDM if missing, in one process on all
+    cores before the arms start (``promptdg_cli/demo/assets.py`` says why); its output in
+    ``<out>/assets.log``. Returns its exit code."""
+    out.mkdir(parents=True, exist_ok=True)
+    args = [*PREPARE_COMMAND, *(["--ldm"] if ldm else []), *extra]
+    print(f"claims: the shared demo models first, on all cores (output: {out / 'assets.log'})", flush=True)
+    with open(out / "assets.log", "a", encoding="utf-8") as log:
+        log.write("$ " + " ".join(args) + "\n")
+        log.flush()
+        code = subprocess.run(args, stdout=log, stderr=subprocess.STDOUT).returncode
+    if code:
+        tail = (out / "assets.log").read_text(encoding="utf-8", errors="replace").splitlines()[-20:]
+        print("\n".join(tail), file=sys.stderr)
+        print(f"claims: building the shared demo models exited with {code}; no arm was started", file=sys.stderr)
+    return code
+
+
 def arm_order(keys: Sequence[str], out: Path) -> List[str]:
     """``keys`` longest first by the arm times of the last ``<out>/claims.json`` (unknown ones first, in
     their order): with several arms at a time, a long arm started last would run alone at the end."""
@@ -392,6 +415,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if codes[key] > 128:
                 break
     else:
+        if not args.debug:  # (the tiny world and models of --debug take seconds to build)
+            code = prepare_assets(any(ARMS[k].family == "domainfusion" for k in arms), args.extra, out)
+            if code:
+                return code
         arm_args = {k: sweep_args(ARMS[k], seeds, out, args.debug, args.extra) for k in arm_order(arms, out)}
         codes = run_arms_parallel(arm_args, args.jobs, out, timings)
     for key in arms:

@@ -168,9 +168,23 @@ sys.exit(plan["code"])
 """
 
 
+FAKE_PREPARE = r"""
+import json, os, sys, time
+from pathlib import Path
+start = time.time()
+time.sleep(0.5)
+note = Path(os.environ["FAKE_PLAN"]).with_name("assets.json")
+note.write_text(json.dumps({"span": [start, time.time()], "args": sys.argv[1:], "omp": os.environ.get("OMP_NUM_THREADS")}))
+sys.exit(int(os.environ.get("FAKE_PREPARE_CODE", "0")))
+"""
+
+
 def fake_arm_processes(tmp_path, monkeypatch, accuracies, codes, sleep):
     """ARM_COMMAND runs a script that stands in for `python -m promptdg_cli train -m ...` (as
-    fake_promptdg, in its own process), and notes when it ran and with how many threads."""
+    fake_promptdg, in its own process), and notes when it ran and with how many threads;
+    PREPARE_COMMAND one that stands in for `python -m promptdg_cli.demo.assets` (tmp_path/assets.json)."""
+    (tmp_path / "fake_prepare.py").write_text(FAKE_PREPARE)
+    monkeypatch.setattr(claims, "PREPARE_COMMAND", [sys.executable, str(tmp_path / "fake_prepare.py")])
     plan = {key: {"sleep": sleep[key] if isinstance(sleep, dict) else sleep, "code": codes.get(key, 0),
                   "records": {str(s): finished_record(Path("x"), key, s, a) for s, a in acc.items()}}
             for key, acc in accuracies.items()}
@@ -198,6 +212,26 @@ def test_jobs_run_the_arms_side_by_side_longest_first(tmp_path, monkeypatch, cap
     assert (zs["wins"], zs["verdict"]) == (2, "reproduced (2/2)")  # 41 > 40, 42 > 40
     assert (u0["wins"], u0["verdict"]) == (1, "not reproduced (1/2)")  # 41 > 40, 42 < 43
     assert "claims: dapl finished with exit code 0" in capsys.readouterr().out
+    # the shared models were built first, alone, with the cores the process has (no arm's share)
+    prepared = json.loads((tmp_path / "assets.json").read_text())
+    assert prepared["span"][1] <= min(s[0] for s in span.values())
+    assert prepared["omp"] is None and prepared["args"] == []  # no DomainFusion arm: no --ldm
+
+
+def test_jobs_build_the_ldm_first_for_domainfusion_and_stop_if_that_fails(tmp_path, monkeypatch, capsys):
+    accuracies = {"domainfusion": {1: 50.0}, "domainfusion_no_ldm": {1: 49.0}, "domainfusion_distill_only": {1: 48.0}}
+    fake_arm_processes(tmp_path, monkeypatch, accuracies, {}, sleep=0.0)
+    out = tmp_path / "c"
+    args = ["--only", "domainfusion", "--seeds", "1", "--out", str(out), "--jobs", "2", "--extra", "device=cpu"]
+    assert claims.main(args) == 0
+    assert json.loads((tmp_path / "assets.json").read_text())["args"] == ["--ldm", "device=cpu"]
+    (tmp_path / "assets.json").unlink()
+    for arm in accuracies:
+        (out / f"{arm}.span").unlink()
+    monkeypatch.setenv("FAKE_PREPARE_CODE", "3")
+    assert claims.main(args) == 3
+    assert (tmp_path / "assets.json").is_file() and not list(out.glob("*.span"))  # no arm started
+    assert "no arm was started" in capsys.readouterr().err
 
 
 def test_jobs_start_no_arm_after_one_was_stopped(tmp_path, monkeypatch, capsys):

@@ -153,3 +153,36 @@ def test_an_ldm_is_never_used_with_another_clips_text_tower(tiny_root, clip):
     assert demo_ldm_dir(str(tiny_root), clip).name.startswith(f"demo-ldm-r{RECIPE_REVISION}-")
     with pytest.raises(ConfigError, match="another-checkpoint"):
         load_ldm(str(demo_ldm_dir(str(tiny_root))), torch.device("cpu"), clip=other)
+
+
+def test_demo_assets_are_built_once_before_the_runs(tmp_path, monkeypatch, random_clip, capsys):
+    """python -m promptdg_cli.demo.assets (scripts/claims.py runs it before its parallel arms): the run's
+    dataset and CLIP, and with --ldm the demo LDM in the folder a DomainFusion run looks in."""
+    from promptdg_cli.demo import assets
+    from promptdg_cli.demo import ldm as demo_ldm
+
+    from conftest import TINY
+
+    monkeypatch.setenv("PROMPTDG_CACHE", str(tmp_path))
+    built = []
+
+    def fake_build(folder, clip, recipe=None):  # the real build takes minutes
+        built.append((folder, clip.model_name))
+        (folder / "unet").mkdir(parents=True)
+        (folder / DEMO_MARKER).write_text("{}")
+        return folder
+
+    monkeypatch.setattr(demo_ldm, "build_demo_ldm", fake_build)
+    overrides = [*TINY, f"backbone.pretrained={random_clip}"]
+    assert assets.main(["--ldm", *overrides]) == 0
+    (folder, model), = built
+    assert model == "demo-clip-vit" and folder.parent == tmp_path / "demo_ldm"
+    assert folder.name.startswith(f"demo-ldm-r{RECIPE_REVISION}-")  # the CLIP's own LDM (demo_ldm_dir)
+    out = capsys.readouterr().out
+    assert f"demo asset ready: ldm {folder}" in out and f"backbone {random_clip}" in out
+    world = tmp_path / "data" / "demo_digits"
+    assert (world / ".complete").is_file() and len(list((world / "photo" / "seven").glob("*.png"))) == 8
+    assert assets.prepare_demo_assets(overrides, ldm=True)["ldm"] == str(folder) and len(built) == 1  # found
+    assert assets.prepare_demo_assets(overrides)["ldm"] is None  # without --ldm
+    assert assets.main(["--ldm", "method.ldm"]) == 2
+    assert "'method.ldm' is not a key=value override" in capsys.readouterr().err

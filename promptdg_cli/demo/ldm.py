@@ -94,6 +94,16 @@ def demo_ldm_dir(cache_root: Optional[str] = None, clip=None) -> Path:
     return Path(root).expanduser() / "demo_ldm" / f"demo-ldm-r{RECIPE_REVISION}{tag}"
 
 
+def ensure_demo_ldm(cache_root: Optional[str], clip) -> Path:
+    """The demo LDM folder for ``clip`` under ``cache_root``, built first if it is missing (once, when
+    several processes need it at once: ``shared_files.build_once``)."""
+    from ..shared_files import build_once
+
+    folder = demo_ldm_dir(cache_root, clip)
+    build_once(folder, (folder / DEMO_MARKER).is_file, lambda: build_demo_ldm(folder, clip), "the demo LDM")
+    return folder
+
+
 # --------------------------------------------------------------------- data
 def caption_pool(domain: str, digit: int) -> list[str]:
     """Every caption an image of ``digit`` in ``domain`` may get (without the empty one)."""

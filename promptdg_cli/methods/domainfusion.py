@@ -71,13 +71,12 @@ from PIL import Image
 from torch import nn
 
 from ..data import Features, image_batches
-from ..demo.ldm import build_demo_ldm, demo_ldm_dir
+from ..demo.ldm import ensure_demo_ldm
 from ..errors import ConfigError
 from ..evaluation import accuracy
-from ..ldm import DEMO_MARKER, load_ldm, to_ldm_pixels
+from ..ldm import load_ldm, to_ldm_pixels
 from ..recovery import image_error, recovery_event
 from ..schema import DomainFusionConfig
-from ..shared_files import build_once
 from ..training import Term, make_files
 from .base import Method
 
@@ -248,9 +247,7 @@ class DomainFusion(Method):
             if source == "demo":  # built once on first use, conditioned on the demo CLIP's text tower
                 if not self.backbone.model_name.startswith("demo"):
                     raise ConfigError("method.ldm=demo is conditioned on the demo CLIP's text tower: use it with backbone=demo_clip")
-                folder = demo_ldm_dir(self.env.cache_root, self.backbone)  # built once by jobs that start at once
-                build_once(folder, (folder / DEMO_MARKER).is_file, lambda: build_demo_ldm(folder, self.backbone), "the demo LDM")
-                source = str(folder)
+                source = str(ensure_demo_ldm(self.env.cache_root, self.backbone))  # built once by jobs that start at once
             self._ldm = load_ldm(source, self.device, self.cfg.ldm_dtype, self.cfg.ldm_revision, clip=self.backbone)
         return self._ldm
 
