@@ -10,7 +10,7 @@ next to a one-thread arm oversubscribes the cores (one UNet step: 0.20 s alone, 
 busy one-thread process). So the claims script runs this first, alone, then starts its arms.
 The config is composed as ``promptdg train method=domainfusion <overrides>`` (the backbone, the
 dataset and ``method.ldm`` are what count: with ``method.ldm`` other than ``demo`` nothing is built
-for it). Prints one line per asset: its path and whether it was built now or found.
+for it). Prints one line per asset with its path; a build prints its own progress.
 """
 from __future__ import annotations
 
