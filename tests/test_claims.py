@@ -218,6 +218,11 @@ def test_jobs_run_the_arms_side_by_side_longest_first(tmp_path, monkeypatch, cap
     assert prepared["omp"] is None and prepared["args"] == []  # no DomainFusion arm: no --ldm
 
 
+def test_arm_order_without_a_last_run_starts_domainfusions_arms():
+    keys = ["zeroshot", "coop", "dapl", "domainfusion_no_ldm", "domainfusion"]
+    assert claims.arm_order(keys, Path("/nonexistent")) == ["domainfusion_no_ldm", "domainfusion", "zeroshot", "coop", "dapl"]
+
+
 def test_jobs_build_the_ldm_first_for_domainfusion_and_stop_if_that_fails(tmp_path, monkeypatch, capsys):
     accuracies = {"domainfusion": {1: 50.0}, "domainfusion_no_ldm": {1: 49.0}, "domainfusion_distill_only": {1: 48.0}}
     fake_arm_processes(tmp_path, monkeypatch, accuracies, {}, sleep=0.0)
