@@ -167,8 +167,8 @@ def main(argv=None) -> int:
         data = make()
         k = int(torch.unique(torch.cat([data.train.y, data.val.y])).numel())
         row = {"classes": k, "dim": data.train.x.shape[1], "n_train": len(data.train.y), "n_val": len(data.val.y)}
-        same_rule = cfg.tol * start_gradient(data.train.x.float(), torch.unique(data.train.y, return_inverse=True)[1],
-                                             int(data.train.y.unique().numel()))
+        present, ytr = torch.unique(data.train.y, return_inverse=True)  # as LinearProbe.fit: the classes present
+        same_rule = cfg.tol * start_gradient(data.train.x.float(), ytr, len(present))
         sweeps = [("sklearn", lambda: sklearn_sweep(data, cfg)),
                   ("sklearn_same_rule", lambda: sklearn_sweep(data, cfg, tol=same_rule) | {"tol": same_rule}),
                   ("torch", lambda: torch_sweep(data, cfg, device))]
