@@ -6,7 +6,7 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo demo-lane-a demo-lane-b claims test test-all bench gpu-check clean-demo
+.PHONY: install demo demo-lane-a demo-lane-b claims test test-cpu-kinds test-all bench gpu-check clean-demo
 
 install: $(STAMP)
 
@@ -69,6 +69,14 @@ claims: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q --durations=10
+
+# The numerics tests (-m numerics) again as an AVX2 CPU and a plain x86-64 CPU sum: PyTorch's, MKL's and
+# oneDNN's kernels each pick their code path from these variables (tests/numerics.py: CPU_KINDS).
+AVX2_ENV    := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+DEFAULT_ENV := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
+test-cpu-kinds: $(STAMP)
+	env $(AVX2_ENV) $(PY) -m pytest -q -m numerics -p no:cacheprovider
+	env $(DEFAULT_ENV) $(PY) -m pytest -q -m numerics -p no:cacheprovider
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"

@@ -24,6 +24,9 @@ from conftest import TINY, results
 # method -> (overrides, split folder, which preempt point (1-based) gets the signal, mid-epoch checkpoint?)
 # preempt points: one after every optimisation step (coop, dapl, dapt) and one at every checkpoint
 # (epoch end; linear probe: every C value; promptstyler: every style and classifier epoch)
+# floats whose last bits depend on the CPU kind: .ci/run runs these again as AVX2 and plain CPUs sum
+pytestmark = pytest.mark.numerics
+
 CASES = {
     # 192 source images, batch 32: 6 steps + 1 epoch checkpoint per epoch -> signal at epoch 1, step 2
     "coop": (["method=coop", "method.epochs=3", "method.n_ctx=4", "target=sketch"], "sketch", 9, True),
