@@ -51,6 +51,9 @@ class RunConfig:
     out_root: str = "outputs"
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     num_workers: int = field(default=2, metadata={"range": {"ge": 0}})  # image-loading workers of the feature extractor
+    # method.augment=official: keep each epoch's augmented view features in the cache, shared by every run that
+    # draws the same view (views.py); false: encode them in the run and keep nothing (results are the same)
+    augment_cache: bool = True
     force: bool = False  # rerun even when a finished results.json with this config exists
     run_dir: Optional[str] = None  # eval only: a finished run whose models are re-evaluated
     extra: Any = field(default_factory=dict)  # free-form notes, recorded but not hashed
@@ -195,18 +198,20 @@ def _choices(group: str) -> str:
     return ", ".join(sorted(p.stem for p in (conf_dir() / group).glob("*.yaml")))
 
 
-def dapt_epochs(shots) -> int:
-    """DAPT's official script (scripts/main.sh) picks the config by shot count: vit_b16_ep50 for 1
-    shot, vit_b16_ep100 for 2 and 4, vit_b16 (200 epochs) for 8 and 16. Without shots (all the
-    source data, DG) promptdg uses 50, the ImageNet schedule (CoOp's choice for large training sets)."""
+def epochs_by_shots(shots) -> int:
+    """The epochs CoOp's and DAPT's official scripts train for k shots: they pick the config by shot
+    count (CoOp's COOP.md, DAPT's scripts/main.sh): *_ep50 for 1 shot, *_ep100 for 2 and 4, the
+    200-epoch config for 8 and 16 (ImageNet: *_ep50 at every k, set in its dataset YAML). Without
+    shots (all the source data, DG) promptdg uses 50, the ImageNet schedule (large training sets)."""
     if not shots or int(shots) <= 1:
         return 50
     return 100 if int(shots) <= 4 else 200
 
 
 def register_resolvers() -> None:
-    if not OmegaConf.has_resolver("promptdg.dapt_epochs"):
-        OmegaConf.register_new_resolver("promptdg.dapt_epochs", dapt_epochs)
+    for name in ("promptdg.epochs_by_shots", "promptdg.dapt_epochs"):  # (the second: run configs written before 0.2)
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, epochs_by_shots)
     if not OmegaConf.has_resolver("promptdg.run_key"):
         OmegaConf.register_new_resolver("promptdg.run_key", _run_key)
     if not OmegaConf.has_resolver("promptdg.choices"):

@@ -132,13 +132,17 @@ class Features:
 
 
 class ImageFiles(torch.utils.data.Dataset):
-    """Images through a transform; a random transform is seeded per (seed, image) when seed is set."""
+    """Images through a transform. A random transform is seeded per image: by (seed, position) when
+    ``seed`` is a number, by ``seed[position]`` when it is a list (one seed per image)."""
 
-    def __init__(self, paths: Sequence[Path], transform, seed: Optional[int] = None):
+    def __init__(self, paths: Sequence[Path], transform, seed: Optional[int | Sequence[int]] = None):
         self.paths, self.transform, self.seed = list(paths), transform, seed
 
     def __len__(self):
         return len(self.paths)
+
+    def _seed(self, i: int) -> int:
+        return int(self.seed[i]) if isinstance(self.seed, (list, tuple)) else int(self.seed) * 1_000_003 + i
 
     def __getitem__(self, i):
         try:
@@ -146,7 +150,7 @@ class ImageFiles(torch.utils.data.Dataset):
                 if self.seed is None:
                     return i, self.transform(im.convert("RGB"))
                 with torch.random.fork_rng(devices=[]):  # never disturbs the caller's random state
-                    torch.manual_seed(self.seed * 1_000_003 + i)
+                    torch.manual_seed(self._seed(i))
                     return i, self.transform(im.convert("RGB"))
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
             return i, None  # corrupt or unreadable: skipped and counted by the caller
@@ -161,7 +165,7 @@ def collate(batch):
     return torch.tensor([i for i, _ in ok]), torch.stack([x for _, x in ok]), bad
 
 
-def image_batches(paths: Sequence[Path], transform, batch_size: int, num_workers: int, seed: Optional[int] = None):
+def image_batches(paths: Sequence[Path], transform, batch_size: int, num_workers: int, seed: Optional[int | Sequence[int]] = None):
     """Batches ``(positions, images, unreadable positions)`` of ``paths`` in order, loaded by
     ``num_workers`` processes (none for a handful of batches, where starting them costs more)."""
     return torch.utils.data.DataLoader(
@@ -188,6 +192,7 @@ class FeatureCache:
         self.dir = Path(os.path.expanduser(str(cache_root))) / "features"
         self.batch_size, self.num_workers = batch_size, num_workers
         self.hits = self.misses = 0
+        self.views = {"computed": 0, "read": 0}  # augmented views (view_features): encoded here, or read from the cache
         self.recovered: list = []  # unreadable cache files computed again (recovery events)
         # the data as it was used, for the run's record: image files skipped as unreadable and class
         # folders with no image, by "<dataset>/<domain or split>"
@@ -206,26 +211,23 @@ class FeatureCache:
         )
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
 
-    def domain_features(self, backbone, dataset_cfg, domain: str, view: int = 0) -> Features:
-        """Features of a whole domain; ``view`` k >= 1: the k-th seeded augmented view of every image."""
+    def domain_features(self, backbone, dataset_cfg, domain: str) -> Features:
+        """Features of a whole domain (its images as the backbone's preprocessing shows them)."""
         paths, labels = list_domain(dataset_cfg, domain)
         empty = [name for i, name in enumerate(dataset_cfg.classes) if i not in set(labels)]
         if empty:  # (some benchmarks lack a class in a domain: recorded, not an error)
             self.empty_classes[f"{dataset_cfg.name}/{domain}"] = empty
-        return self.list_features(backbone, dataset_cfg.name, domain, paths, labels, view)
+        return self.list_features(backbone, dataset_cfg.name, domain, paths, labels)
 
-    def list_features(self, backbone, dataset: str, name: str, paths: Sequence[Path], labels: Sequence[int], view: int = 0) -> Features:
+    def list_features(self, backbone, dataset: str, name: str, paths: Sequence[Path], labels: Sequence[int]) -> Features:
         """Features of a list of images (a domain folder, or a split of a split-file dataset)."""
         paths = list(paths)
-        transform = backbone.preprocess if view == 0 else augmented_transform(backbone.preprocess)
-        key = self.key(backbone.identity(), dataset, name, paths, transform)
-        if view:
-            key = hashlib.sha1(f"{key}-view{view}".encode()).hexdigest()[:16]
-        file = self.dir / dataset / f"{name}-{key}.safetensors"
-        what = f"{dataset}/{name}" + (f" (augmented view {view})" if view else "")
+        transform = backbone.preprocess
+        file = self.dir / dataset / f"{name}-{self.key(backbone.identity(), dataset, name, paths, transform)}.safetensors"
+        what = f"{dataset}/{name}"
         meta = {"model": backbone.model_name, "weights": backbone.weights_id, "domain": name}
         # one job computes a missing (or unreadable) file, the others wait for it (shared_files.py)
-        t, computed = compute_once(file, lambda: self._encode_keep(backbone, paths, what, transform, view),
+        t, computed = compute_once(file, lambda: self._encode_keep(backbone, paths, what, transform),
                                    lambda t, f: save_file(t, str(f), metadata=meta), lambda f: load_file(str(f)),
                                    f"the features of {what}", events=self.recovered)
         self.misses += computed
@@ -240,9 +242,36 @@ class FeatureCache:
             [str(paths[i]) for i in keep],
         )
 
-    def _encode_keep(self, backbone, paths, what, transform, view) -> dict:
-        keep, x = self._encode(backbone, paths, what, transform, seed=view or None)
+    def _encode_keep(self, backbone, paths, what, transform, seed=None) -> dict:
+        keep, x = self._encode(backbone, paths, what, transform, seed=seed)
         return {"x": x, "index": torch.tensor(keep, dtype=torch.long)}
+
+    def view_features(self, backbone, dataset: str, name: str, paths: Sequence[str], seeds: Sequence[int], tag: str,
+                      store: bool = True) -> torch.Tensor:
+        """(N, D) features of one augmented view of every image (``views.py``): image i through
+        :func:`augmented_transform` seeded by ``seeds[i]``. ``tag`` names the view in the cache key;
+        ``store``: kept in the cache (and computed once by jobs that ask at once), else computed here."""
+        paths = [Path(p) for p in paths]
+        transform = augmented_transform(backbone.preprocess)
+        what = f"{dataset}/{name} (augmented view {tag})"
+
+        def compute():
+            t = self._encode_keep(backbone, paths, what, transform, seed=list(seeds))
+            if len(t["index"]) < len(paths):
+                bad = sorted(set(range(len(paths))) - set(t["index"].tolist()))
+                raise DatasetNotFound(f"{what}: {len(bad)} image(s) can no longer be read, e.g. {paths[bad[0]]}")
+            return t
+
+        if not store:
+            self.views["computed"] += 1
+            return compute()["x"]
+        key = hashlib.sha1(f"{self.key(backbone.identity(), dataset, name, paths, transform)}-{tag}".encode()).hexdigest()[:16]
+        file = self.dir / dataset / "views" / f"{name}-{key}.safetensors"
+        meta = {"model": backbone.model_name, "weights": backbone.weights_id, "domain": name, "view": tag}
+        t, computed = compute_once(file, compute, lambda t, f: save_file(t, str(f), metadata=meta), lambda f: load_file(str(f)),
+                                   f"the features of {what}", events=self.recovered)
+        self.views["computed" if computed else "read"] += 1
+        return t["x"].float()
 
     @torch.no_grad()
     def _encode(self, backbone, paths: list[Path], what: str, transform=None, seed=None) -> tuple[list[int], torch.Tensor]:

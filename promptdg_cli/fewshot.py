@@ -15,28 +15,26 @@ layout of CoOp's DATASETS.md under ``<root>/<folder>``:
 * ``txt``: FGVC-Aircraft's ``images_variant_<split>.txt`` (``"<image id> <variant>"`` lines, images
   ``images/<image id>.jpg``) with ``variants.txt`` giving the label order.
 
-k-shot sampling (:func:`sample_few_shot`) draws k images per class from the train split with a
-generator seeded by ``[seed, k]``; :func:`few_shot_splits` adds CoOp's validation sample of
-``min(k, 4)`` images per class drawn from the val split, and the whole test split.
+:func:`few_shot_splits` gives a run's data: k images per class of the train split and min(k, 4) of
+the val split, drawn as CoOp draws them (``shots.py``: Dassl's algorithm, or CoOp's own draw file
+when the dataset folder holds it), and the whole test split. A dataset whose val split is its test
+split (ImageNet in CoOp's layout) has no validation data: nothing is drawn from it.
 """
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
-
 from .data import IMAGE_EXTENSIONS
 from .errors import ConfigError, DatasetNotFound
+from .shots import Draw, dassl_draw, official_draw_file, read_official_draw
 
 PROTOCOL = "fewshot"
 FORMATS = ("json", "wnid_folders", "index_folders", "txt")
 JSON_SPLITS = ("train", "val", "test")
 TXT_IMAGE_SUFFIX = ".jpg"  # FGVC-Aircraft's list files name images without their extension
-VAL_SHOTS = 4  # CoOp's validation sample: min(k, 4) images per class
 
 Listing = Tuple[List[Path], List[int], List[str]]  # paths, labels, class names in label order
 
@@ -274,40 +272,23 @@ def class_subset(cfg) -> Optional[List[int]]:
     return None
 
 
-# --------------------------------------------------------------------- k-shot sampling
-def sample_few_shot(labels: Sequence[int], k: int, seed: int) -> np.ndarray:
-    """Sorted indices of k images per class, drawn without replacement by a generator seeded by
-    ``[seed, k]`` (classes in label order). A class with fewer than k images gives all it has; one
-    warning lists such classes."""
-    if int(k) < 1:
-        raise ConfigError(f"shots={k}: the number of images per class must be >= 1")
-    labels = np.asarray(labels, dtype=np.int64)
-    rng = np.random.default_rng([int(seed), int(k)])
-    picked, short = [], []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        if len(idx) < k:
-            short.append(f"{c} ({len(idx)})")
-            picked.append(idx)
-        else:
-            picked.append(rng.choice(idx, size=k, replace=False))
-    if short:
-        warnings.warn(
-            f"{len(short)} class(es) have fewer than {k} images; all their images are used: "
-            f"label (count) {', '.join(short[:10])}{' ...' if len(short) > 10 else ''}",
-            stacklevel=2,
-        )
-    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, dtype=np.int64)
+# --------------------------------------------------------------------- a run's few-shot data
+def val_is_test(cfg) -> bool:
+    """True where the val split is the test split (ImageNet: CoOp evaluates on images/val and keeps the
+    last epoch): such a dataset has no validation data to select on."""
+    paths = cfg.split_paths
+    return cfg.split_format != "json" and paths.get("val") is not None and paths.get("val") == paths.get("test")
 
 
-def _take(paths: Sequence[Path], labels: Sequence[int], idx: np.ndarray) -> Tuple[List[Path], List[int]]:
+def _take(paths: Sequence[Path], labels: Sequence[int], idx: Sequence[int]) -> Tuple[List[Path], List[int]]:
     return [paths[i] for i in idx], [labels[i] for i in idx]
 
 
 def few_shot_splits(cfg, k: Optional[int], seed: int) -> dict:
     """CoOp's few-shot data of one run: ``train`` = k images per class of the train split, ``val`` =
-    min(k, 4) per class of the val split, ``test`` = the whole test split, each ``(paths, labels)``,
-    and ``classnames`` in label order. ``k`` None or 0: the full train and val splits."""
+    min(k, 4) per class of the val split (None where the val split is the test split), in draw order,
+    each ``(paths, labels)``; ``test`` = the whole test split; ``classnames`` in label order; ``draw``:
+    the :class:`~promptdg_cli.shots.Draw` (None without k: the full train and val splits)."""
     missing = [s for s in JSON_SPLITS if s not in available_splits(cfg)]
     if missing:
         raise ConfigError(
@@ -315,9 +296,16 @@ def few_shot_splits(cfg, k: Optional[int], seed: int) -> dict:
             "it is a test-only set; train on its source dataset and read its test split with read_split(cfg, 'test')"
         )
     train_p, train_y, names = read_split(cfg, "train")
-    val_p, val_y, _ = read_split(cfg, "val")
+    val = None if val_is_test(cfg) else read_split(cfg, "val")[:2]
     test_p, test_y, _ = read_split(cfg, "test")
+    draw: Optional[Draw] = None
     if k:
-        train_p, train_y = _take(train_p, train_y, sample_few_shot(train_y, k, seed))
-        val_p, val_y = _take(val_p, val_y, sample_few_shot(val_y, min(int(k), VAL_SHOTS), seed))
-    return {"train": (train_p, train_y), "val": (val_p, val_y), "test": (test_p, test_y), "classnames": names}
+        official = official_draw_file(dataset_root(cfg), k, seed)
+        if official.is_file():
+            draw = read_official_draw(official, (train_p, train_y), val, dataset_root(cfg))
+        else:
+            draw = dassl_draw(train_y, None if val is None else val[1], k, seed)
+        train_p, train_y = _take(train_p, train_y, draw.train)
+        if val is not None:
+            val = _take(*val, draw.val)
+    return {"train": (train_p, train_y), "val": val, "test": (test_p, test_y), "classnames": names, "draw": draw}

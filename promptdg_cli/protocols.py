@@ -7,24 +7,35 @@ Each protocol is an object built for one run: ``splits()`` lists its splits (one
 
 * :class:`DG` (leave-one-domain-out): every source domain is split 80/20 into train/validation with
   a split seeded by the run seed and the domain name; the target domain is used whole for testing.
-  ``shots=k`` takes k images per class of the source training split (validation min(k, 4)).
+  ``shots=k`` draws k images per class of the source training split, then min(k, 4) of the
+  validation split, as CoOp draws (``shots.py``).
 * :class:`UDA`: labelled sources, the target domain unlabelled in training, tested on the target;
-  any pair, several sources, every pair into a target, or every ordered pair.
+  any pair, several sources, every pair into a target, or every ordered pair. The sources are used
+  whole, as DAPL's official trainer does; ``method.source_holdout=true`` holds 20 % out for
+  validation (promptdg's protocol, which ``method.select=val`` needs).
 * :class:`SourceFree` (PromptStyler): one model trained on no images, tested on every domain.
-* :class:`FewShot`: CoOp's split files, k shots per class, the whole test split for the test.
+* :class:`FewShot`: CoOp's split files, k shots per class drawn as CoOp draws them, the whole test
+  split for the test.
+
+What a frozen-encoder method sees of its training images in each epoch (the official augmentation,
+K cached views, or the plain features) is ``TrainData.train_views`` / ``target_views``
+(``views.py``, chosen by ``method.augment``).
 """
 from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .data import FeatureCache, Features, class_names, dataset_dir
-from .errors import ConfigError, DatasetNotFound
-from .fewshot import class_subset, few_shot_splits, read_split, sample_few_shot
+from .errors import ConfigError
+from .fewshot import class_subset, dataset_root, few_shot_splits, read_split, val_is_test
+from .shots import Draw, dassl_draw
+from .views import NONE, EpochFeatures, Plain, epoch_features
 
 PAIR_ARROW = "→"  # as in the tables: "art→clipart"
 SOURCE_FREE = "all"  # the split label of a model trained on no domain
@@ -54,18 +65,31 @@ class Split:
 @dataclass
 class TrainData:
     """What a method's ``fit`` gets: labelled source training and validation features, and in UDA the
-    target's features without labels (y = -1); ``*_views``: (K, N, D) cached augmented views."""
+    target's features without labels (y = -1); ``*_views``: what each epoch sees of them
+    (``views.py``: the official augmentation, K cached views or the plain features); ``drawn``: with
+    ``shots=k``, the drawn images (paths relative to the dataset folder, in draw order) and the sampler."""
 
     train: Optional[Features] = None
     val: Optional[Features] = None
     target: Optional[Features] = None
-    train_views: Optional[torch.Tensor] = None
-    target_views: Optional[torch.Tensor] = None
+    train_views: Optional[EpochFeatures] = None
+    target_views: Optional[EpochFeatures] = None
+    drawn: Optional[dict] = None
 
     def shots_per_class(self, classnames: Sequence[str]) -> Dict[str, int]:
         """Training images per class as drawn (``shots=k``: k, or fewer where a class has fewer)."""
         counts = torch.bincount(self.train.y, minlength=len(classnames)).tolist()
         return {name: int(n) for name, n in zip(classnames, counts)}
+
+
+class ConcatViews:
+    """Several lists' epoch features one after another (the source domains of a split)."""
+
+    def __init__(self, parts: List[EpochFeatures]):
+        self.parts, self.n = parts, sum(p.n for p in parts)
+
+    def epoch(self, epoch: int, rep: int = 0) -> torch.Tensor:
+        return torch.cat([p.epoch(epoch, rep) for p in self.parts]) if len(self.parts) > 1 else self.parts[0].epoch(epoch, rep)
 
 
 # --------------------------------------------------------------------- helpers
@@ -91,23 +115,12 @@ def unlabelled(f: Features) -> Features:
     return Features(f.x, torch.full_like(f.y, -1), f.domain, f.paths)
 
 
-def sample_shots(f: Features, shots: Optional[int], seed: int, cap: Optional[int] = None) -> Features:
-    """k images per class of ``f`` (seeded); ``cap`` bounds k (validation: min(k, 4))."""
-    if not shots:
-        return f
-    k = min(int(shots), cap) if cap else int(shots)
-    return f.subset(sample_few_shot(f.y.tolist(), k, seed))
+def drawn_record(draw: Draw, train: Features, val: Optional[Features], root) -> dict:
+    """The drawn images as a run records them: paths relative to the dataset folder, in draw order."""
+    def rel(paths):
+        return [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in paths]
 
-
-def _aligned(view: Features, base: Features) -> Features:
-    """An augmented view restricted to the images of ``base`` (an image unreadable in one is dropped in both)."""
-    if view.paths == base.paths:
-        return view
-    index = {p: i for i, p in enumerate(view.paths)}
-    missing = [p for p in base.paths if p not in index]
-    if missing:
-        raise DatasetNotFound(f"augmented view lacks {len(missing)} image(s), e.g. {missing[0]}")
-    return view.subset([index[p] for p in base.paths])
+    return {"sampler": draw.sampler, "train": rel(train.paths), "val": None if val is None else rel(val.paths)}
 
 
 def dg_splits(dataset_cfg, target: Optional[str], source: Optional[Sequence[str]]) -> List[Split]:
@@ -149,6 +162,10 @@ class Protocol:
     def __init__(self, cfg, cache: Optional[FeatureCache] = None, backbone=None):
         self.cfg, self.dataset, self.cache, self.backbone = cfg, cfg.dataset, cache, backbone
         self.seed, self.shots = int(cfg.seed), cfg.get("shots")
+        # what a frozen-encoder method sees of its images per epoch (views.py); methods without the key: the plain features
+        method = cfg.get("method") or {}
+        self.augment, self.aug_views = str(method.get("augment", NONE)), int(method.get("aug_views", 0) or 0)
+        self.augment_cache = bool(cfg.get("augment_cache", True))
 
     def attach(self, cache: FeatureCache, backbone) -> "Protocol":
         self.cache, self.backbone = cache, backbone
@@ -164,7 +181,7 @@ class Protocol:
         """Fail before any model is loaded if the data is missing (generating the demo world)."""
         dataset_dir(self.dataset)
 
-    def train_data(self, split: Split, views: int = 0) -> TrainData:
+    def train_data(self, split: Split) -> TrainData:
         raise NotImplementedError
 
     def test_sets(self, split: Split) -> Dict[str, Features]:
@@ -174,25 +191,33 @@ class Protocol:
         """Class indices the test set covers (ImageNet-A/R: 200 of 1000), else None."""
         return None
 
+    def _views(self, base: Features, name: str) -> EpochFeatures:
+        """What each epoch sees of ``base`` (a list cached as ``name``) under ``method.augment``."""
+        if self.augment == NONE or not len(base):
+            return Plain(base.x)
+        return epoch_features(self.augment, base, self.cache, self.backbone, self.dataset.name, name, self.seed,
+                              self.aug_views, self.augment_cache)
+
     # the source domains' train / val parts, shots and views
-    def _source(self, split: Split, views: int) -> TrainData:
-        if views and self.shots:
-            raise ConfigError("shots= with method.aug_views is not supported; choose one")
-        train, val, train_views = [], [], []
+    def _source(self, split: Split, holdout: bool = True) -> TrainData:
+        train, val, views = [], [], []
         for d in split.sources:
             f = self.cache.domain_features(self.backbone, self.dataset, d)
-            tr, va = train_val_indices(len(f), self.seed, d, self.dataset.val_fraction)
-            train.append(f.subset(tr))
-            val.append(f.subset(va))
-            if views:
-                train_views.append(torch.stack([
-                    _aligned(self.cache.domain_features(self.backbone, self.dataset, d, k), f).x[tr] for k in range(1, views + 1)]))
-        data = TrainData(train=Features.cat(train), val=Features.cat(val))
-        if self.shots:  # k shots per class of the source training data; validation min(k, 4) per class
-            data.train = sample_shots(data.train, self.shots, self.seed)
-            data.val = sample_shots(data.val, self.shots, self.seed, cap=4)
-        if views:
-            data.train_views = torch.cat(train_views, dim=1)  # (K, N_train, D)
+            if holdout:
+                tr, va = train_val_indices(len(f), self.seed, d, self.dataset.val_fraction)
+                train.append(f.subset(tr))
+                val.append(f.subset(va))
+            else:  # the whole domain (DAPL's official trainer)
+                train.append(f)
+            views.append((train[-1], f"{d}-train" if holdout else d))
+        data = TrainData(train=Features.cat(train), val=Features.cat(val) if holdout else None)
+        if self.shots:  # k shots per class of the source training data, then min(k, 4) of the validation data
+            draw = dassl_draw(data.train.y.tolist(), None if data.val is None else data.val.y.tolist(), self.shots, self.seed)
+            data.train = data.train.subset(draw.train)
+            data.val = None if data.val is None else data.val.subset(draw.val)
+            data.drawn = drawn_record(draw, data.train, data.val, dataset_dir(self.dataset))
+            views = [(data.train, f"{split.dirname}-{self.shots}shot-train")]
+        data.train_views = ConcatViews([self._views(f, name) for f, name in views])
         return data
 
 
@@ -202,8 +227,8 @@ class DG(Protocol):
     def splits(self) -> List[Split]:
         return dg_splits(self.dataset, self.cfg.target, self.cfg.source)
 
-    def train_data(self, split: Split, views: int = 0) -> TrainData:
-        return self._source(split, views)
+    def train_data(self, split: Split) -> TrainData:
+        return self._source(split)
 
 
 class UDA(Protocol):
@@ -213,13 +238,11 @@ class UDA(Protocol):
     def splits(self) -> List[Split]:
         return uda_splits(self.dataset, self.cfg.target, self.cfg.source)
 
-    def train_data(self, split: Split, views: int = 0) -> TrainData:
-        data = self._source(split, views)
+    def train_data(self, split: Split) -> TrainData:
+        data = self._source(split, holdout=bool(self.cfg.method.get("source_holdout", False)))
         test = self.cache.domain_features(self.backbone, self.dataset, split.target)
         data.target = unlabelled(test)
-        if views:
-            data.target_views = torch.stack([
-                _aligned(self.cache.domain_features(self.backbone, self.dataset, split.target, k), test).x for k in range(1, views + 1)])
+        data.target_views = self._views(data.target, split.target)
         return data
 
     def test_sets(self, split: Split) -> Dict[str, Features]:
@@ -239,7 +262,7 @@ class SourceFree(Protocol):
         domains = check_domains(self.dataset, self.cfg.target, None)
         return [Split(target=SOURCE_FREE, sources=[], tests=[self.cfg.target] if self.cfg.target else domains)]
 
-    def train_data(self, split: Split, views: int = 0) -> TrainData:
+    def train_data(self, split: Split) -> TrainData:
         return TrainData()  # no image at all: the method trains before any image is read
 
 
@@ -258,11 +281,16 @@ class FewShot(Protocol):
     def check_data(self) -> None:
         self.classnames()
 
-    def train_data(self, split: Split, views: int = 0) -> TrainData:
+    def train_data(self, split: Split) -> TrainData:
         s = few_shot_splits(self.dataset, self.shots, self.seed)
         # cached per image list: the whole test split once, each k-shot draw (a few images) on its own
-        train, val = (self.cache.list_features(self.backbone, self.dataset.name, part, *s[part]) for part in ("train", "val"))
-        return TrainData(train=train, val=val)
+        tag = f"{self.shots}shot-seed{self.seed}" if self.shots else "all"
+        train = self.cache.list_features(self.backbone, self.dataset.name, f"train-{tag}", *s["train"])
+        val = None if s["val"] is None else self.cache.list_features(self.backbone, self.dataset.name, f"val-{tag}", *s["val"])
+        data = TrainData(train=train, val=val, train_views=self._views(train, f"train-{tag}"))
+        if s["draw"] is not None:
+            data.drawn = drawn_record(s["draw"], train, val, dataset_root(self.dataset))
+        return data
 
     def test_sets(self, split: Split) -> Dict[str, Features]:
         paths, labels, _ = read_split(self.dataset, "test")
@@ -280,9 +308,35 @@ def protocol_for(cfg, method_cls) -> Protocol:
                 f"method={cfg.method.name} needs domains, and target=/source= do not apply. "
                 f"Few-shot methods: zeroshot, linear_probe, coop, dapt."
             )
-        return FewShot(cfg)
-    name = method_cls.protocol or str(cfg.dataset.protocol)
-    return {"dg": DG, "uda": UDA, "source_free": SourceFree}[name](cfg)
+        protocol: Protocol = FewShot(cfg)
+    else:
+        name = method_cls.protocol or str(cfg.dataset.protocol)
+        protocol = {"dg": DG, "uda": UDA, "source_free": SourceFree}[name](cfg)
+    check_selection(cfg, protocol)
+    return protocol
+
+
+def check_selection(cfg, protocol: Protocol) -> None:
+    """Model selection and augmentation that the run's data cannot give: a clear error before anything loads."""
+    m = cfg.method
+    select, augment = str(m.get("select", "last")), str(m.get("augment", NONE))
+    if select == "val":
+        why = None
+        if isinstance(protocol, FewShot) and val_is_test(cfg.dataset):
+            why = (f"dataset={cfg.dataset.name}'s val split is its test split ({cfg.dataset.split_paths.get('val')}), so it has "
+                   f"no validation data: selecting on it would select on test labels. The official code keeps the last "
+                   f"epoch: method.select=last")
+        elif isinstance(protocol, UDA) and not m.get("source_holdout", False):
+            why = ("the sources are used whole for training (method.source_holdout=false, as the official trainer). "
+                   "method.source_holdout=true holds 20 % of each source out for validation; or method.select=last")
+        elif isinstance(protocol, SourceFree):
+            why = "a source-free method trains on no images: method.select=last"
+        if why:
+            raise ConfigError(f"method.select=val needs validation data, and this run has none: {why}")
+    if select == "target_test" and isinstance(protocol, SourceFree):
+        raise ConfigError("method.select=target_test needs one target domain; a source-free run tests every domain")
+    if augment == "views" and not int(m.get("aug_views", 0) or 0):
+        raise ConfigError("method.augment=views needs method.aug_views=K (K >= 1 views per image)")
 
 
 def protocol_name(cfg, method_cls) -> str:

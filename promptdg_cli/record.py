@@ -203,6 +203,10 @@ class RunRecord:
     recovered: Optional[List[Dict[str, Any]]] = _spec((_list_of(lambda v: isinstance(v, dict), "an object"), "a list of objects"))
     # the data as used: unreadable images skipped and empty class folders (by dataset/domain), shots drawn per class (by split)
     data_used: Optional[Dict[str, Any]] = _spec((_scalar(lambda v: isinstance(v, dict)), "an object"))
+    # ---- the protocol as run: augmentation, selection, epochs, templates ... (the method config's protocol
+    # keys) and the opt-ins that leave the official protocol ("augment=none", "select=target_test": OPT_INS)
+    protocol_details: Optional[Dict[str, Any]] = _spec((_scalar(lambda v: isinstance(v, dict)), "an object"))
+    opt_ins: Optional[List[str]] = _spec(_STR_LIST)
     # ---- keys the schema does not name (a method's counters): written back at the top level
     extra: Dict[str, Any] = field(default_factory=dict)
 
@@ -293,3 +297,18 @@ def _plain(value: Any) -> Any:
 
 
 JSON_FIELDS = tuple(f.name for f in fields(RunRecord) if f.name != "extra")
+
+# Method-config choices that leave the official protocol: promptdg's cheaper protocols and anything that
+# reads test labels. A run records them (``opt_ins``) and ``collect`` marks its row with the mark.
+OPT_INS = {
+    "augment=none": ("*", "promptdg's cheaper protocol: no augmentation (the un-augmented cached features)"),
+    "augment=views": ("*", "promptdg's cheaper protocol: K augmented views per image encoded once, not a fresh view per epoch"),
+    "select=target_test": ("†", "the epoch is selected on the target's test labels (a parity opt-in; the official DAPL code does it)"),
+}
+# the method-config keys a record lists in ``protocol_details`` (where the method has them)
+PROTOCOL_KEYS = ("augment", "aug_views", "select", "epochs", "source_holdout", "templates", "prompt", "intra_loss", "lr_step")
+
+
+def opt_ins_of(method_cfg: Mapping[str, Any]) -> List[str]:
+    """The opt-ins (keys of :data:`OPT_INS`) a method config makes."""
+    return [k for k in OPT_INS if str(method_cfg.get(k.split("=")[0])) == k.split("=")[1]]

@@ -42,7 +42,7 @@ from .locks import RunLocked, run_lock
 from .methods import method_class
 from .methods.base import RunEnv
 from .protocols import Split, protocol_for, protocol_name
-from .record import RunRecord, Status
+from .record import PROTOCOL_KEYS, RunRecord, Status, opt_ins_of
 from .runtime import STOP, Preempted, chain_and_exit, git_revision, peak_memory_mb, select_device
 from .shared_files import build_once
 from .training import TrainContext
@@ -85,12 +85,14 @@ def check_method(cfg, method_cls) -> None:
 
 
 def identity(cfg: DictConfig, run_dir: Path, chash: str, protocol: str) -> dict:
-    """The record fields that name a run."""
+    """The record fields that name a run, and the protocol it ran (its opt-ins out of the official one)."""
+    method = OmegaConf.to_container(cfg.method, resolve=True)
     return {"method": cfg.method.name, "variant": cfg.method.get("variant", ""), "dataset": cfg.dataset.name, "backbone": cfg.backbone.name,
             "model": cfg.backbone.model, "pretrained": str(cfg.backbone.pretrained), "protocol": protocol, "seed": int(cfg.seed),
             "domains": list(cfg.dataset.domains), "config_hash": chash, "run_dir": str(run_dir), "version": __version__,
             "git_revision": git_revision(), "host": platform.node(), "shots": cfg.get("shots"), "device": str(cfg.device),
-            "precision": str(cfg.backbone.precision)}
+            "precision": str(cfg.backbone.precision),
+            "protocol_details": {k: method[k] for k in PROTOCOL_KEYS if k in method}, "opt_ins": opt_ins_of(method)}
 
 
 # --------------------------------------------------------------------- train / eval
@@ -182,6 +184,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
     counters: dict = {}
     recovered: list = []  # unreadable checkpoints, feature files and generated images, and what was done
     shots: dict = {}  # training images per class of each split, as drawn (shots=k)
+    samplers: dict = {}  # who drew them: "dassl" (Dassl's algorithm) or CoOp's draw file
     timings = {"train_s": 0.0, "eval_s": 0.0}
     main = dist.is_main()
     for split in splits:
@@ -216,6 +219,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
         recovered += res.get("recovered", [])
         if res.get("shots_per_class"):
             shots[split.key] = res["shots_per_class"]
+        if res.get("sampler"):
+            samplers[split.key] = res["sampler"]
         timings["train_s"] += res["train_s"]
         timings["eval_s"] += res["eval_s"]
     if not per_class:
@@ -225,7 +230,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
                     peak_memory_mb=peak_memory_mb(device), feature_cache={"hits": cache.hits, "misses": cache.misses},
                     recovered=recovered + cache.recovered,
                     data_used={"unreadable_images": cache.unreadable, "empty_class_folders": cache.empty_classes,
-                               "shots_per_class": shots})
+                               "shots_per_class": shots, "shots_sampler": samplers, "augmented_views": cache.views})
     rec.add_counters(counters)
     return rec
 
@@ -233,11 +238,16 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
 def _run_split(cfg, method_cls, backbone, protocol, names, split: Split, split_dir: Path, run_dir: Path, device) -> dict:
     torch.manual_seed(cfg.seed)
     method = method_cls(method_config(cfg, method_cls), backbone, names, device, run_env(cfg))
-    ctx = TrainContext(run_dir, split_dir, split.key, int(cfg.seed), device)
-    data = None
+    data, selection_set = None, None
     if method_cls.trains:
         with dist.main_first("extracting image features"):  # rank 0 fills the feature cache, the others read it
-            data = protocol.train_data(split, views=int(cfg.method.get("aug_views", 0) or 0))
+            data = protocol.train_data(split)
+        if data.drawn and dist.is_main():  # the k-shot images as drawn, in draw order, and who drew them
+            write_json_atomic(split_dir / "shots.json", data.drawn)
+        if str(cfg.method.get("select", "last")) == "target_test":  # (an opt-in: recorded and marked in tables)
+            with dist.main_first("extracting image features"):
+                (selection_set,) = protocol.test_sets(split).values()
+    ctx = TrainContext(run_dir, split_dir, split.key, int(cfg.seed), device, selection_set=selection_set)
     t = time.time()
     if method_cls.trains:
         with STOP.deferred():  # a preemption signal stops at the loop's next step boundary
@@ -257,4 +267,5 @@ def _run_split(cfg, method_cls, backbone, protocol, names, split: Split, split_d
             "n_train": len(data.train) if data is not None and data.train is not None else 0,
             "n_target_unlabelled": len(data.target) if data is not None and data.target is not None else 0,
             "shots_per_class": data.shots_per_class(names) if cfg.get("shots") and data is not None and data.train is not None else None,
+            "sampler": data.drawn["sampler"] if data is not None and data.drawn else None,
             "extra": method.extra_results(), "recovered": ctx.recovered, "train_s": train_s, "eval_s": time.time() - t}

@@ -50,9 +50,19 @@ class Arch(Choice):
 
 
 class Selection(Choice):
-    """Model selection: the epoch with the best source-validation accuracy, or the last one."""
-    val = "val"
+    """Model selection: the last epoch, the epoch with the best source-validation accuracy, or (an
+    opt-in for parity with official code that does it, recorded and marked in tables) the epoch with
+    the best accuracy on the target's test labels."""
     last = "last"
+    val = "val"
+    target_test = "target_test"
+
+
+class Augment(Choice):
+    """What a training image looks like in each epoch (views.py)."""
+    official = "official"  # the official code's: a fresh random resized crop + flip of every image in every epoch
+    views = "views"  # promptdg's cheaper protocol: one of K views per image, encoded once (method.aug_views)
+    none = "none"  # promptdg's cheapest: the un-augmented (cached) images
 
 
 class Form(Choice):
@@ -176,6 +186,8 @@ class CoOpConfig(_PromptTraining):
     ctx_init: str = MISSING  # "" = random N(0, 0.02^2); or words to start from (n_ctx = their count)
     class_specific: bool = MISSING  # CSC: one context per class
     select: Selection = MISSING
+    augment: Augment = MISSING
+    aug_views: int = num(ge=0)  # K views per image with augment=views
 
 
 @dataclass
@@ -190,7 +202,9 @@ class DAPLConfig(_PromptTraining):
     tau: float = num(ge=0.0, le=1.0)  # confidence threshold
     U: float = num(ge=0.0)  # weight of the target term
     pseudo_template: str = MISSING
-    aug_views: int = num(ge=0)  # K cached augmented views per image; 0: the plain features
+    augment: Augment = MISSING
+    aug_views: int = num(ge=0)  # K views per image with augment=views
+    source_holdout: bool = MISSING  # false: train on all source images (official); true: hold 20 % out for validation
     select: Selection = MISSING
 
 
@@ -204,7 +218,8 @@ class DAPTConfig(_PromptTraining):
     intra_loss: Form = MISSING  # official: F.mse_loss (mean over B*D) | paper: mean of squared norms
     t: float = num(gt=0.0)
     renormalize_prototypes: bool = MISSING
-    augment: bool = MISSING
+    augment: Augment = MISSING  # official | none (DAPT trains through the image encoder: no cached views)
+    select: Selection = MISSING
 
 
 @dataclass

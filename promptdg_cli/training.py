@@ -16,7 +16,7 @@ The loop (:meth:`TrainContext.train`) does the rest for every method: the seeded
 parallelism under torchrun (every rank takes its contiguous part of each global batch; a term's loss
 is weighted by the rank's share of the batch, ``n_local / n_global``, and the gradients are summed
 over ranks, so the update is the single-process one, uneven last batches included), a preemption
-check at every step boundary, model selection on validation (``method.select``: val | last), one
+check at every step boundary, model selection (``method.select``: last | val | target_test), one
 checkpoint layout (a mid-epoch checkpoint carries the step index; the resumed epoch skips the steps
 done), mixed precision (each step's ``batch_loss`` under ``runtime.autocast`` of the run's
 ``backbone.precision``: bf16/fp16 on CUDA, nothing on the CPU; parameters and their updates stay
@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import checkpoints, dist, runtime
+from .evaluation import accuracy
 from .runtime import STOP, Preempted
 
 log = logging.getLogger("promptdg")
@@ -104,8 +105,11 @@ def _shard(batch):
 class TrainContext:
     """One split's training: its folder, seed and device, the checkpoint, metrics and the loop."""
 
-    def __init__(self, run_dir: Path, split_dir: Path, target: str, seed: int, device: torch.device):
+    def __init__(self, run_dir: Path, split_dir: Path, target: str, seed: int, device: torch.device, selection_set=None):
         self.run_dir, self.split_dir, self.target, self.seed, self.device = Path(run_dir), Path(split_dir), target, seed, device
+        # method.select=target_test only (an opt-in for parity with official code that selects on test labels):
+        # the labelled test set whose accuracy selects the epoch
+        self.selection_set = selection_set
         self.ckpt = self.split_dir / "checkpoint.pt"
         self._state: Optional[Dict[str, Any]] = None  # the checkpoint's sections, read once
         self.recovered: list = []  # unreadable files recovered from (checkpoints.py, recovery.py)
@@ -164,7 +168,7 @@ class TrainContext:
         opt = m.optimizer(params)
         precision = str(getattr(getattr(m, "env", None), "precision", "fp32"))  # the forward's autocast (fp32 parameters)
         epochs = int(cfg.epochs)
-        select_last = str(getattr(cfg, "select", "last")) == "last"
+        select = str(getattr(cfg, "select", "last"))
         best = {"acc": -1.0, "epoch": -1, "params": [p.detach().clone() for p in params]}
         state = self.checkpoint("loop")
         start, done, resumed = 0, 0, {}
@@ -216,9 +220,9 @@ class TrainContext:
                     opt.step()
                 self.stop_point("loop", lambda: snapshot(epoch, step + 1, _add(base, _all_sum(sums))))
             total = _add(base, _all_sum(sums))
-            val = m.validate()
+            val = self._selection_score(m, select)
             val = None if val is None else dist.broadcast(val)  # every rank selects the same epoch
-            if select_last or val is None or val > best["acc"]:
+            if select == "last" or val is None or val > best["acc"]:
                 best = {"acc": val if val is not None else -1.0, "epoch": epoch, "params": [p.detach().clone() for p in params]}
             steps = max(len(batches), 1)
             self.log(epoch=epoch, lr=lr, **{k: v / steps for k, v in total.items()}, **({} if val is None else {"val_acc": val}))
@@ -227,6 +231,13 @@ class TrainContext:
         for p, v in zip(params, best["params"]):
             p.data.copy_(v)
         self.log(selected_epoch=best["epoch"], selected_val_acc=best["acc"])
+
+    def _selection_score(self, m, select: str) -> Optional[float]:
+        """The score that selects the epoch: none (the last epoch is kept), the method's validation
+        accuracy, or the accuracy on ``selection_set`` (target_test)."""
+        if select == "target_test":
+            return accuracy(m, self.selection_set)
+        return m.validate() if select == "val" else None
 
     # ----------------------------------------------------------------- resumable sequences
     def units(self, name: str, keys: Sequence, fn: Callable[[Any, dict], Any], desc: str) -> dict:

@@ -9,7 +9,7 @@ promptdg train -m experiment=dapt_fewshot_zeroshot "$@"
 promptdg collect "$OUT/dapt_fewshot" --columns dataset
 
 promptdg train -m experiment=dapt_imagenet "$@"
-promptdg eval -m method=zeroshot dataset=imagenet,imagenet_v2,imagenet_sketch,imagenet_a,imagenet_r backbone=vit_b16 out_root="$OUT/dapt_imagenet"
+promptdg eval -m method=zeroshot_coop dataset=imagenet,imagenet_v2,imagenet_sketch,imagenet_a,imagenet_r backbone=vit_b16 out_root="$OUT/dapt_imagenet"
 for run in "$OUT"/dapt_imagenet/imagenet/{coop,dapt}/vit_b16/seed*/; do  # the trained runs, not the zero-shot evals
   promptdg eval -m run_dir="$run" dataset=imagenet_v2,imagenet_sketch,imagenet_a,imagenet_r out_root="$OUT/dapt_imagenet"
 done

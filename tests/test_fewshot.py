@@ -3,11 +3,9 @@ through the real conf/dataset configs with their root pointed at a tmp folder.""
 from __future__ import annotations
 
 import json
-import warnings
 from collections import Counter
 from pathlib import Path
 
-import numpy as np
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
@@ -177,40 +175,7 @@ def test_read_split_rejects_unknown_split_and_dg_dataset(pets):
         fewshot.read_split(dg, "train")
 
 
-# ---------------------------------------------------------------- sampling
-LABELS = np.repeat(np.arange(4), 10)  # 4 classes x 10 images
-
-
-def test_sampling_is_deterministic_per_seed():
-    a = fewshot.sample_few_shot(LABELS, 4, seed=1)
-    b = fewshot.sample_few_shot(LABELS, 4, seed=1)
-    c = fewshot.sample_few_shot(LABELS, 4, seed=2)
-    assert np.array_equal(a, b)
-    assert not np.array_equal(a, c)
-    assert not np.array_equal(a[:2], fewshot.sample_few_shot(LABELS, 2, seed=1))  # seeded by [seed, k]
-
-
-@pytest.mark.parametrize("k", [1, 2, 4, 10])
-def test_sampling_gives_exactly_k_per_class_sorted(k):
-    idx = fewshot.sample_few_shot(LABELS, k, seed=3)
-    assert list(idx) == sorted(set(idx.tolist()))  # sorted, no repeats
-    assert Counter(LABELS[idx].tolist()) == {c: k for c in range(4)}
-
-
-def test_short_class_gives_all_its_images_and_warns_once():
-    labels = np.array([0] * 5 + [1] * 2 + [2] * 1)
-    with warnings.catch_warnings(record=True) as w:
-        warnings.simplefilter("always")
-        idx = fewshot.sample_few_shot(labels, 3, seed=1)
-    assert Counter(labels[idx].tolist()) == {0: 3, 1: 2, 2: 1}
-    assert len(w) == 1 and "2 class(es) have fewer than 3 images" in str(w[0].message)
-
-
-def test_sampling_rejects_zero_shots():
-    with pytest.raises(ConfigError):
-        fewshot.sample_few_shot(LABELS, 0, seed=1)
-
-
+# ---------------------------------------------------------------- a run's data (the draw itself: test_shots.py)
 @pytest.mark.parametrize("k", [1, 2, 5])
 def test_few_shot_splits(pets, k):
     out = fewshot.few_shot_splits(pets, k, seed=1)

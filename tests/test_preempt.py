@@ -242,7 +242,7 @@ def test_signal_outside_training_stops_at_once_and_the_rerun_does_not_retrain(ru
     only evaluates again."""
     from promptdg_cli import evaluation, runner
 
-    args = CASES["coop"][0]
+    args = (*CASES["coop"][0], "method.select=val")  # (validations in fit: the signal comes after them)
     code, _, err, out_root = run_cli("train", *args)
     assert code == 0, err
     (reference,) = results(out_root)

@@ -30,6 +30,7 @@ from promptdg_cli.methods.domainfusion import DomainFusion
 from promptdg_cli.methods.promptstyler import PromptStyler
 from promptdg_cli.protocols import TrainData
 from promptdg_cli.training import TrainContext
+from promptdg_cli.views import Plain
 from promptdg_cli.vpt import VisualPrompts
 
 from conftest import method_cfg
@@ -92,7 +93,7 @@ def test_coop_step(clip, tmp_path):
     m = CoOp(cfg, clip, names, CPU, RunEnv(seed=SEED))
     ctx0 = m.prompt.ctx.detach().clone()
     x, y = unit(6, clip.embed_dim, 3), torch.tensor([0, 1, 2, 0, 1, 2])
-    m.fit(TrainData(train=feats(x, y), val=feats(x[:3], y[:3])), ctx_in(tmp_path))
+    m.fit(TrainData(train=feats(x, y), val=feats(x[:3], y[:3]), train_views=Plain(x)), ctx_in(tmp_path))
 
     c = ctx0.clone().requires_grad_(True)
     emb, eot = embed(clip, [f"X X X X {n}." for n in names])  # CoOp's "X"*M placeholders, class name, "."
@@ -125,8 +126,8 @@ def test_dapl_step_and_pseudo_labels(clip, tmp_path):
                      "batch_size=6", "target_batch_size=6", f"tau={tau}", "T=1.0", "U=1.0")
     m = DAPL(cfg, clip, names, CPU, RunEnv(seed=SEED))
     target = Features(xt, torch.full((6,), -1), ["sketch"] * 6, [f"s/{i}" for i in range(6)])
-    m.fit(TrainData(train=feats(xs, ys, "printed"), val=feats(xs[:3], ys[:3], "printed"), target=target), ctx_in(tmp_path))
-    assert torch.equal(m.pseudo[0], pseudo) and int(m.keep.sum()) == 3
+    m.fit(TrainData(train=feats(xs, ys, "printed"), target=target, train_views=Plain(xs), target_views=Plain(xt)), ctx_in(tmp_path))
+    assert torch.equal(m.pseudo, pseudo) and int(m.keep.sum()) == 3
 
     g = torch.Generator().manual_seed(SEED)  # the prompt learner's init: N(0, 0.02^2), ctx then dom
     ctx0 = torch.empty(2, clip.text_width).normal_(0, 0.02, generator=g)
@@ -159,7 +160,7 @@ def test_dapt_step(clip, tmp_path):
         x = F.normalize(clip.model.encode_image(images), dim=-1)  # the zero-shot image embeddings of the shots
     lr, wd, bv, bt = 0.5, 0.01, 0.7, 0.3
     cfg = method_cfg("dapt", "n_ctx=2", "n_visual=2", "epochs=1", "warmup_epochs=0", f"lr={lr}", f"weight_decay={wd}",
-                     "batch_size=10", f"beta_v={bv}", f"beta_t={bt}", "augment=false")
+                     "batch_size=10", f"beta_v={bv}", f"beta_t={bt}", "augment=none")
     torch.manual_seed(0)
     m = DAPT(cfg, clip, names, CPU, RunEnv(seed=SEED))
     ctx0 = m.prompt.ctx.detach().clone()

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, NamedTuple, Sequence, Tuple
 
-from ..record import RESULTS_NAME, RecordError, RunRecord
+from ..record import OPT_INS, RESULTS_NAME, RecordError, RunRecord
 
 METRICS = ("accuracy", "mean_per_class_accuracy")
 UDA = "uda"  # the protocol whose columns are source→target pairs
@@ -131,6 +131,8 @@ def method_label(record: Mapping[str, Any]) -> str:
     parts = [str(record["variant"])] if record.get("variant") else []
     if record.get("shots"):
         parts.append(f"{record['shots']}-shot")
+    # opt-ins that leave the official protocol, with their mark (a row of their own, explained under the table)
+    parts += [f"{o}{OPT_INS[o][0]}" if o in OPT_INS else str(o) for o in record.get("opt_ins") or []]
     return f"{method} ({', '.join(parts)})" if parts else method
 
 

@@ -13,7 +13,7 @@ import statistics
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from ..record import RunRecord
+from ..record import OPT_INS, RunRecord
 from .records import (
     METRICS,
     PAIR_ARROW,
@@ -239,7 +239,7 @@ def collect_tables(
                 per_seed[col] = float(value)
 
     if columns == "dataset":
-        return _dataset_tables(groups)
+        return [_with_legend(t) for t in _dataset_tables(groups)]
     tables: List[Table] = []
     for (dataset, protocol), group in sorted(groups.items()):
         for metric in METRICS:
@@ -250,8 +250,16 @@ def collect_tables(
                 table.failed = _failed_runs(group, dataset)
                 if group.duplicates:
                     table.notes.append(_duplicates_note(group.duplicates))
-            tables.append(table)
+            tables.append(_with_legend(table))
     return tables
+
+
+def _with_legend(table: Table) -> Table:
+    """A note for each opt-in (OPT_INS) that marks a row: what the row's runs did instead of the official protocol."""
+    for opt_in, (mark, meaning) in OPT_INS.items():
+        if any(f"{opt_in}{mark}" in r.label for r in table.rows):
+            table.notes.append(f"{opt_in}{mark}: {meaning}")
+    return table
 
 
 def _duplicates_note(duplicates: Sequence[str]) -> str:

@@ -6,11 +6,14 @@ The prompt of class k is ``[SOS][V]_1 ... [V]_M [CLASS_k] . [EOS]``: M learnable
 a hand-written template. Image and text encoders stay frozen; the loss is the cross-entropy of
 CLIP's cosine logits, ``p(y=k|x) = softmax_k(s · <f(x), g(t_k)>)``, s = CLIP's logit scale.
 
-Because the image encoder is frozen, training reads cached image features: a step costs only the
-text encoder, and the shared ``[SOS][V]_1..[V]_M`` runs through it once, not once per class
-(``PromptGroups``: only each class's name and [EOS] run per class). Defaults (conf/method/coop.yaml)
-are the official ones: M = 16, random init N(0, 0.02²), SGD lr 0.002 (momentum 0.9, weight decay
-5e-4), batch 32 (the last incomplete batch dropped), Dassl's cosine with one warm-up epoch at 1e-5.
+Because the image encoder is frozen, an epoch's image features are computed once, before its
+steps (``views.py``: the official fresh random crop + flip of every image in every epoch, or
+promptdg's cheaper cached features, ``method.augment``), so a step costs only the text encoder,
+and the shared ``[SOS][V]_1..[V]_M`` runs through it once, not once per class (``PromptGroups``:
+only each class's name and [EOS] run per class). Defaults (conf/method/coop.yaml) are the official
+ones: M = 16, random init N(0, 0.02²), SGD lr 0.002 (momentum 0.9, weight decay 5e-4), batch 32
+(the last incomplete batch dropped), Dassl's cosine with one warm-up epoch at 1e-5, 50 / 100 / 200
+epochs for 1 / 2-4 / 8-16 shots (50 on ImageNet), the last epoch kept.
 """
 from __future__ import annotations
 
@@ -70,9 +73,12 @@ class CoOp(Method):
         return F.cross_entropy(self.backbone.logit_scale * x @ self.class_features().T, y)
 
     def fit(self, data, ctx):
-        self.train_x, self.train_y = data.train.x.to(self.device), data.train.y.to(self.device)
+        self.views, self.train_y = data.train_views, data.train.y.to(self.device)
         self.val = data.val
         ctx.train(self)
+
+    def on_epoch(self, epoch, ctx):
+        self.train_x = self.views.epoch(epoch).to(self.device)  # (N, D): this epoch's view of every image
 
     # ----------------------------------------------------------------- the loop's hooks
     def parameters_to_train(self):
@@ -95,7 +101,7 @@ class CoOp(Method):
         return [Term("loss", self.loss(self.train_x[idx], self.train_y[idx]), len(idx), len(batch))]
 
     def validate(self):
-        return accuracy(self, self.val)
+        return accuracy(self, self.val) if self.val is not None and len(self.val) else None
 
     # ----------------------------------------------------------------- inference and state
     @torch.no_grad()

@@ -11,8 +11,10 @@ whose domain-specific context dom_d (M2 = 16 vectors) is shared by the classes o
 
 The official PromptLearner writes the domain's name after the class name; its text is built as
 ``"X ... X " + name + " " + ", a {domain} image." + "."``, so it ends with the BPE token "..":
-kept as it is, since the published numbers came from those tokens. Domain names are written in
-the dataset config's readable form (``dataset.domain_names``; "real world", not "real_world").
+kept as it is, since the published numbers came from those tokens. Domain names are written as the
+dataset config's ``domain_names`` give them: the official code writes Dassl's folder names
+("real_world" on Office-Home, as conf/dataset/officehome.yaml maps it); a domain not listed is
+written as its folder name lower-cased, "_" as a space.
 With t_{d,k} the normalised text feature of that prompt and s CLIP's logit scale (exp of the
 learned log-scale, 100 for CLIP), an image x of domain d scores p_d(k | x) = softmax_k(s <x, t_{d,k}>).
 
@@ -21,9 +23,9 @@ Loss = CE over labelled source images, each against its own domain's prompts
        CLIP pseudo-label ŷ = argmax softmax(s <x, z_k> / T), z_k the feature of "a photo of a [class].",
        kept only where max softmax(s <x, z_k> / T) ≥ τ.
 The target term is the mean over the kept images of a batch; a batch where none is kept adds 0
-(the official code divides by the number kept and gives NaN). The pseudo-label of an image is
-computed from the same (possibly augmented) view the target term sees, as the official code does.
-The target is predicted with the target-domain prompts.
+(the official code divides by the number kept and gives NaN, which its fp16 GradScaler answers by
+skipping the whole step). The pseudo-label of an image is computed from the same augmented view the
+target term sees, as the official code does. The target is predicted with the target-domain prompts.
 
 Schedule (official): Dassl's SGD with a 25-"epoch" cosine behind a one-step warm-up at 1e-5, but
 the official trainer steps the scheduler after every batch, not every epoch: the rate follows
@@ -32,16 +34,18 @@ the whole run. ``lr_step: epoch`` steps it once per epoch instead (a cosine over
 the paper describes it). Dassl drops the last incomplete source batch of an epoch; target batches
 come from their own shuffled passes over the target, restarted when exhausted.
 
+Data and augmentation, as the official trainer: every source image trains (``source_holdout``
+false), each epoch sees a fresh random resized crop + flip of every source and target image
+(``augment: official``, ``views.py``; the target loader restarts within an epoch when the target
+is smaller, and each pass draws new views), and the encoder being frozen, an epoch's views are
+encoded once before its steps. ``augment: views`` / ``none`` are promptdg's cheaper protocols.
+
 What differs from the official implementation, on purpose:
 * any source→target pair, and several source domains at once (each with its own dom_d), chosen on
   the command line (``source=[...] target=...``), not one hard-coded pair per config file;
-* model selection on a held-out 20 % of the labelled source data (or the last epoch), never on
-  target labels (the official code keeps the epoch with the best target test accuracy): training
-  sees the target's features without labels, and the engine keeps the labelled target for the
-  final test only;
-* the image encoder is frozen, so training reads cached image features; the official code
-  augments every batch afresh (random resized crop + flip), ``aug_views`` K > 0 trains on K cached
-  augmented views per image (one drawn per image and step), 0 on the un-augmented features.
+* the last epoch is kept; the official code keeps the epoch with the best target *test* accuracy,
+  a leak that exists here only as the opt-in ``select=target_test`` (recorded, marked in tables).
+  ``source_holdout=true`` with ``select=val`` selects on a held-out 20 % of the source instead.
 """
 from __future__ import annotations
 
@@ -55,6 +59,7 @@ from ..errors import ConfigError
 from ..schema import DAPLConfig
 from ..shared_prefix import PromptGroups
 from ..training import Term, dassl_lr, order_batches
+from ..views import concat_passes
 from .base import Method
 
 SUFFIXES = {
@@ -139,13 +144,22 @@ def domain_word(dataset_cfg_names: dict, domain: str) -> str:
 
 
 def target_batches(n: int, batch_size: int, steps: int, g: torch.Generator, drop_last: bool) -> list[torch.Tensor]:
-    """``steps`` batches of target indices: shuffled passes over the n target images, a new pass
-    when one is used up (the official trainer restarts its target loader), each pass cut into
-    batches like Dassl's loader (the last incomplete batch dropped)."""
+    """``steps`` batches of target rows: shuffled passes over the n target images, a new pass when one
+    is used up (the official trainer restarts its target loader, whose transform draws new views),
+    each pass cut into batches like Dassl's loader (the last incomplete batch dropped). Image i of
+    pass p is row ``p * n + i`` (the rows of :func:`views.concat_passes`)."""
     out: list[torch.Tensor] = []
+    p = 0
     while len(out) < steps:
-        out += order_batches(torch.randperm(n, generator=g), batch_size, drop_last)
+        out += [b + p * n for b in order_batches(torch.randperm(n, generator=g), batch_size, drop_last)]
+        p += 1
     return out[:steps]
+
+
+def target_passes(n: int, batch_size: int, steps: int, drop_last: bool) -> int:
+    """How many passes over the n target images ``steps`` target batches take."""
+    per_pass = len(order_batches(torch.arange(n), batch_size, drop_last))
+    return max(1, -(-steps // per_pass))
 
 
 # --------------------------------------------------------------------- the method
@@ -183,20 +197,14 @@ class DAPL(Method):
         return round(100 * (pred == feats.y).float().mean().item(), 4)
 
     def fit(self, data, ctx):
-        cfg, dev = self.cfg, self.device
         train, target = data.train, data.target
         assert bool((target.y < 0).all()), "UDA training must not see target labels"
         domains = list(dict.fromkeys(train.domain)) + [target.domain[0]]
         self.setup(domains, target.domain[0], self.env.seed, [domain_word(self.env.domain_names, d) for d in domains])
-        # views: (V, N, D); view 0 is the un-augmented feature, used when aug_views = 0
-        self.xs = data.train_views.to(dev) if data.train_views is not None else train.x.to(dev)[None]
-        self.xt = data.target_views.to(dev) if data.target_views is not None else target.x.to(dev)[None]
-        self.ys = train.y.to(dev)
-        self.ds = torch.tensor([self.domains.index(d) for d in train.domain], device=dev)
-        with torch.no_grad():  # zero-shot pseudo-labels of every view of every target image, (V, N)
-            zs = self.backbone.zeroshot_weights(self.classnames, [cfg.pseudo_template])
-            self.pseudo, self.keep = pseudo_labels(self.backbone.logit_scale * self.xt @ zs.T, cfg.T, cfg.tau)
-        ctx.log(pseudo_labels_kept=int(self.keep[0].sum()), target_images=self.keep.shape[1], tau=cfg.tau)
+        self.src_views, self.tgt_views = data.train_views, data.target_views  # what each epoch sees (views.py)
+        self.ys = train.y.to(self.device)
+        self.ds = torch.tensor([self.domains.index(d) for d in train.domain], device=self.device)
+        self.zs = self.backbone.zeroshot_weights(self.classnames, [self.cfg.pseudo_template])  # (C, D) pseudo-labels' prompts
         self.val = data.val
         ctx.train(self)
 
@@ -212,32 +220,40 @@ class DAPL(Method):
         c = self.cfg
         return dassl_lr(epoch * steps + step if str(c.lr_step) == "batch" else epoch, c.lr, c.epochs, c.warmup_epochs, c.warmup_lr, "linear")
 
+    def on_epoch(self, epoch, ctx):
+        """The epoch's views of the source images and of every pass over the target, and the zero-shot
+        pseudo-labels of each target view (computed on the view the target term sees)."""
+        c = self.cfg
+        steps = len(order_batches(torch.arange(len(self.ys)), c.batch_size, c.drop_last))
+        passes = target_passes(self.tgt_views.n, c.target_batch_size, steps, c.drop_last)
+        self.xs = self.src_views.epoch(epoch).to(self.device)  # (N, D)
+        self.xt = concat_passes(self.tgt_views, epoch, passes).to(self.device)  # (passes * M, D)
+        with torch.no_grad():
+            self.pseudo, self.keep = pseudo_labels(self.backbone.logit_scale * self.xt @ self.zs.T, c.T, c.tau)
+        ctx.log(pseudo_epoch=epoch, pseudo_labels_kept=int(self.keep.sum()), target_views=len(self.keep), tau=c.tau)
+
     def epoch_batches(self, epoch, g):
         """(source batch, target batch) pairs: the source images in a seeded order, target batches
-        from their own passes; one view of every image drawn for the epoch."""
+        from their own passes (rows of the epoch's target views)."""
         c = self.cfg
         source = order_batches(torch.randperm(len(self.ys), generator=g), c.batch_size, c.drop_last)
-        target = target_batches(self.xt.shape[1], c.target_batch_size, len(source), g, c.drop_last)
-        self.view_s = torch.randint(self.xs.shape[0], (len(self.ys),), generator=g).to(self.device)
-        self.view_t = torch.randint(self.xt.shape[0], (self.xt.shape[1],), generator=g).to(self.device)
+        target = target_batches(self.tgt_views.n, c.target_batch_size, len(source), g, c.drop_last)
         return list(zip(source, target))
 
     def batch_loss(self, item, batch, info):
         si, tj = (t.to(self.device) for t in item)
         tj_all = batch[1].to(self.device)
         text, scale = self.text_features(), self.backbone.logit_scale  # (n_domains, C, D)
-        vt = self.view_t[tj]
-        x_tgt, pseudo, keep = self.xt[vt, tj], self.pseudo[vt, tj], self.keep[vt, tj]
+        x_tgt, pseudo, keep = self.xt[tj], self.pseudo[tj], self.keep[tj]
         if len(si):
-            _, l_src, l_tgt = dapl_loss(text, scale, self.xs[self.view_s[si], si], self.ds[si], self.ys[si],
-                                        x_tgt, self.target_row, pseudo, keep, self.cfg.U)
+            _, l_src, l_tgt = dapl_loss(text, scale, self.xs[si], self.ds[si], self.ys[si], x_tgt, self.target_row, pseudo, keep, self.cfg.U)
         else:  # (torchrun: a last source batch smaller than the number of ranks)
             l_src, l_tgt = None, masked_cross_entropy(scale * x_tgt @ text[self.target_row].T, pseudo, keep)
-        kept_global = int(self.keep[self.view_t[tj_all], tj_all].sum())
+        kept_global = int(self.keep[tj_all].sum())
         return [Term("l_src", l_src, len(si), len(batch[0])), Term("l_tgt", l_tgt, int(keep.sum()), kept_global, self.cfg.U)]
 
     def validate(self):
-        return self.source_accuracy(self.val) if len(self.val) else None
+        return self.source_accuracy(self.val) if self.val is not None and len(self.val) else None
 
     # ----------------------------------------------------------------- inference and state
     @torch.no_grad()

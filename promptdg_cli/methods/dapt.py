@@ -88,6 +88,9 @@ class DAPT(Method):
 
     def __init__(self, cfg, backbone, classnames, device, env=None):
         super().__init__(cfg, backbone, classnames, device, env)
+        if str(cfg.augment) not in ("official", "none"):
+            raise ConfigError(f"method.augment={cfg.augment} does not apply to DAPT, which trains through the image encoder "
+                              f"(visual prompts): no view can be cached. Valid: official, none")
         self.prompt = PromptLearner(backbone, classnames, cfg.n_ctx, "", False)
         self.visual = VisualPrompts(backbone.model.visual, cfg.n_visual, cfg.deep, seed=self.env.seed).to(device)
 
@@ -111,7 +114,8 @@ class DAPT(Method):
         """Trains on the k shots per class the protocol drew (``shots=k``)."""
         self.shots = data.train
         self.visual.initialize(self.env.seed)  # VPT's init, drawn with the run's seed
-        self.train_transform = augmented_transform(self.backbone.preprocess) if self.cfg.augment else self.backbone.preprocess
+        official = str(self.cfg.augment) == "official"  # none: promptdg's cheaper protocol (the plain transform)
+        self.train_transform = augmented_transform(self.backbone.preprocess) if official else self.backbone.preprocess
         self.protos = self.prototypes(self.shots, self.train_transform, self.env.seed).to(self.device)
         ctx.log(shots=len(self.shots), lr=self.cfg.lr, beta_v=self.cfg.beta_v, beta_t=self.cfg.beta_t, epochs=self.cfg.epochs)
         ctx.train(self)
