@@ -43,9 +43,15 @@ and is named in a note, never averaged over fewer domains). So each dataset cell
 dataset's Avg in the domain layout. Cells, ``Avg`` (per seed over all dataset columns, only seeds
 having every column), ``(k/n seeds)`` and ``–`` marks and the failed-run list follow the rules above.
 
+The papers' numbers (``--paper``): every cell that a paper in ``conf/papers/*.yaml`` reports gets
+the paper's value and the signed difference, ``84.1 ± 0.3 (paper 84.4, −0.3)``, in markdown, LaTeX and
+CSV (extra columns), and each table a per-row summary of the cells within the seeds' spread
+(``paper_view``'s docstring has the matching rules and the exact criterion).
+
 Modules: ``records`` (finding, reading and filtering records; table labels), ``tables`` (rows,
 columns, cells, mean ± std over seeds), ``render`` (markdown, CSV, LaTeX), ``plot`` (the PNG
-figure), ``command`` (the command line, :func:`main`).
+figure), ``paper`` (reading and checking conf/papers), ``paper_view`` (the paper values beside the
+cells), ``command`` (the command line, :func:`main`).
 
 Python API (all importable from ``promptdg_cli.collect``): :func:`load_records`,
 :func:`parse_filters`, :func:`filter_records`, :func:`collect_tables` (pure; records are
@@ -55,6 +61,8 @@ the domain, or the uda pair), :func:`method_label`, the ``render_*`` / ``write_*
 :func:`main`.
 """
 from .command import OUTPUT_NAMES, build_parser, main, write_outputs
+from .paper import PaperError, load_papers
+from .paper_view import annotate as annotate_papers
 from .plot import write_plot
 from .records import (
     FILTER_KEYS,
@@ -88,7 +96,7 @@ from .tables import (
 )
 
 __all__ = [
-    "CSV_FIELDS", "COLUMN_MODES", "DATASET_CSV_FIELDS", "DATASET_ORDER", "DATASETS_TITLE", "FILTER_KEYS",
+    "CSV_FIELDS", "COLUMN_MODES", "PaperError", "annotate_papers", "load_papers", "DATASET_CSV_FIELDS", "DATASET_ORDER", "DATASETS_TITLE", "FILTER_KEYS",
     "METRICS", "METRIC_TITLES", "MISSING", "OUTPUT_NAMES", "PAIR_ARROW", "RESULTS_NAME", "UDA", "ZERO_SHOT",
     "Cell", "CollectError", "FailedRun", "Loaded", "Row", "Table", "as_mapping", "build_parser", "caption",
     "collect_tables", "column_label", "filter_records", "find_results", "format_cell", "load_records", "main",

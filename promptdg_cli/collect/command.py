@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ..record import RESULTS_NAME
+from . import paper, paper_view
 from .plot import write_plot
 from .records import FILTER_KEYS, CollectError, field_text, filter_records, load_records, parse_filters
 from .render import render_csv, render_latex, render_markdown
@@ -40,6 +41,7 @@ examples:
   promptdg collect runs/ method=coop,dapl backbone=vit_b16 seed=1
   promptdg collect runs/ dataset=pacs domain=art_painting,sketch -o reports/pacs
   promptdg collect runs/ protocol=dg --columns dataset     # PACS | VLCS | ... | Avg
+  promptdg collect runs/ --columns dataset --paper         # each cell beside the paper's number
 
 Columns (--columns):
   domain   (default) one table per (dataset, protocol); columns = target domains + Avg; for
@@ -48,6 +50,14 @@ Columns (--columns):
   dataset  one table per protocol; columns = datasets + Avg. A seed's dataset value is its mean
            over all of the dataset's tested domains (pairs for uda); a seed lacking one of them
            gives no value there (it counts as a missing seed).
+
+Paper values (--paper): a cell that a paper in conf/papers/ reports reads
+  84.1 ± 0.3 (paper 84.4, −0.3)   (delta = promptdg's mean − the paper's value),
+and a summary after each table counts, per row, the cells with a paper value and those within
+the seeds' spread: |delta| <= max(s, r), s = the cell's sample std over seeds (0 for one seed),
+r = half a unit of the paper's last printed decimal. CSV: extra columns (paper, delta, ...).
+Rows match by method, variant, shots and backbone; columns by domain, pair or dataset.
+See docs/reproducing.md.
 
 Markdown goes to stdout; results.md, results.csv, results.tex and results.png are written to
 DIR (or --output-dir). Exit code 2 when no record is found or a filter is invalid.
@@ -76,6 +86,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--columns", choices=COLUMN_MODES, default="domain",
         help="table columns: 'domain' = target domains (uda: source→target pairs) per (dataset, "
              "protocol) table (default); 'dataset' = one column per dataset, one table per protocol",
+    )
+    parser.add_argument(
+        "--paper", action="store_true",
+        help="print the papers' published number and the difference in every cell that conf/papers/*.yaml reports",
+    )
+    parser.add_argument(
+        "--paper-file", metavar="YAML", action="append", default=[],
+        help="another paper file in conf/papers' format (repeatable; implies --paper)",
     )
     return parser
 
@@ -117,6 +135,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 + (f"; {hints}" if hints else "") + ")"
             )
         tables = collect_tables(records, columns=args.columns)
+        if args.paper or args.paper_file:
+            paper_view.annotate(tables, paper.load_papers(args.paper_file))
     except CollectError as exc:
         _err(f"error: {exc}")
         return 2

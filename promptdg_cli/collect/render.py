@@ -6,6 +6,7 @@ import csv
 import io
 from typing import List, Sequence
 
+from . import paper_view
 from .records import UDA
 from .tables import METRIC_TITLES, Cell, Row, Table
 
@@ -13,15 +14,16 @@ MISSING = "–"  # en dash: a cell with no result
 
 
 def format_cell(cell: Cell, ref_seeds: int, pm: str = "±", missing: str = MISSING) -> str:
-    """``63.0 ± 3.0``; ``65.0`` for one seed; ``(k/n seeds)`` when below ``ref_seeds``."""
+    """``63.0 ± 3.0``; ``65.0`` for one seed; ``(k/n seeds)`` when below ``ref_seeds``; ``(paper 63.4,
+    −0.4)`` after a cell with a paper value (``collect --paper``)."""
     if cell.n == 0:
-        return missing
+        return missing + paper_view.cell_suffix(cell)
     text = f"{cell.mean:.1f}"
     if cell.std is not None:
         text += f" {pm} {cell.std:.1f}"
     if cell.n < ref_seeds:
         text += f" ({cell.n}/{ref_seeds} seeds)"
-    return text
+    return text + paper_view.cell_suffix(cell)
 
 
 def _row_label(table: Table, row: Row) -> str:
@@ -82,6 +84,7 @@ def render_markdown(tables: Sequence[Table], heading_level: int = 3) -> str:
                 out.append("| " + " | ".join(_md_escape(x) for x in [_row_label(table, row), row.backbone] + cells) + " |")
         else:
             out.append("_No finished runs._")
+        out.extend(paper_view.markdown_summary(table))
         if table.failed:
             out.append("")
             out.append(f"Failed runs: {len(table.failed)} (not averaged)")
@@ -118,9 +121,10 @@ def render_csv(tables: Sequence[Table]) -> str:
     seeds; ``mean`` and ``std`` are empty when the cell is missing (``n_seeds`` 0).
     """
     by_dataset = bool(tables) and all(t.columns_kind == "dataset" for t in tables)
+    with_paper = any(t.paper_checked for t in tables)  # collect --paper: paper_view.CSV_FIELDS follow
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(DATASET_CSV_FIELDS if by_dataset else CSV_FIELDS)
+    writer.writerow(list(DATASET_CSV_FIELDS if by_dataset else CSV_FIELDS) + (list(paper_view.CSV_FIELDS) if with_paper else []))
     for table in tables:
         for row in table.rows:
             for column, cell in [(c, row.cells[c]) for c in table.columns] + [("Avg", row.avg)]:
@@ -130,6 +134,7 @@ def render_csv(tables: Sequence[Table]) -> str:
                     cell.n,
                 ]
                 head = [table.protocol, table.metric, row.label, row.backbone]
+                stats += paper_view.csv_fields(table, row, cell) if with_paper else []
                 if by_dataset:
                     writer.writerow(head + [column] + stats)
                 elif table.columns_kind == "dataset":
@@ -163,13 +168,13 @@ def _tex(text: str) -> str:
 
 def _tex_cell(cell: Cell, ref_seeds: int) -> str:
     if cell.n == 0:
-        return "--"
+        return "--" + paper_view.cell_suffix(cell, "tex")
     text = f"{cell.mean:.1f}"
     if cell.std is not None:
         text += rf" $\pm$ {cell.std:.1f}"
     if cell.n < ref_seeds:
         text += rf" {{\scriptsize ({cell.n}/{ref_seeds} seeds)}}"
-    return text
+    return text + paper_view.cell_suffix(cell, "tex")
 
 
 def render_latex(tables: Sequence[Table]) -> str:
@@ -189,6 +194,7 @@ def render_latex(tables: Sequence[Table]) -> str:
                 out.append(" & ".join([_tex(_row_label(table, row)), _tex(row.backbone)] + cells) + r" \\")
             out.append(r"\bottomrule")
             out.append(r"\end{tabular}")
+            out.extend(paper_view.latex_summary(table, _tex))
         out.append(r"\end{table}")
         for f in table.failed:
             out.append(f"% failed: {f.run_dir}: {f.error}".replace("\n", " "))

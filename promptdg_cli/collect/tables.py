@@ -51,6 +51,7 @@ class Cell:
 
     values: Tuple[float, ...] = ()  # one per seed, in `seeds` order
     seeds: Tuple[Any, ...] = ()
+    paper: Any = None  # the paper's value of this cell (a paper.PaperCell), set by `collect --paper`
 
     @property
     def n(self) -> int:
@@ -108,6 +109,7 @@ class Table:
     failed: List[FailedRun] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)  # e.g. duplicate measurements
     columns_kind: str = "domain"  # "domain" or "dataset" (then `dataset` is DATASETS_TITLE)
+    paper_checked: bool = False  # `collect --paper` looked up its cells (paper.annotate)
 
     @property
     def title(self) -> str:
