@@ -40,7 +40,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoints, dist, runtime
+from . import checkpoints, dist, runtime, tracking
 from .runtime import STOP, Preempted
 
 log = logging.getLogger("promptdg")
@@ -107,6 +107,9 @@ class TrainContext:
     def __init__(self, run_dir: Path, split_dir: Path, target: str, seed: int, device: torch.device):
         self.run_dir, self.split_dir, self.target, self.seed, self.device = Path(run_dir), Path(split_dir), target, seed, device
         self.ckpt = self.split_dir / "checkpoint.pt"
+        self.tracker = tracking.active()  # logger=...: the run's trackers (none: every call is a no-op)
+        self.global_step = 0  # optimizer steps of this split (kept in the checkpoint): the trackers' x axis
+        self._lines = 0
         self._state: Optional[Dict[str, Any]] = None  # the checkpoint's sections, read once
         self.recovered: list = []  # unreadable files recovered from (checkpoints.py, recovery.py)
 
@@ -151,6 +154,16 @@ class TrainContext:
         line = {"time": round(time.time(), 3), "target": self.target, **metrics}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(line, default=float) + "\n")
+        self._lines += 1  # (a method's own lines before the loop, e.g. the linear probe's C values: at their count)
+        self.tracker.metrics({tracking.metric_key(self.target, "epoch", k): v for k, v in metrics.items()},
+                             self.global_step or self._lines, self.target)
+
+    def _track_step(self, terms: Sequence[Term], values: Dict[str, float], lr: float) -> None:
+        """One optimizer step for the trackers: each term (the global batch mean), their weighted sum, the rate."""
+        out = {tracking.metric_key(self.target, "train", k): v for k, v in values.items()}
+        out[tracking.metric_key(self.target, "train", "total_loss")] = sum(t.weight * values[t.name] for t in terms)
+        out[tracking.metric_key(self.target, "train", "lr")] = lr
+        self.tracker.metrics(out, self.global_step, self.target)
 
     @staticmethod
     def progress(iterable, desc: str, **kw):
@@ -176,11 +189,12 @@ class TrainContext:
             m.load_extra_state(state.get("extra"))
             start, done = (int(state["epoch"]), int(state["step"])) if state.get("step") else (int(state["epoch"]) + 1, 0)
             resumed = dict(state.get("sums", {})) if done else {}
+            self.global_step = int(state.get("global_step", 0))
         dist.broadcast_params(params)  # every rank starts from rank 0's values
 
         def snapshot(epoch, step, sums):
             return {"epoch": epoch, "step": step, "params": [p.detach() for p in params], "optimizer": opt.state_dict(),
-                    "best": best, "extra": m.extra_state(), "sums": sums}
+                    "best": best, "extra": m.extra_state(), "sums": sums, "global_step": self.global_step}
 
         for epoch in self.progress(range(start, epochs), desc=f"{cfg.name} epochs", initial=start, total=epochs):
             m.on_epoch(epoch, self)
@@ -198,7 +212,7 @@ class TrainContext:
                         group["lr"] = lr
                 with runtime.autocast(self.device, precision):  # backbone.precision on CUDA; nothing on the CPU
                     terms = m.batch_loss(item, batch, StepInfo(epoch, step))
-                loss, n_any = None, 0
+                loss, n_any, values = None, 0, {}
                 for t in terms:
                     n_global = dist.all_sum(t.n_local) if t.n_global is None else t.n_global
                     n_any += n_global
@@ -206,7 +220,8 @@ class TrainContext:
                     if t.loss is None or not t.n_local:
                         continue
                     share = t.loss * (t.n_local / n_global) if dist.world() > 1 else t.loss
-                    sums[t.name] = sums.get(t.name, 0.0) + share.item()
+                    values[t.name] = share.item()
+                    sums[t.name] = sums.get(t.name, 0.0) + values[t.name]
                     loss = t.weight * share if loss is None else loss + t.weight * share
                 if n_any:  # a step with no item anywhere (all unreadable) changes nothing
                     opt.zero_grad(set_to_none=True)
@@ -214,6 +229,9 @@ class TrainContext:
                         loss.backward()
                     dist.sync_grads(params)
                     opt.step()
+                self.global_step += 1
+                if self.tracker.wants_step(self.global_step):  # (the same on every rank: a collective under torchrun)
+                    self._track_step(terms, _all_sum({t.name: values.get(t.name, 0.0) for t in terms}), opt.param_groups[0]["lr"])
                 self.stop_point("loop", lambda: snapshot(epoch, step + 1, _add(base, _all_sum(sums))))
             total = _add(base, _all_sum(sums))
             val = m.validate()

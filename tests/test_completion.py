@@ -32,6 +32,7 @@ def test_a_query_completes_commands_then_each_commands_config(capsys, monkeypatc
     assert _query("promptdg train method=co", capsys, monkeypatch) == {"method=coop"}
     assert _query("promptdg eval backbone=vit_b", capsys, monkeypatch) == {"backbone=vit_b16", "backbone=vit_b32"}
     assert _query("promptdg generate dataset=pa", capsys, monkeypatch) == {"dataset=pacs"}
+    assert _query("promptdg train seed=1 logger=", capsys, monkeypatch) == {"logger=csv", "logger=mlflow", "logger=tensorboard", "logger=wandb"}
     assert _query("promptdg collect runs/ meth", capsys, monkeypatch) == {"method="}
     assert "--columns" in _query("promptdg collect --c", capsys, monkeypatch)
     assert _query("promptdg collect ", capsys, monkeypatch) == set()  # a folder: the shell completes file names
