@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ..extras import message, missing
 from ..record import RESULTS_NAME
 from .plot import write_plot
 from .records import FILTER_KEYS, CollectError, field_text, filter_records, load_records, parse_filters
@@ -26,6 +27,8 @@ def write_outputs(tables: Sequence[Table], out_dir: os.PathLike | str, markdown:
     paths[0].write_text("# Results\n\n" + md, encoding="utf-8")
     paths[1].write_text(render_csv(tables), encoding="utf-8")
     paths[2].write_text(render_latex(tables), encoding="utf-8")
+    if missing("plots"):  # the tables need no matplotlib; main() says why the figure is not there
+        return paths[:3]
     write_plot(tables, paths[3])
     return paths
 
@@ -130,6 +133,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except OSError as exc:
         _err(f"error: cannot write results: {exc}")
         return 1
+    if missing("plots"):
+        _err(f"note: no {OUTPUT_NAMES[3]}: {message('plots', missing('plots'), 'the figure')}")
     _err(
         f"{len(records)} record(s) ({len(records) - n_failed} finished, {n_failed} not) in "
         f"{len(tables)} table(s); wrote {', '.join(str(p) for p in paths)}"
