@@ -35,6 +35,7 @@ from .backbone import ClipBackbone
 from .config import config_hash
 from .data import FeatureCache
 from .demo.pretrain import build_demo_clip
+from .environment import environment, source_tree
 from .errors import ConfigError
 from .evaluation import evaluate
 from .extras import require
@@ -101,7 +102,7 @@ def identity(cfg: DictConfig, run_dir: Path, chash: str, protocol: str) -> dict:
             "model": cfg.backbone.model, "pretrained": str(cfg.backbone.pretrained), "protocol": protocol, "seed": int(cfg.seed),
             "domains": list(cfg.dataset.domains), "config_hash": chash, "run_dir": str(run_dir), "version": __version__,
             "git_revision": git_revision(), "host": platform.node(), "shots": cfg.get("shots"), "device": str(cfg.device),
-            "precision": str(cfg.backbone.precision)}
+            "precision": str(cfg.backbone.precision), "environment": environment(), **source_tree()}
 
 
 # --------------------------------------------------------------------- train / eval
@@ -178,7 +179,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     device = select_device(cfg.device)
-    ident = {**ident, "device": str(device)}  # the device chosen (device=auto: cpu or cuda)
+    ident = {**ident, "device": str(device), "environment": environment(device)}  # the device chosen (device=auto: cpu or cuda)
     if mode == "train" and not method_cls.trains:
         log.info("%s trains nothing: evaluating only", cfg.method.name)
     protocol = protocol_for(cfg, method_cls)
@@ -232,7 +233,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
         timings["eval_s"] += res["eval_s"]
     if not per_class:
         out["mean_per_class_accuracy"] = None
-    rec = RunRecord(status=Status.FINISHED, **ident, **out, avg_accuracy=sum(out["accuracy"].values()) / len(out["accuracy"]),
+    rec = RunRecord(status=Status.FINISHED, **ident, **out, weights=backbone.weights, avg_accuracy=sum(out["accuracy"].values()) / len(out["accuracy"]),
                     source_free=method_cls.protocol == "source_free", timings=timings | {"total_s": time.time() - t0},
                     peak_memory_mb=peak_memory_mb(device), feature_cache={"hits": cache.hits, "misses": cache.misses},
                     recovered=recovered + cache.recovered,
