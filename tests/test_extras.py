@@ -4,6 +4,7 @@ py.typed."""
 import importlib.metadata
 import json
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -87,7 +88,14 @@ def test_the_core_install_trains_and_collects_and_names_the_extra_a_run_needs(tm
 
 
 def test_the_wheel_ships_py_typed_and_the_logger_configs(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(REPO), "-w", str(tmp_path)],
+    src = tmp_path / "src"  # a copy: the build leaves build/ and *.egg-info where it runs
+    skip = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("conf", "promptdg_cli"):
+        shutil.copytree(REPO / name, src / name, ignore=skip)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src), "-w", str(tmp_path)],
                    check=True, capture_output=True, timeout=300)
     (wheel,) = tmp_path.glob("promptdg-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
