@@ -20,7 +20,8 @@ check at every step boundary, model selection on validation (``method.select``: 
 checkpoint layout (a mid-epoch checkpoint carries the step index; the resumed epoch skips the steps
 done), mixed precision (each step's ``batch_loss`` under ``runtime.autocast`` of the run's
 ``backbone.precision``: bf16/fp16 on CUDA, nothing on the CPU; parameters and their updates stay
-fp32), metrics (``metrics.jsonl``) and a progress bar. Rank 0 alone writes files.
+fp32), metrics (``metrics.jsonl`` per epoch; with ``logger=...`` also each step's loss terms and rate
+to the run's trackers, ``tracking/``) and a progress bar. Rank 0 alone writes files.
 
 :meth:`TrainContext.units` runs a resumable sequence of small jobs (PromptStyler's styles, the
 linear probe's C values) with a checkpoint after each; :meth:`TrainContext.files` produces a list
