@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install --quiet --upgrade pip setuptools wheel
 	$(PIP) install --quiet -c constraints.txt torch torchvision
 	# (setuptools reports every editable install as a BuildBackendWarning; nothing to act on)
-	PYTHONWARNINGS=ignore $(PIP) install --quiet -c constraints.txt -e '.[test]'
+	PYTHONWARNINGS=ignore $(PIP) install --quiet -c constraints.txt -e '.[test,all]'
 	touch $(STAMP)
 
 # The main job on the offline demo world, in four steps:

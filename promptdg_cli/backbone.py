@@ -13,13 +13,16 @@ the shared prefix runs once per group, each prompt's own suffix against its keys
 (``shared_prefix.py``), with the same features.
 
 Weights: ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b79k``, ...) or a local
-checkpoint file. Tags are looked up in the local Hugging Face / open_clip caches first; a missing
-file fails in seconds with the place to put it, never with a hanging download.
+checkpoint file; or ``model`` names them with open_clip's ``hf-hub:org/repo[@revision]`` or
+``local-dir:/path`` (``weights.py``: named by repository and commit). Tags are looked up in the local
+Hugging Face / open_clip caches first; a missing file fails in seconds with the place to put it,
+never with a hanging download. ``ClipBackbone.weights`` describes what was loaded (the record's
+``weights``); its ``id`` is part of every feature-cache key.
 """
 from __future__ import annotations
 
+import logging
 import os
-import socket
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -34,6 +37,9 @@ from torch import nn
 
 from .errors import ConfigError, WeightsNotFound
 from .shared_prefix import PromptGroups, encode_bucketed, supports_shared_prefix
+from .weights import file_weights, has_schema, hub_revision, hub_unavailable, resolve_schema
+
+log = logging.getLogger("promptdg")
 
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
 open_clip.add_model_config(MODEL_CONFIG_DIR)
@@ -45,14 +51,15 @@ class ClipBackbone(nn.Module):
     use_shared_prefix = True  # False: every grouped prompt through the plain truncated path (for checking)
 
     def __init__(self, model: nn.Module, tokenizer, preprocess, model_name: str, weights_id: str, arch: str,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", weights: Optional[dict] = None):
         super().__init__()
         self.precision = str(precision)  # autocast of feature extraction and the prompt path on CUDA
         self.model = model
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.model_name = model_name
-        self.weights_id = weights_id  # names the weights for cache keys (tag, or file path+size+mtime)
+        self.weights_id = weights_id  # names the weights for cache keys (tag, file path+size+mtime, hub repo@commit)
+        self.weights = weights or {"kind": "unknown", "id": weights_id}  # what was loaded, as the record says it
         self.arch = arch
         self._shared_prefix_ok: Optional[bool] = None  # whether encode_grouped can share prefixes (checked once)
         self.model.eval()
@@ -65,15 +72,22 @@ class ClipBackbone(nn.Module):
         """Build from a ``BackboneConfig`` (a built-in checkpoint, the demo CLIP, is built by the runner
         before this is called: ``runner.prepare_backbone``)."""
         model_name, pretrained = cfg.model, str(cfg.pretrained)
-        if open_clip.get_model_config(model_name) is None:
-            clip_like = [m for m in open_clip.list_models() if m.startswith(("RN", "ViT-B", "ViT-L", "demo"))]
-            raise ConfigError(
-                f"backbone.model={model_name!r} is not an open_clip model config. CLIP-architecture "
-                f"names include: {', '.join(clip_like)} (all: open_clip.list_models())."
-            )
-        checkpoint, preprocess_cfg, weights_id = resolve_weights(model_name, pretrained, cfg.cache_dir)
+        if has_schema(model_name):  # hf-hub:org/repo[@rev] or local-dir:/path: config and weights from there
+            load_name, weights = resolve_schema(model_name, cfg.cache_dir)
+            if pretrained.lower() not in ("", "none", "null", "random"):
+                log.warning("backbone.pretrained=%s is ignored: backbone.model=%s names its weights (as open_clip does)", pretrained, model_name)
+            checkpoint, preprocess_cfg = None, None
+        else:
+            if open_clip.get_model_config(model_name) is None:
+                clip_like = [m for m in open_clip.list_models() if m.startswith(("RN", "ViT-B", "ViT-L", "demo"))]
+                raise ConfigError(
+                    f"backbone.model={model_name!r} is not an open_clip model config. CLIP-architecture "
+                    f"names include: {', '.join(clip_like)} (all: open_clip.list_models()); or hf-hub:org/repo, local-dir:/path."
+                )
+            checkpoint, preprocess_cfg, weights_id = resolve_weights(model_name, pretrained, cfg.cache_dir)
+            load_name, weights = model_name, describe_weights(pretrained, checkpoint, weights_id)
         model, _, preprocess = open_clip.create_model_and_transforms(
-            model_name,
+            load_name,
             pretrained=checkpoint,
             device=device,
             image_mean=(preprocess_cfg or {}).get("mean"),
@@ -82,8 +96,8 @@ class ClipBackbone(nn.Module):
             image_resize_mode=(preprocess_cfg or {}).get("resize_mode"),
             weights_only=True,  # never execute code from a checkpoint
         )
-        tokenizer = open_clip.get_tokenizer(model_name)
-        return cls(model, tokenizer, preprocess, model_name, weights_id, str(cfg.arch), str(getattr(cfg, "precision", "fp32")))
+        tokenizer = open_clip.get_tokenizer(load_name)
+        return cls(model, tokenizer, preprocess, model_name, weights["id"], str(cfg.arch), str(getattr(cfg, "precision", "fp32")), weights)
 
     # ----------------------------------------------------------------- properties
     @property
@@ -223,6 +237,16 @@ def resolve_weights(model_name: str, pretrained: str, cache_dir: Optional[str]):
     )
 
 
+def describe_weights(pretrained: str, checkpoint: Optional[str], weights_id: str) -> dict:
+    """The record's ``weights`` for a tag, a checkpoint file or random weights (``resolve_weights``' result)."""
+    if checkpoint is None:
+        return {"kind": "random-init", "id": weights_id}
+    if weights_id.startswith("file:"):
+        return {**file_weights("file", Path(checkpoint)), "id": weights_id}
+    repo, commit = hub_revision(Path(checkpoint))  # a tag's file in the Hugging Face cache: its repository and commit
+    return {"kind": "open_clip-tag", "id": weights_id, "tag": pretrained, "file": os.path.basename(checkpoint), "repo": repo, "revision": commit}
+
+
 def _hf_repo_and_files(tag_cfg: dict):
     # open_clip writes 'org/repo/' (default file names) or 'org/repo/file.bin'
     repo, filename = os.path.split(tag_cfg.get("hf_hub", ""))
@@ -249,16 +273,6 @@ def _cached_tag_file(tag_cfg: dict, cache_dir: Optional[str]) -> Optional[Path]:
     return None
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    try:
-        with socket.create_connection(("huggingface.co", 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _download_tag(model_name: str, tag: str, tag_cfg: dict, cache_dir: Optional[str]) -> Path:
     repo, names = _hf_repo_and_files(tag_cfg)
     where = (
@@ -267,10 +281,10 @@ def _download_tag(model_name: str, tag: str, tag_cfg: dict, cache_dir: Optional[
         if repo
         else f"{cache_dir or '~/.cache/clip'}/{os.path.basename(tag_cfg.get('url', ''))}"
     )
-    if not _hub_reachable():
+    why = hub_unavailable()
+    if why:
         raise WeightsNotFound(
-            f"Pretrained weights {model_name} / {tag!r} are not on this machine and the hub cannot be "
-            f"reached (offline or HF_HUB_OFFLINE=1). Put them into {where}; or download the checkpoint "
+            f"Pretrained weights {model_name} / {tag!r} are not on this machine and {why}. Put them into {where}; or download the checkpoint "
             f"file anywhere and pass its path: backbone.pretrained=/path/to/checkpoint. "
             f"To run without real weights, use the demo backbone: backbone=demo_clip."
         )

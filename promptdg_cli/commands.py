@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from .config import check_ranges, config_hash, register_resolvers
 from .errors import ConfigError, UserError
 from .record import RunRecord, Status
+from .tracking import check as check_trackers
 
 log = logging.getLogger("promptdg")
 
@@ -267,6 +268,7 @@ def check_config(cfg: DictConfig) -> None:
             except Exception as e:  # omegaconf's validation errors name the key
                 raise ConfigError(f"method={cfg.method.name} ({cfg.method._target_}): {e}".splitlines()[0]) from None
     check_ranges(cfg, schema)
+    check_trackers(cfg)  # logger=...: a tracker whose extra is not installed is refused here
 
 
 def train(cfg: DictConfig) -> float:

@@ -57,6 +57,7 @@ class RunConfig:
     force: bool = False  # rerun even when a finished results.json with this config exists
     run_dir: Optional[str] = None  # eval only: a finished run whose models are re-evaluated
     extra: Any = field(default_factory=dict)  # free-form notes, recorded but not hashed
+    logger: Any = None  # trackers (conf/logger/, promptdg_cli/tracking): name -> settings; null: none; not hashed
 
 
 def register_configs() -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from .backbone import ClipBackbone
 from .data import class_names, dataset_dir, list_domain
 from .errors import ConfigError
+from .extras import require
 from .files import write_json_atomic
 from .methods import method_class
 from .methods.base import RunEnv
@@ -28,6 +29,8 @@ def generate(cfg, run_dir: Path) -> dict:
     cls = method_class(cfg.method)
     if not hasattr(cls, "augment_files") or not hasattr(cls, "generator_name"):
         raise ConfigError(f"method={cfg.method.name} does not generate images. Methods that do: domainfusion.")
+    for extra in cls.extras:
+        require(extra, f"promptdg generate method={cfg.method.name}")
     done = run_dir / "generated.json"
     if done.is_file():
         info = json.loads(done.read_text())

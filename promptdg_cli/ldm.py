@@ -41,6 +41,7 @@ from . import _compat  # noqa: F401  (before diffusers: makes torchvision import
 
 # isort: split
 from .errors import ConfigError, LDMNotFound
+from .extras import require
 
 SD_PARTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 DEMO_TEXT_LENGTH = 16  # token positions of the demo LDM's text conditioning
@@ -160,6 +161,7 @@ class LatentDiffusion(nn.Module):
                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """SDEdit with DDIM: noise the image's latent to ``strength`` of the schedule and denoise it
         with the prompts. Returns the final latents (decode them with ``decode``)."""
+        require("domainfusion")
         from diffusers import DDIMScheduler
 
         if not 0 < strength <= 1:
@@ -230,6 +232,7 @@ def load_ldm(source: str, device: torch.device, dtype: str = "auto", revision: O
     """Load a frozen LDM from a folder or a hub id in the local cache. ``clip``: the CLIP backbone whose
     text tower conditions a promptdg-built LDM (the demo LDM, which ``demo/ldm.py`` builds into a
     folder first)."""
+    require("domainfusion")
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
     torch_dtype = resolve_dtype(dtype, device)

@@ -8,8 +8,12 @@ required fields and raises :class:`RecordError` naming the field, the value and 
 Versions. ``record_version`` is the schema's version (the package's own version is ``version``).
 Records written before the schema had a number carry no ``record_version``: they are version 1 and
 have the same keys as version 2, which adds ``record_version`` and writes every field (``null``
-where a run has no value). A record of a newer version than :data:`RECORD_VERSION` is refused with
-:class:`RecordVersionError` (a newer promptdg wrote it).
+where a run has no value). Version 3 adds what exactly ran: ``environment`` (package versions,
+CUDA/cuDNN, CPU capability, GPU), ``git_dirty`` and ``git_diff_sha256`` (the source tree), and
+``weights`` (the CLIP weights as loaded: an ``hf-hub:`` repository and commit, a file, a tag), and
+the protocol as run: ``protocol_details`` and ``opt_ins`` (choices that leave the official protocol,
+:data:`OPT_INS`); a version 1 or 2 record reads with those fields null. A record of a newer version than
+:data:`RECORD_VERSION` is refused with :class:`RecordVersionError` (a newer promptdg wrote it).
 
 Which fields a record must have depends on its ``status``: every record has ``status``; a failed or
 preempted one its ``error``; a finished one its identity (method ... run_dir), its results
@@ -31,7 +35,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from .files import write_json_atomic
 
-RECORD_VERSION = 2  # the schema version this code writes and the newest it reads
+RECORD_VERSION = 3  # the schema version this code writes and the newest it reads
 RESULTS_NAME = "results.json"
 
 
@@ -140,6 +144,8 @@ _BOOL = (_scalar(lambda v: isinstance(v, bool)), "true or false")
 _STR_LIST = (_list_of(lambda v: isinstance(v, str), "a string"), "a list of strings")
 _SCORES = (_mapping_of(_is_number, "a finite number"), "an object of finite numbers (name -> %)")
 _NUMBERS = (_mapping_of(_is_number, "a finite number"), "an object of finite numbers")
+_TEXTS = (_mapping_of(lambda v: v is None or isinstance(v, str), "a string or null"), "an object of strings or nulls")
+_OBJECT = (_scalar(lambda v: isinstance(v, dict)), "an object")
 
 FINISHED = frozenset({Status.FINISHED})
 STOPPED = frozenset({Status.FAILED, Status.PREEMPTED})
@@ -177,6 +183,15 @@ class RunRecord:
     shots: Optional[int] = _spec(_INT)  # k images per class; null: all
     device: Optional[str] = _spec(_STR)  # where it ran: cpu, cuda, cuda:N (requested, until the run has chosen)
     precision: Optional[str] = _spec(_STR)  # backbone.precision: fp32, or bf16/fp16 autocast on CUDA
+    # ---- what exactly ran (version 3; promptdg_cli/environment.py, promptdg_cli/weights.py)
+    # python, torch, torchvision, open_clip, diffusers, transformers, huggingface_hub, numpy, cuda, cudnn,
+    # cpu_capability, cpu, gpu (null: not installed, not built with, not used)
+    environment: Optional[Dict[str, Optional[str]]] = _spec(_TEXTS)
+    git_dirty: Optional[bool] = _spec(_BOOL)  # promptdg's tree had uncommitted changes (null: not a git checkout)
+    git_diff_sha256: Optional[str] = _spec(_STR)  # SHA-256 of those changes (git diff HEAD + untracked files); null when clean
+    # the CLIP weights as loaded: kind (hf-hub, local-dir, open_clip-tag, file, random-init), id (the
+    # feature-cache key's name for them), repo and revision (a commit) where they come from a hub repository
+    weights: Optional[Dict[str, Any]] = _spec(_OBJECT)
     # ---- why a run did not finish
     error: Optional[str] = _spec(_STR, STOPPED)  # "<ExceptionType>: <message>"
     traceback: Optional[str] = _spec(_STR)
@@ -251,7 +266,7 @@ class RunRecord:
 
     @classmethod
     def from_dict(cls, d: Any, source: Optional[str] = None) -> "RunRecord":
-        """A record from its JSON object (version 1 or 2). Raises :class:`RecordError` (a
+        """A record from its JSON object (version 1, 2 or 3). Raises :class:`RecordError` (a
         ``ValueError``) naming the field; :class:`RecordVersionError` for a newer version.
         ``source`` (the file) prefixes the message."""
         try:

@@ -30,13 +30,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from . import __version__, checkpoints, dist
+from . import __version__, checkpoints, dist, tracking
 from .backbone import ClipBackbone
 from .config import config_hash
 from .data import FeatureCache
 from .demo.pretrain import build_demo_clip
+from .environment import environment, source_tree
 from .errors import ConfigError
 from .evaluation import evaluate
+from .extras import require
 from .files import write_json_atomic
 from .locks import RunLocked, run_lock
 from .methods import method_class
@@ -48,6 +50,13 @@ from .shared_files import build_once
 from .training import TrainContext
 
 log = logging.getLogger("promptdg")
+results_log = logging.getLogger("promptdg.results")  # the job's log file only (conf/train.yaml: hydra.job_logging)
+
+
+def say(line: str) -> None:
+    """A result line: on the terminal (stdout, as always) and in the job's log file."""
+    print(line)
+    results_log.info(line)
 # backbone.builder -> the function that builds a built-in checkpoint on first use (the demo CLIP)
 BUILDERS = {"demo_digits": build_demo_clip}
 
@@ -76,7 +85,10 @@ def method_config(cfg, method_cls):
 
 
 def check_method(cfg, method_cls) -> None:
-    """What can be refused before anything loads: a method that needs a ViT on a ResNet backbone."""
+    """What can be refused before anything loads: a method whose optional extra is not installed, one
+    that needs a ViT on a ResNet backbone."""
+    for extra in method_cls.extras:
+        require(extra, f"method={cfg.method.name}")
     if method_cls.needs_vit and str(cfg.backbone.arch) != "vit":
         raise ConfigError(
             f"method={cfg.method.name} puts visual prompts into a ViT image encoder; backbone={cfg.backbone.name} "
@@ -91,7 +103,7 @@ def identity(cfg: DictConfig, run_dir: Path, chash: str, protocol: str) -> dict:
             "model": cfg.backbone.model, "pretrained": str(cfg.backbone.pretrained), "protocol": protocol, "seed": int(cfg.seed),
             "domains": list(cfg.dataset.domains), "config_hash": chash, "run_dir": str(run_dir), "version": __version__,
             "git_revision": git_revision(), "host": platform.node(), "shots": cfg.get("shots"), "device": str(cfg.device),
-            "precision": str(cfg.backbone.precision),
+            "precision": str(cfg.backbone.precision), "environment": environment(), **source_tree(),
             "protocol_details": {k: method[k] for k in PROTOCOL_KEYS if k in method}, "opt_ins": opt_ins_of(method)}
 
 
@@ -113,12 +125,12 @@ def run(cfg: DictConfig, run_dir: Path, mode: str = "train") -> RunRecord:
                                f"refusing to overwrite them. Choose another hydra.run.dir.")
         if old.get("status") == "finished" and not cfg.force:
             if dist.is_main():
-                print(f"[promptdg] skipped: {run_dir} already finished with this config (force=true reruns it)")
+                say(f"[promptdg] skipped: {run_dir} already finished with this config (force=true reruns it)")
             return RunRecord.from_dict(old)
     signum = 0
     STOP.install()  # preemption signals only set a flag while the run trains (runtime.py)
     try:
-        with _run_lock(run_dir):
+        with _run_lock(run_dir), tracking.session(cfg, run_dir, chash, main=dist.is_main()) as trackers:
             try:
                 record = _run_locked(cfg, run_dir, mode, method_cls, ident)
             except Preempted as e:
@@ -131,6 +143,7 @@ def run(cfg: DictConfig, run_dir: Path, mode: str = "train") -> RunRecord:
                 if dist.is_main():
                     RunRecord(status=Status.FAILED, **ident, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()).write(results_path)
                 raise
+            trackers.record(record.to_dict())
         if dist.is_main():
             record.write(results_path)
         signum = STOP.agreed()  # a signal during the final evaluation: the run is finished, the process still stops
@@ -168,7 +181,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     device = select_device(cfg.device)
-    ident = {**ident, "device": str(device)}  # the device chosen (device=auto: cpu or cuda)
+    ident = {**ident, "device": str(device), "environment": environment(device)}  # the device chosen (device=auto: cpu or cuda)
     if mode == "train" and not method_cls.trains:
         log.info("%s trains nothing: evaluating only", cfg.method.name)
     protocol = protocol_for(cfg, method_cls)
@@ -195,7 +208,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
         if done.is_file():
             res = json.loads(done.read_text())
             if main:
-                print(f"[promptdg] {split.target}: finished earlier, read back")
+                say(f"[promptdg] {split.target}: finished earlier, read back")
                 checkpoints.remove(split_dir / "checkpoint.pt")  # (left by a stop just after the result)
         else:
             res = _run_split(cfg, method_cls, backbone, protocol, names, split, split_dir, run_dir, device)
@@ -207,7 +220,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
         tests = res["tests"] if "tests" in res else {split.key: res["test"]}  # (a split finished by promptdg 0.1: "test")
         for domain, test in tests.items():
             if main:
-                print(f"[promptdg] {cfg.method.name} {cfg.dataset.name} target={domain}: top-1 {test['top1']:.1f}%")
+                say(f"[promptdg] {cfg.method.name} {cfg.dataset.name} target={domain}: top-1 {test['top1']:.1f}%")
             out["target_domains"].append(domain)
             out["source_domains"][domain] = split.sources
             out["accuracy"][domain] = test["top1"]
@@ -225,7 +238,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
         timings["eval_s"] += res["eval_s"]
     if not per_class:
         out["mean_per_class_accuracy"] = None
-    rec = RunRecord(status=Status.FINISHED, **ident, **out, avg_accuracy=sum(out["accuracy"].values()) / len(out["accuracy"]),
+    rec = RunRecord(status=Status.FINISHED, **ident, **out, weights=backbone.weights, avg_accuracy=sum(out["accuracy"].values()) / len(out["accuracy"]),
                     source_free=method_cls.protocol == "source_free", timings=timings | {"total_s": time.time() - t0},
                     peak_memory_mb=peak_memory_mb(device), feature_cache={"hits": cache.hits, "misses": cache.misses},
                     recovered=recovered + cache.recovered,

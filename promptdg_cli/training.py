@@ -20,7 +20,8 @@ check at every step boundary, model selection (``method.select``: last | val | t
 checkpoint layout (a mid-epoch checkpoint carries the step index; the resumed epoch skips the steps
 done), mixed precision (each step's ``batch_loss`` under ``runtime.autocast`` of the run's
 ``backbone.precision``: bf16/fp16 on CUDA, nothing on the CPU; parameters and their updates stay
-fp32), metrics (``metrics.jsonl``) and a progress bar. Rank 0 alone writes files.
+fp32), metrics (``metrics.jsonl`` per epoch; with ``logger=...`` also each step's loss terms and rate
+to the run's trackers, ``tracking/``) and a progress bar. Rank 0 alone writes files.
 
 :meth:`TrainContext.units` runs a resumable sequence of small jobs (PromptStyler's styles, the
 linear probe's C values) with a checkpoint after each; :meth:`TrainContext.files` produces a list
@@ -40,7 +41,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoints, dist, runtime
+from . import checkpoints, dist, runtime, tracking
 from .evaluation import accuracy
 from .runtime import STOP, Preempted
 
@@ -111,6 +112,9 @@ class TrainContext:
         # the labelled test set whose accuracy selects the epoch
         self.selection_set = selection_set
         self.ckpt = self.split_dir / "checkpoint.pt"
+        self.tracker = tracking.active()  # logger=...: the run's trackers (none: every call is a no-op)
+        self.global_step = 0  # optimizer steps of this split (kept in the checkpoint): the trackers' x axis
+        self._lines = 0
         self._state: Optional[Dict[str, Any]] = None  # the checkpoint's sections, read once
         self.recovered: list = []  # unreadable files recovered from (checkpoints.py, recovery.py)
 
@@ -155,6 +159,16 @@ class TrainContext:
         line = {"time": round(time.time(), 3), "target": self.target, **metrics}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(line, default=float) + "\n")
+        self._lines += 1  # (a method's own lines before the loop, e.g. the linear probe's C values: at their count)
+        self.tracker.metrics({tracking.metric_key(self.target, "epoch", k): v for k, v in metrics.items()},
+                             self.global_step or self._lines, self.target)
+
+    def _track_step(self, terms: Sequence[Term], values: Dict[str, float], lr: float) -> None:
+        """One optimizer step for the trackers: each term (the global batch mean), their weighted sum, the rate."""
+        out = {tracking.metric_key(self.target, "train", k): v for k, v in values.items()}
+        out[tracking.metric_key(self.target, "train", "total_loss")] = sum(t.weight * values[t.name] for t in terms)
+        out[tracking.metric_key(self.target, "train", "lr")] = lr
+        self.tracker.metrics(out, self.global_step, self.target)
 
     @staticmethod
     def progress(iterable, desc: str, **kw):
@@ -180,11 +194,12 @@ class TrainContext:
             m.load_extra_state(state.get("extra"))
             start, done = (int(state["epoch"]), int(state["step"])) if state.get("step") else (int(state["epoch"]) + 1, 0)
             resumed = dict(state.get("sums", {})) if done else {}
+            self.global_step = int(state.get("global_step", 0))
         dist.broadcast_params(params)  # every rank starts from rank 0's values
 
         def snapshot(epoch, step, sums):
             return {"epoch": epoch, "step": step, "params": [p.detach() for p in params], "optimizer": opt.state_dict(),
-                    "best": best, "extra": m.extra_state(), "sums": sums}
+                    "best": best, "extra": m.extra_state(), "sums": sums, "global_step": self.global_step}
 
         for epoch in self.progress(range(start, epochs), desc=f"{cfg.name} epochs", initial=start, total=epochs):
             m.on_epoch(epoch, self)
@@ -202,7 +217,7 @@ class TrainContext:
                         group["lr"] = lr
                 with runtime.autocast(self.device, precision):  # backbone.precision on CUDA; nothing on the CPU
                     terms = m.batch_loss(item, batch, StepInfo(epoch, step))
-                loss, n_any = None, 0
+                loss, n_any, values = None, 0, {}
                 for t in terms:
                     n_global = dist.all_sum(t.n_local) if t.n_global is None else t.n_global
                     n_any += n_global
@@ -210,7 +225,8 @@ class TrainContext:
                     if t.loss is None or not t.n_local:
                         continue
                     share = t.loss * (t.n_local / n_global) if dist.world() > 1 else t.loss
-                    sums[t.name] = sums.get(t.name, 0.0) + share.item()
+                    values[t.name] = share.item()
+                    sums[t.name] = sums.get(t.name, 0.0) + values[t.name]
                     loss = t.weight * share if loss is None else loss + t.weight * share
                 if n_any:  # a step with no item anywhere (all unreadable) changes nothing
                     opt.zero_grad(set_to_none=True)
@@ -218,6 +234,9 @@ class TrainContext:
                         loss.backward()
                     dist.sync_grads(params)
                     opt.step()
+                self.global_step += 1
+                if self.tracker.wants_step(self.global_step):  # (the same on every rank: a collective under torchrun)
+                    self._track_step(terms, _all_sum({t.name: values.get(t.name, 0.0) for t in terms}), opt.param_groups[0]["lr"])
                 self.stop_point("loop", lambda: snapshot(epoch, step + 1, _add(base, _all_sum(sums))))
             total = _add(base, _all_sum(sums))
             val = self._selection_score(m, select)

@@ -65,15 +65,19 @@ def average_error(table: dict, row: dict) -> float:
 
 
 def test_the_transcribed_tables_are_there():
-    """PromptStyler: Table 2 (9 rows), C1-C4 and B1; the other papers say why nothing is transcribed."""
+    """PromptStyler: Table 2 (9 rows), C1-C4 and B1; DAPL: the authors' Office-Home, mini-DomainNet and
+    VisDA-2017 rows (4 each); the other papers say why nothing is transcribed."""
     promptstyler = _load(REPO / "conf" / "papers" / "promptstyler.yaml")
     assert promptstyler["arxiv"] == "2307.15199"
     assert [t["table"] for t in promptstyler["tables"]] == ["2", "C1", "C2", "C3", "C4", "B1"]
     assert [len(t["rows"]) for t in promptstyler["tables"]] == [9, 9, 9, 9, 9, 3]
-    for name in ("dapl", "dapt", "domainfusion"):
+    dapl = _load(REPO / "conf" / "papers" / "dapl.yaml")
+    assert [t["dataset"] for t in dapl["tables"]] == ["officehome", "mini_domainnet", "visda17"]
+    assert [len(t["rows"]) for t in dapl["tables"]] == [4, 4, 4] and len(dapl["tables"][0]["columns"]) == 12
+    for name in ("dapt", "domainfusion"):
         data = _load(REPO / "conf" / "papers" / f"{name}.yaml")
         assert data["tables"] == [] and data["not_transcribed"], name
-    assert len(ROWS) == 48
+    assert len(ROWS) == 48 + 12  # PromptStyler, DAPL
 
 
 @pytest.mark.parametrize("item", ROWS, ids=_row_id)

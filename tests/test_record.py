@@ -71,7 +71,7 @@ def test_round_trip_to_dict_from_dict_and_the_file(tmp_path):
     rec = finished_record()
     d = rec.to_dict()
     # written by hand: the JSON shape (flat, extras at the top level, every field present)
-    assert d["record_version"] == 2 == RECORD_VERSION and d["status"] == "finished"
+    assert d["record_version"] == 3 == RECORD_VERSION and d["status"] == "finished"
     assert d["accuracy"] == {"sketch": 71.25} and d["source_domains"] == {"sketch": ["art_painting"]}
     assert d["generated_images"] == 12 and "extra" not in d
     assert d["error"] is None and d["shots"] is None and d["source_free"] is False
@@ -105,6 +105,39 @@ def test_counters_add_up_and_never_shadow_a_field():
         rec.add_counters({"seed": 1})
     with pytest.raises(RecordError, match="'extra.accuracy'"):
         RunRecord(status="running", extra={"accuracy": 1.0})
+
+
+# --------------------------------------------------------------------- version 2 and 3
+def v2_finished() -> dict:
+    """A version-2 record as promptdg wrote it before version 3: every field of its time, no
+    environment, git_dirty, git_diff_sha256 or weights."""
+    d = finished_record().to_dict()
+    for key in ("environment", "git_dirty", "git_diff_sha256", "weights"):
+        d.pop(key)
+    return dict(d, record_version=2)
+
+
+def test_version_2_records_read_with_the_version_3_fields_null(tmp_path):
+    rec = RunRecord.from_dict(v2_finished())
+    assert rec.record_version == 2 and rec.accuracy == {"sketch": 71.25}
+    assert rec.environment is None and rec.git_dirty is None and rec.git_diff_sha256 is None and rec.weights is None
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps(v2_finished()))
+    assert collect_main([str(tmp_path)]) == 0  # collect reads it as it is
+
+
+def test_version_3_fields_are_checked():
+    env = {"torch": "2.13.0", "cuda": None, "cpu_capability": "AVX2"}
+    weights = {"kind": "hf-hub", "id": "hf-hub:org/repo@abc/open_clip_model.safetensors", "repo": "org/repo", "revision": "abc"}
+    d = dict(finished_record().to_dict(), environment=env, git_dirty=True, git_diff_sha256="0" * 64, weights=weights)
+    rec = RunRecord.from_dict(d)
+    assert rec.environment == env and rec.weights["revision"] == "abc" and rec.to_dict() == d
+    with pytest.raises(RecordError, match=r"field 'environment.torch' is 2.13; expected a string or null"):
+        RunRecord.from_dict(dict(d, environment={"torch": 2.13}))
+    with pytest.raises(RecordError, match=r"field 'git_dirty' is 'yes'; expected true or false"):
+        RunRecord.from_dict(dict(d, git_dirty="yes"))
+    with pytest.raises(RecordError, match=r"field 'weights' is 'openai'; expected an object"):
+        RunRecord.from_dict(dict(d, weights="openai"))
 
 
 # --------------------------------------------------------------------- version 1

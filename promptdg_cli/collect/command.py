@@ -8,8 +8,10 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ..extras import message, missing
 from ..record import RESULTS_NAME
 from . import paper, paper_view
+from .analysis import write_analysis
 from .plot import write_plot
 from .records import FILTER_KEYS, CollectError, field_text, filter_records, load_records, parse_filters
 from .render import render_csv, render_latex, render_markdown
@@ -27,6 +29,8 @@ def write_outputs(tables: Sequence[Table], out_dir: os.PathLike | str, markdown:
     paths[0].write_text("# Results\n\n" + md, encoding="utf-8")
     paths[1].write_text(render_csv(tables), encoding="utf-8")
     paths[2].write_text(render_latex(tables), encoding="utf-8")
+    if missing("plots"):  # the tables need no matplotlib; main() says why the figure is not there
+        return paths[:3]
     write_plot(tables, paths[3])
     return paths
 
@@ -60,7 +64,9 @@ Rows match by method, variant, shots and backbone; columns by domain, pair or da
 See docs/reproducing.md.
 
 Markdown goes to stdout; results.md, results.csv, results.tex and results.png are written to
-DIR (or --output-dir). Exit code 2 when no record is found or a filter is invalid.
+DIR (or --output-dir), with runs.csv (one row per run and target, for pandas), shots.csv/.png (accuracy
+against shots per class, when a dataset has two or more shot counts) and, with --curves,
+curves.csv/.png (the training curves of every run's metrics.jsonl). Exit code 2 when no record is found or a filter is invalid.
 """
 
 
@@ -81,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-o", "--output-dir", metavar="OUT", default=None,
         help="where to write results.{md,csv,tex,png} (default: DIR)",
+    )
+    parser.add_argument(
+        "--curves", action="store_true",
+        help="also write curves.csv and curves.png: the training curves of every run's metrics.jsonl",
     )
     parser.add_argument(
         "--columns", choices=COLUMN_MODES, default="domain",
@@ -147,9 +157,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     n_failed = sum(len(t.failed) for t in tables)
     try:
         paths = write_outputs(tables, args.output_dir or root, markdown)
+        more, notes = write_analysis(records, Path(args.output_dir or root), curves=args.curves)  # runs.csv, shots, curves
+        paths += more
     except OSError as exc:
         _err(f"error: cannot write results: {exc}")
         return 1
+    if missing("plots"):
+        _err(f"note: no {OUTPUT_NAMES[3]}: {message('plots', missing('plots'), 'the figure')}")
+    for note in notes:
+        _err(f"note: {note}")
     _err(
         f"{len(records)} record(s) ({len(records) - n_failed} finished, {n_failed} not) in "
         f"{len(tables)} table(s); wrote {', '.join(str(p) for p in paths)}"

@@ -6,6 +6,7 @@ import math
 import os
 from typing import Any, Dict, List, Sequence, Tuple
 
+from ..extras import require
 from .tables import METRIC_TITLES, Table
 
 
@@ -26,6 +27,7 @@ def write_plot(tables: Sequence[Table], path: os.PathLike | str) -> None:
     legends and the per-bar error bars were most of the drawing time (550 few-shot runs in 11
     tables: 2.7 s of CPU -> 1.4 s).
     """
+    require("plots", "the figure results.png")
     # The Agg canvas directly (no pyplot): no global backend state, works headless.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from .. import _compat  # noqa: F401  (before diffusers: makes torchvision importable)
 
 # isort: split
+from ..extras import require
 from ..ldm import DEMO_MARKER, DEMO_TEXT_LENGTH, LatentDiffusion, clip_token_states
 from ..runtime import torch_threads
 from ..shared_files import build_once
@@ -139,6 +140,7 @@ def _text_states(clip, prompts: Sequence[str]) -> torch.Tensor:
 
 # --------------------------------------------------------------------- models
 def _new_vae(recipe: dict):
+    require("domainfusion")
     from diffusers import AutoencoderKL
 
     ch = list(recipe["vae_channels"])
@@ -150,6 +152,7 @@ def _new_vae(recipe: dict):
 
 
 def _new_unet(recipe: dict, cross_attention_dim: int):
+    require("domainfusion")
     from diffusers import UNet2DConditionModel
 
     ch = list(recipe["unet_channels"])
@@ -162,6 +165,7 @@ def _new_unet(recipe: dict, cross_attention_dim: int):
 
 
 def _new_scheduler():
+    require("domainfusion")
     from diffusers import DDPMScheduler
 
     # Stable Diffusion's training schedule
@@ -328,6 +332,7 @@ def sample_quality(ldm, clip, classnames: Sequence[str], per_class: int = 20, st
     by ``clip`` zero-shot with "a photo of a {name}." as promptdg's zero-shot. Returns
     {"top1": %, "chance": %, "n": samples, "per_class", "steps", "guidance", "template"}.
     """
+    require("domainfusion")
     from diffusers import DDIMScheduler
 
     names = list(classnames)

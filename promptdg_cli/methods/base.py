@@ -10,7 +10,7 @@ selection and metrics, so a method file holds its paper only (prompts, losses, t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Type
+from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 
@@ -32,6 +32,7 @@ class Method:
     Config: ClassVar[Type] = MethodConfig  # the config schema (built-ins: promptdg_cli/schema.py)
     trains: ClassVar[bool] = True  # False: evaluation only (zero-shot)
     needs_vit: ClassVar[bool] = False  # True: a ResNet backbone is a config error
+    extras: ClassVar[Tuple[str, ...]] = ()  # optional extras it needs (promptdg_cli/extras.py): checked before a run starts
     # The protocol the method always runs: None (the dataset's), "uda" (labelled sources, unlabelled
     # target in training) or "source_free" (no images in training; tested on every domain).
     protocol: ClassVar[Optional[str]] = None

@@ -180,6 +180,7 @@ def resolve_ldm(name: str, backbone) -> str:
 # --------------------------------------------------------------------- the method
 class DomainFusion(Method):
     Config = DomainFusionConfig
+    extras = ("domainfusion",)  # diffusers (and transformers for Stable Diffusion's text encoder)
 
     def __init__(self, cfg, backbone, classnames, device, env=None):
         super().__init__(cfg, backbone, classnames, device, env)
