@@ -177,6 +177,10 @@ class RunRecord:
     shots: Optional[int] = _spec(_INT)  # k images per class; null: all
     device: Optional[str] = _spec(_STR)  # where it ran: cpu, cuda, cuda:N (requested, until the run has chosen)
     precision: Optional[str] = _spec(_STR)  # backbone.precision: fp32, or bf16/fp16 autocast on CUDA
+    weights: Optional[str] = _spec(_STR)  # the weights as loaded (an open_clip tag, a torchvision name and its file, random-init)
+    # model selection: val (source validation), last, or oracle (DomainBed's test-domain validation:
+    # reads the test domain's labels; collect marks the row); null for a method that selects nothing
+    selection: Optional[str] = _spec(_STR)
     # ---- why a run did not finish
     error: Optional[str] = _spec(_STR, STOPPED)  # "<ExceptionType>: <message>"
     traceback: Optional[str] = _spec(_STR)
@@ -188,6 +192,7 @@ class RunRecord:
         (_mapping_of(_is_number, "a finite number", nonempty=True), "a non-empty object of finite numbers (domain -> %)"), FINISHED)
     mean_per_class_accuracy: Optional[Dict[str, float]] = _spec(_SCORES)
     val_accuracy: Optional[Dict[str, float]] = _spec(_SCORES)  # per split, on held-out source data
+    oracle_accuracy: Optional[Dict[str, float]] = _spec(_SCORES)  # selection=oracle: per target, on its held-out part
     avg_accuracy: Optional[float] = _spec(_NUMBER, FINISHED)
     # ---- re-evaluations (promptdg eval run_dir=...) and source-free training
     evaluated_run: Optional[str] = _spec(_STR)  # the run whose saved models were evaluated

@@ -124,13 +124,19 @@ def parse_filters(args: Sequence[str]) -> Dict[str, List[str]]:
     return filters
 
 
+ORACLE_MARK = "oracle: test-domain validation"  # DomainBed's oracle rule reads the test domain's labels
+
+
 def method_label(record: Mapping[str, Any]) -> str:
     """``method``, ``method (variant)``, and the shot count when the run drew k shots per class:
-    ``dapt (16-shot)`` (one row per method and shot count, the few-shot tables' shape)."""
+    ``dapt (16-shot)`` (one row per method and shot count, the few-shot tables' shape); a run selected
+    by DomainBed's oracle rule gets its own row, marked ``(oracle: test-domain validation)``."""
     method = str(record.get("method") or "?")
     parts = [str(record["variant"])] if record.get("variant") else []
     if record.get("shots"):
         parts.append(f"{record['shots']}-shot")
+    if record.get("selection") == "oracle":
+        parts.append(ORACLE_MARK)
     return f"{method} ({', '.join(parts)})" if parts else method
 
 
