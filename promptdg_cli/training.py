@@ -158,13 +158,13 @@ class TrainContext:
 
     # ----------------------------------------------------------------- the loop
     def train(self, m) -> None:
-        """Train method ``m`` for ``m.cfg.epochs`` epochs (see the module docstring)."""
+        """Train method ``m`` for ``m.rounds()`` epochs (see the module docstring)."""
         cfg = m.cfg
         params = m.parameters_to_train()
         opt = m.optimizer(params)
         precision = str(getattr(getattr(m, "env", None), "precision", "fp32"))  # the forward's autocast (fp32 parameters)
-        epochs = int(cfg.epochs)
-        select_last = str(getattr(cfg, "select", "last")) == "last"
+        epochs = m.rounds()
+        select_last = str(getattr(cfg, "select", "last")) in ("last", "oracle")  # oracle: DomainBed's rule keeps the last checkpoint
         best = {"acc": -1.0, "epoch": -1, "params": [p.detach().clone() for p in params]}
         state = self.checkpoint("loop")
         start, done, resumed = 0, 0, {}
