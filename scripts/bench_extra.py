@@ -210,7 +210,8 @@ def domainfusion_count() -> dict:
 
 # --------------------------------------------------------------------- tables
 STEP_ROWS = (("coop_step", "CoOp step"), ("dapl_step", "DAPL step"), ("dapt_step", "DAPT step"),
-             ("promptstyler_iteration", "PromptStyler style iteration"))
+             ("promptstyler_iteration", "PromptStyler style iteration"), ("erm_step", "ERM step (vs DomainBed's ERM.update)"),
+             ("domainfusion_step", "DomainFusion step (vs a plain implementation)"))
 
 
 def markdown_tables(result: dict) -> str:
