@@ -90,6 +90,9 @@ def check_method(cfg, method_cls) -> None:
         valid = "resnet50_imagenet" if kind == "clip" else "rn50, rn101, vit_b32, vit_b16, vit_l14, demo_clip"
         raise ConfigError(f"method={cfg.method.name} needs {need}; backbone={cfg.backbone.name} is a {kind} backbone. "
                           f"Valid backbones: {valid}.")
+    if _selection(cfg) == "oracle" and protocol_name(cfg, method_cls) != "dg":
+        raise ConfigError(f"method.select=oracle is DomainBed's test-domain validation rule, for the DG protocol; "
+                          f"this run's protocol is {protocol_name(cfg, method_cls)}. Valid here: val, last.")
     if method_cls.needs_vit and str(cfg.backbone.arch) != "vit":
         raise ConfigError(
             f"method={cfg.method.name} puts visual prompts into a ViT image encoder; backbone={cfg.backbone.name} "

@@ -93,6 +93,7 @@ class Arm:
     overrides: Tuple[str, ...] = ()
     seed_free: bool = False  # zero-shot: one run at the first seed stands for every seed
     debug: Tuple[str, ...] = ()  # added in --debug only (to keep an arm comparable to its pair)
+    schedule: Tuple[str, ...] = ()  # left out in --debug, where conf/debug/<family>.yaml sets the schedule
 
 
 @dataclass(frozen=True)
@@ -118,9 +119,8 @@ DOMAINFUSION_DEMO = (
     "method.train_encoder=false",
     "method.synthetic_fraction=0.25",
     "method.img2img_steps=10",
-    "method.steps=1084",
-    "method.checkpoint_freq=57",
 )
+DOMAINFUSION_SCHEDULE = ("method.steps=1084", "method.checkpoint_freq=57")  # (the arms' schedule field)
 NO_ROUND = "method.augment_every=1000"  # rounds start at periods T, 2T, ... < 20 periods: none
 
 ARMS: Dict[str, Arm] = {a.key: a for a in (
@@ -137,11 +137,11 @@ ARMS: Dict[str, Arm] = {a.key: a for a in (
     Arm("dapt_4shot", "DAPT, 4 shots", "dapt", "dapt", DAPT_4SHOT),
     Arm("dapt_4shot_no_dispersion", "DAPT, 4 shots, β_v = β_t = 0", "dapt", "dapt",
         DAPT_4SHOT + ("method.beta_v=0", "method.beta_t=0")),
-    Arm("domainfusion", "DomainFusion", "domainfusion", "domainfusion", DOMAINFUSION_DEMO),
+    Arm("domainfusion", "DomainFusion", "domainfusion", "domainfusion", DOMAINFUSION_DEMO, schedule=DOMAINFUSION_SCHEDULE),
     Arm("domainfusion_no_ldm", "DomainFusion without the LDM (λ = 0, no round)", "domainfusion", "domainfusion",
-        DOMAINFUSION_DEMO + ("method.distill_weight=0", NO_ROUND)),
+        DOMAINFUSION_DEMO + ("method.distill_weight=0", NO_ROUND), schedule=DOMAINFUSION_SCHEDULE),
     Arm("domainfusion_distill_only", "DomainFusion, distillation only (no round)", "domainfusion", "domainfusion",
-        DOMAINFUSION_DEMO + (NO_ROUND,)),
+        DOMAINFUSION_DEMO + (NO_ROUND,), schedule=DOMAINFUSION_SCHEDULE),
 )}
 
 ROWS: Tuple[Row, ...] = (
@@ -280,7 +280,7 @@ def sweep_args(arm: Arm, seeds: Sequence[int], out: Path, debug: bool, extra: Se
     args = ["train", "-m", f"method={arm.method}", "seed=" + ",".join(map(str, run_seeds)), f"out_root={out / arm.key}"]
     if debug:
         args += [f"+debug={arm.family}", *TINY_WORLD, *arm.debug]
-    return args + list(arm.overrides) + list(extra)
+    return args + list(arm.overrides) + ([] if debug else list(arm.schedule)) + list(extra)
 
 
 def run_arm(args: Sequence[str]) -> int:

@@ -205,7 +205,7 @@ class DomainFusion(ERM):
         self.frozen = not self.cfg.train_encoder
         feat = Featurizer(visual if self.frozen else copy.deepcopy(visual), self.backbone.embed_dim)
         feat.requires_grad_(not self.frozen)
-        feat.eval() if self.frozen else feat.train()
+        feat.train(not self.frozen)
         text = self.backbone.zeroshot_weights(self.classnames, [self.cfg.zeroshot_template])  # (C, D)
         head = nn.Linear(text.shape[1], text.shape[0]).to(self.device)
         with torch.no_grad():
