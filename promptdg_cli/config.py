@@ -46,6 +46,9 @@ class RunConfig:
     # k images per class drawn (seeded) from the training split: the few-shot protocol, or k shots of
     # the source training data on DG data; null = all (the few-shot val split then has min(k, 4) per class)
     shots: Optional[int] = field(default=None, metadata={"range": {"ge": 1}})
+    # DomainBed's trial_seed (scripts/train.py): seeds the split of every domain in the DG protocol and,
+    # with method.hparams_seed, DomainBed's random hyper-parameters; null: the run's seed
+    trial_seed: Optional[int] = field(default=None, metadata={"range": {"ge": 0}})
     data_root: str = MISSING
     cache_root: str = MISSING
     out_root: str = "outputs"
@@ -129,6 +132,7 @@ def check_ranges(cfg: DictConfig, method_schema=None) -> None:
     if not _DEVICE.match(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r} is not a device. Valid: auto, cpu, cuda, cuda:N")
     check_node(cfg.dataset, DatasetConfig, "dataset")
+    check_node(cfg.backbone, BackboneConfig, "backbone")
     schema = method_schema or METHOD_SCHEMAS.get(str(cfg.method.name))
     if schema is not None:
         check_node(cfg.method, schema, "method")
@@ -147,8 +151,10 @@ _UNHASHED = {
 # adding a field to a schema never renames the run directories of configs that do not use it.
 _ADDED_LATER = ("split_format", "split_file", "image_dir", "split_paths", "classnames_file", "wnids", "subset_from_folders",
                   "domain_names")
+_BACKBONE_ADDED_LATER = ("kind", "image_size")
 _HASHED_UNLESS_DEFAULT = {
     "dataset": {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(DatasetConfig)).items() if k in _ADDED_LATER},
+    "backbone": {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(BackboneConfig)).items() if k in _BACKBONE_ADDED_LATER},
 }
 
 
@@ -163,13 +169,20 @@ def hashed_view(cfg: DictConfig) -> dict:
             k: v for k, v in c["dataset"].items()
             if k not in _UNHASHED["dataset"] and not (k in _HASHED_UNLESS_DEFAULT["dataset"] and v == _HASHED_UNLESS_DEFAULT["dataset"][k])
         },
-        "backbone": {k: v for k, v in c["backbone"].items() if k not in _UNHASHED["backbone"]},
+        "backbone": {
+            k: v for k, v in c["backbone"].items()
+            if k not in _UNHASHED["backbone"] and not (k in _HASHED_UNLESS_DEFAULT["backbone"] and v == _HASHED_UNLESS_DEFAULT["backbone"][k])
+        },
         "seed": c["seed"],
         "target": c["target"],
         "source": c["source"],
     }
     if shots:  # hashed only when set, so runs without shots keep their directories
         view["shots"] = int(shots)
+    if view["dataset"].get("protocol") == "dg":  # DomainBed's split (runs of the former 80/20 split are not reused)
+        view["dg_split"] = "domainbed"
+    if cfg.get("trial_seed") is not None:  # (the same: hashed only when set)
+        view["trial_seed"] = int(cfg.trial_seed)
     # a local checkpoint is named by its path; the demo CLIP lives under a cache root that varies
     if c["backbone"].get("builder"):
         view["backbone"]["pretrained"] = Path(str(c["backbone"]["pretrained"])).name
@@ -181,7 +194,7 @@ def config_hash(cfg: DictConfig) -> str:
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
-def _run_key(method, dataset, backbone, seed, target, source, shots=None) -> str:
+def _run_key(method, dataset, backbone, seed, target, source, shots=None, trial_seed=None) -> str:
     # Resolver form of config_hash, used in hydra.run.dir / hydra.sweep.subdir so that the same
     # config always lands in the same directory (reruns skip, interrupted runs resume) and two
     # different configs never share one, even when started in the same second.
@@ -190,9 +203,10 @@ def _run_key(method, dataset, backbone, seed, target, source, shots=None) -> str
 
     cfg = OmegaConf.create(
         {"method": plain(method), "dataset": plain(dataset), "backbone": plain(backbone), "seed": seed,
-         "target": target, "source": plain(source), "shots": shots}
+         "target": target, "source": plain(source), "shots": shots, "trial_seed": trial_seed}
     )
-    return f"seed{seed}_{target or 'all'}_{f'{shots}shot_' if shots else ''}{config_hash(cfg)}"
+    trial = f"trial{trial_seed}_" if trial_seed is not None else ""
+    return f"seed{seed}_{trial}{target or 'all'}_{f'{shots}shot_' if shots else ''}{config_hash(cfg)}"
 
 
 def _choices(group: str) -> str:

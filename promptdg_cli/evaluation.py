@@ -14,6 +14,14 @@ def evaluate(method, feats, chunk: int = 8192, subset=None) -> dict:
     200 of 1000); the prediction is restricted to them. Under torchrun each rank predicts its
     contiguous part and every rank gets all the predictions."""
     y = feats.y
+    correct = (predict(method, feats, chunk, subset) == y).float()
+    per_class = [correct[y == c].mean().item() for c in torch.unique(y)]
+    return {"top1": round(100 * correct.mean().item(), 4), "mean_per_class": round(100 * sum(per_class) / len(per_class), 4), "n": len(y)}
+
+
+@torch.no_grad()
+def predict(method, feats, chunk: int = 8192, subset=None) -> torch.Tensor:
+    """The predicted class of every image of ``feats`` (N,), on every rank (see ``evaluate``)."""
     if dist.world() > 1:  # (DAPT re-encodes images: the ranks share that work)
         a, b = dist.shard_range(len(feats))
         feats = feats.subset(range(a, b))
@@ -24,10 +32,7 @@ def evaluate(method, feats, chunk: int = 8192, subset=None) -> dict:
     for i in range(0, len(feats), chunk):
         logits = method.logits(feats.x[i : i + chunk]).cpu()
         preds.append(logits.argmax(-1) if keep is None else keep[logits[:, keep].argmax(-1)])
-    preds = dist.gather_cat(torch.cat(preds))
-    correct = (preds == y).float()
-    per_class = [correct[y == c].mean().item() for c in torch.unique(y)]
-    return {"top1": round(100 * correct.mean().item(), 4), "mean_per_class": round(100 * sum(per_class) / len(per_class), 4), "n": len(y)}
+    return dist.gather_cat(torch.cat(preds))
 
 
 def accuracy(method, feats) -> float:

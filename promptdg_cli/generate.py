@@ -13,7 +13,6 @@ import json
 import os
 from pathlib import Path
 
-from .backbone import ClipBackbone
 from .data import class_names, dataset_dir, list_domain
 from .errors import ConfigError
 from .extras import require
@@ -21,6 +20,7 @@ from .files import write_json_atomic
 from .methods import method_class
 from .methods.base import RunEnv
 from .protocols import check_domains
+from .runner import prepare_backbone
 from .runtime import select_device
 
 
@@ -41,8 +41,8 @@ def generate(cfg, run_dir: Path) -> dict:
         sources = [d for d in sources if d != cfg.target]
     root = dataset_dir(cfg.dataset)
     device = select_device(cfg.device)
-    backbone = ClipBackbone.from_config(cfg.backbone, device=device)
-    env = RunEnv(seed=int(cfg.seed), num_workers=int(cfg.num_workers), cache_root=str(cfg.cache_root))
+    backbone = prepare_backbone(cfg.backbone, device)
+    env = RunEnv(seed=int(cfg.seed), num_workers=int(cfg.num_workers), cache_root=str(cfg.cache_root), dataset=str(cfg.dataset.name))
     method = cls(cfg.method, backbone, class_names(cfg.dataset), device, env)
     out_root = run_dir / "images" / cfg.dataset.folder
     folders, rounds = list(cfg.dataset.classes.keys()), int(cfg.method.generate_rounds)

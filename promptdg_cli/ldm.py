@@ -24,10 +24,12 @@ Sources, by ``method.ldm``:
   (``promptdg_cli/demo/ldm.py``) and conditioned on the demo CLIP's text tower.
 
 Every weight is frozen (``requires_grad_(False)``, eval mode). ``dtype`` ``auto`` is fp16 on a GPU
-and fp32 on the CPU; ``bf16`` is available where the GPU supports it.
+(the VAE decodes in fp32 where its config asks for it) and fp32 on the CPU; ``bf16`` is available
+where the GPU supports it.
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 from pathlib import Path
@@ -134,8 +136,15 @@ class LatentDiffusion(nn.Module):
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> pixels in [-1, 1]."""
-        return self.vae.decode((z / self.scaling_factor).to(self.dtype)).sample.float().clamp(-1, 1)
+        """Scaled latents -> pixels in [-1, 1]. In fp16, a VAE whose config asks for it
+        (``force_upcast``, diffusers' default, which SD v1.5's config keeps) decodes in fp32: its
+        decoder's activations overflow fp16's range; a fp32 copy of the VAE is made once."""
+        vae = self.vae
+        if self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            if getattr(self, "_vae32", None) is None:
+                object.__setattr__(self, "_vae32", copy.deepcopy(vae).float())  # (not a registered submodule)
+            vae = self._vae32
+        return vae.decode((z / self.scaling_factor).to(vae.dtype)).sample.float().clamp(-1, 1)
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z_t = sqrt(ᾱ_t) z0 + sqrt(1 − ᾱ_t) ε (the forward process), differentiable w.r.t. z0."""

@@ -5,9 +5,11 @@ Each protocol is an object built for one run: ``splits()`` lists its splits (one
 ``test_sets(split)`` the labelled sets the runner tests on. The target's labels never reach
 ``train_data``.
 
-* :class:`DG` (leave-one-domain-out): every source domain is split 80/20 into train/validation with
-  a split seeded by the run seed and the domain name; the target domain is used whole for testing.
-  ``shots=k`` draws k images per class of the source training split, then min(k, 4) of the
+* :class:`DG` (leave-one-domain-out), DomainBed's protocol (:func:`domainbed_parts`): every domain
+  is split by DomainBed's rule (``trial_seed``, ``dataset.val_fraction``); the sources train on their
+  "in" part and select on their held-out "out" part, the target is tested on its "in" part (what
+  DomainBed reports) and its "out" part is the test-domain validation set of DomainBed's oracle
+  rule. ``shots=k`` draws k images per class of the source training split, then min(k, 4) of the
   validation split, as CoOp draws (``shots.py``).
 * :class:`UDA`: labelled sources, the target domain unlabelled in training, tested on the target;
   any pair, several sources, every pair into a target, or every ordered pair. The sources are used
@@ -32,6 +34,7 @@ import numpy as np
 import torch
 
 from .data import FeatureCache, Features, class_names, dataset_dir
+from .domainbed import split_holdout
 from .errors import ConfigError
 from .fewshot import class_subset, dataset_root, few_shot_splits, read_split, val_is_test
 from .shots import Draw, dassl_draw
@@ -191,6 +194,14 @@ class Protocol:
         """Class indices the test set covers (ImageNet-A/R: 200 of 1000), else None."""
         return None
 
+    def oracle_sets(self, split: Split) -> Dict[str, Features]:
+        """The test domains' held-out parts (DomainBed's oracle rule); none outside the DG protocol."""
+        return {}
+
+    def holdout_record(self, split: Split, sources: bool = True) -> Optional[dict]:
+        """What the run folder records of a split's held-out images (DG); None: nothing."""
+        return None
+
     def _views(self, base: Features, name: str) -> EpochFeatures:
         """What each epoch sees of ``base`` (a list cached as ``name``) under ``method.augment``."""
         if self.augment == NONE or not len(base):
@@ -204,7 +215,7 @@ class Protocol:
         for d in split.sources:
             f = self.cache.domain_features(self.backbone, self.dataset, d)
             if holdout:
-                tr, va = train_val_indices(len(f), self.seed, d, self.dataset.val_fraction)
+                tr, va = self.holdout(f, d)
                 train.append(f.subset(tr))
                 val.append(f.subset(va))
             else:  # the whole domain (DAPL's official trainer)
@@ -220,15 +231,70 @@ class Protocol:
         data.train_views = ConcatViews([self._views(f, name) for f, name in views])
         return data
 
+    def holdout(self, f: Features, domain: str):
+        """(train rows, validation rows) of a source domain's features."""
+        return train_val_indices(len(f), self.seed, domain, self.dataset.val_fraction)
+
+
+def domainbed_parts(f: Features, dataset_cfg, domain: str, trial_seed: int) -> tuple[list, list, dict]:
+    """DomainBed's split of one domain (``domainbed.split_holdout``: ImageFolder's order, the md5
+    seed of (trial_seed, environment index), ``RandomState.shuffle``, the first ``val_fraction`` held
+    out) as rows of ``f``: (in rows, out rows, the record of the split). A file ImageFolder lists
+    that ``f`` lacks (unreadable, or an extension promptdg does not read) is left out of both parts
+    and counted; a file ImageFolder does not list is in neither part."""
+    root = dataset_dir(dataset_cfg)
+    out_files, in_files = split_holdout(str(root / domain), domain, list(dataset_cfg.domains), int(trial_seed),
+                                        float(dataset_cfg.val_fraction))
+    row = {p: i for i, p in enumerate(f.paths)}
+    rows_in, rows_out = [row[p] for p in in_files if p in row], [row[p] for p in out_files if p in row]
+    record = {"out": [str(Path(p).relative_to(root)) for p in out_files if p in row], "n_in": len(rows_in),
+              "missing": len(in_files) + len(out_files) - len(rows_in) - len(rows_out)}
+    return rows_in, rows_out, record
+
+
+
 
 class DG(Protocol):
     name = "dg"
+
+    @property
+    def trial_seed(self) -> int:
+        """DomainBed's trial_seed (the split); null in the config: the run's seed."""
+        t = self.cfg.get("trial_seed")
+        return self.seed if t is None else int(t)
 
     def splits(self) -> List[Split]:
         return dg_splits(self.dataset, self.cfg.target, self.cfg.source)
 
     def train_data(self, split: Split) -> TrainData:
         return self._source(split)
+
+    def _parts(self, domain: str):
+        """(features, in rows, out rows, record) of a domain, computed once per run."""
+        if domain not in self.__dict__.setdefault("_memo", {}):
+            f = self.cache.domain_features(self.backbone, self.dataset, domain)
+            self._memo[domain] = (f, *domainbed_parts(f, self.dataset, domain, self.trial_seed))
+        return self._memo[domain]
+
+    def holdout(self, f: Features, domain: str):
+        _, rows_in, rows_out, _ = self._parts(domain)
+        return rows_in, rows_out
+
+    def test_sets(self, split: Split) -> Dict[str, Features]:
+        """Each tested domain's "in" part (DomainBed reports ``env<i>_in_acc`` of the test environment)."""
+        return {d: self._parts(d)[0].subset(self._parts(d)[1]) for d in split.tests}
+
+    def oracle_sets(self, split: Split) -> Dict[str, Features]:
+        """Each tested domain's held-out part: DomainBed's test-domain validation set (the oracle rule)."""
+        return {d: self._parts(d)[0].subset(self._parts(d)[2]) for d in split.tests}
+
+    def holdout_record(self, split: Split, sources: bool = True) -> dict:
+        """What the run folder records of the split: the held-out images (relative paths) of every
+        source domain (``sources``: a method that trains) and tested domain."""
+        domains = (split.sources if sources else []) + split.tests
+        parts = {d: self._parts(d)[3] | {"role": "source" if d in split.sources else "target"} for d in domains}
+        return {"rule": "DomainBed scripts/train.py: split_dataset(env, int(len(env) * holdout_fraction), seed_hash(trial_seed, env_i))",
+                "trial_seed": self.trial_seed, "holdout_fraction": float(self.dataset.val_fraction), "domains": parts}
 
 
 class UDA(Protocol):

@@ -192,6 +192,9 @@ class RunRecord:
     # the CLIP weights as loaded: kind (hf-hub, local-dir, open_clip-tag, file, random-init), id (the
     # feature-cache key's name for them), repo and revision (a commit) where they come from a hub repository
     weights: Optional[Dict[str, Any]] = _spec(_OBJECT)
+    # model selection: last, val (source validation), or an opt-in that reads test labels (target_test,
+    # oracle: DomainBed's test-domain validation; collect marks the row); null for a method that selects nothing
+    selection: Optional[str] = _spec(_STR)
     # ---- why a run did not finish
     error: Optional[str] = _spec(_STR, STOPPED)  # "<ExceptionType>: <message>"
     traceback: Optional[str] = _spec(_STR)
@@ -203,6 +206,7 @@ class RunRecord:
         (_mapping_of(_is_number, "a finite number", nonempty=True), "a non-empty object of finite numbers (domain -> %)"), FINISHED)
     mean_per_class_accuracy: Optional[Dict[str, float]] = _spec(_SCORES)
     val_accuracy: Optional[Dict[str, float]] = _spec(_SCORES)  # per split, on held-out source data
+    oracle_accuracy: Optional[Dict[str, float]] = _spec(_SCORES)  # selection=oracle: per target, on its held-out part
     avg_accuracy: Optional[float] = _spec(_NUMBER, FINISHED)
     # ---- re-evaluations (promptdg eval run_dir=...) and source-free training
     evaluated_run: Optional[str] = _spec(_STR)  # the run whose saved models were evaluated
@@ -319,6 +323,7 @@ OPT_INS = {
     "augment=none": ("*", "promptdg's cheaper protocol: no augmentation (the un-augmented cached features)"),
     "augment=views": ("*", "promptdg's cheaper protocol: K augmented views per image encoded once, not a fresh view per epoch"),
     "select=target_test": ("†", "the epoch is selected on the target's test labels (a parity opt-in; the official DAPL code does it)"),
+    "select=oracle": ("‡", "DomainBed's test-domain validation (oracle) rule: it reads the test domain's held-out labels"),
 }
 # the method-config keys a record lists in ``protocol_details`` (where the method has them)
 PROTOCOL_KEYS = ("augment", "aug_views", "select", "epochs", "source_holdout", "templates", "prompt", "intra_loss", "lr_step")

@@ -32,6 +32,7 @@ from safetensors.torch import save_file
 
 from . import __version__, checkpoints, dist, tracking
 from .backbone import ClipBackbone
+from .classifier import ClassifierBackbone
 from .config import config_hash
 from .data import FeatureCache
 from .demo.pretrain import build_demo_clip
@@ -61,8 +62,11 @@ def say(line: str) -> None:
 BUILDERS = {"demo_digits": build_demo_clip}
 
 
-def prepare_backbone(cfg, device: torch.device) -> ClipBackbone:
-    """The run's frozen CLIP; a built-in checkpoint (the demo CLIP) is built first if it is missing."""
+def prepare_backbone(cfg, device: torch.device):
+    """The run's frozen backbone: a CLIP (a built-in checkpoint, the demo CLIP, is built first if it is
+    missing) or an ImageNet classifier (``backbone.kind: classifier``)."""
+    if str(cfg.get("kind", "clip")) == "classifier":
+        return ClassifierBackbone.from_config(cfg, device=device)
     path = Path(str(cfg.pretrained))
     if cfg.builder and not path.is_file():  # jobs that start at once on an empty cache build it once
         build_once(path, path.is_file, lambda: BUILDERS[str(cfg.builder)](path, str(cfg.model)), f"the {cfg.model} checkpoint")
@@ -70,8 +74,10 @@ def prepare_backbone(cfg, device: torch.device) -> ClipBackbone:
 
 
 def run_env(cfg) -> RunEnv:
+    trial = cfg.get("trial_seed")
     return RunEnv(seed=int(cfg.seed), num_workers=int(cfg.num_workers), cache_root=str(cfg.cache_root),
-                  domain_names=OmegaConf.to_container(cfg.dataset.domain_names), precision=str(cfg.backbone.precision))
+                  domain_names=OmegaConf.to_container(cfg.dataset.domain_names), precision=str(cfg.backbone.precision),
+                  trial_seed=int(cfg.seed if trial is None else trial), dataset=str(cfg.dataset.name))
 
 
 def method_config(cfg, method_cls):
@@ -86,9 +92,19 @@ def method_config(cfg, method_cls):
 
 def check_method(cfg, method_cls) -> None:
     """What can be refused before anything loads: a method whose optional extra is not installed, one
-    that needs a ViT on a ResNet backbone."""
+    that needs a ViT on a ResNet backbone, a CLIP (its text tower) on an ImageNet classifier, or the
+    other way round."""
     for extra in method_cls.extras:
         require(extra, f"method={cfg.method.name}")
+    kind = str(cfg.backbone.get("kind", "clip"))
+    if kind not in method_cls.backbone_kinds:
+        need = "an ImageNet classifier (backbone.kind: classifier)" if kind == "clip" else "a CLIP backbone (its text tower)"
+        valid = "resnet50_imagenet" if kind == "clip" else "rn50, rn101, vit_b32, vit_b16, vit_l14, demo_clip"
+        raise ConfigError(f"method={cfg.method.name} needs {need}; backbone={cfg.backbone.name} is a {kind} backbone. "
+                          f"Valid backbones: {valid}.")
+    if _selection(cfg) == "oracle" and protocol_name(cfg, method_cls) != "dg":
+        raise ConfigError(f"method.select=oracle is DomainBed's test-domain validation rule, for the DG protocol; "
+                          f"this run's protocol is {protocol_name(cfg, method_cls)}. Valid here: val, last.")
     if method_cls.needs_vit and str(cfg.backbone.arch) != "vit":
         raise ConfigError(
             f"method={cfg.method.name} puts visual prompts into a ViT image encoder; backbone={cfg.backbone.name} "
@@ -104,7 +120,14 @@ def identity(cfg: DictConfig, run_dir: Path, chash: str, protocol: str) -> dict:
             "domains": list(cfg.dataset.domains), "config_hash": chash, "run_dir": str(run_dir), "version": __version__,
             "git_revision": git_revision(), "host": platform.node(), "shots": cfg.get("shots"), "device": str(cfg.device),
             "precision": str(cfg.backbone.precision), "environment": environment(), **source_tree(),
-            "protocol_details": {k: method[k] for k in PROTOCOL_KEYS if k in method}, "opt_ins": opt_ins_of(method)}
+            "protocol_details": {k: method[k] for k in PROTOCOL_KEYS if k in method}, "opt_ins": opt_ins_of(method),
+            "selection": _selection(cfg)}
+
+
+def _selection(cfg) -> str | None:
+    """The model-selection rule a record names (None for a method that selects nothing)."""
+    select = cfg.method.get("select") if hasattr(cfg.method, "get") else None
+    return None if select is None else str(select)
 
 
 # --------------------------------------------------------------------- train / eval
@@ -193,7 +216,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
     cache = FeatureCache(cfg.cache_root, num_workers=cfg.num_workers)
     protocol.attach(cache, backbone)
     per_class = str(cfg.dataset.metric) == "mean_per_class"
-    out = {"target_domains": [], "source_domains": {}, "accuracy": {}, "mean_per_class_accuracy": {}, "val_accuracy": {}}
+    out = {"target_domains": [], "source_domains": {}, "accuracy": {}, "mean_per_class_accuracy": {}, "val_accuracy": {},
+           "oracle_accuracy": {}}
     counters: dict = {}
     recovered: list = []  # unreadable checkpoints, feature files and generated images, and what was done
     shots: dict = {}  # training images per class of each split, as drawn (shots=k)
@@ -227,6 +251,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
             out["mean_per_class_accuracy"][domain] = test["mean_per_class"]
         if res.get("val") is not None:
             out["val_accuracy"][split.key] = res["val"]["top1"]
+        for domain, test in res.get("oracle", {}).items():  # select=oracle: the test domain's held-out part
+            out["oracle_accuracy"][domain] = test["top1"]
         for k, v in res.get("extra", {}).items():  # a method's counters (DomainFusion: generated_images), summed over splits
             counters[k] = counters.get(k, 0) + v
         recovered += res.get("recovered", [])
@@ -238,6 +264,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
         timings["eval_s"] += res["eval_s"]
     if not per_class:
         out["mean_per_class_accuracy"] = None
+    out["oracle_accuracy"] = out["oracle_accuracy"] or None
     rec = RunRecord(status=Status.FINISHED, **ident, **out, weights=backbone.weights, avg_accuracy=sum(out["accuracy"].values()) / len(out["accuracy"]),
                     source_free=method_cls.protocol == "source_free", timings=timings | {"total_s": time.time() - t0},
                     peak_memory_mb=peak_memory_mb(device), feature_cache={"hits": cache.hits, "misses": cache.misses},
@@ -252,14 +279,17 @@ def _run_split(cfg, method_cls, backbone, protocol, names, split: Split, split_d
     torch.manual_seed(cfg.seed)
     method = method_cls(method_config(cfg, method_cls), backbone, names, device, run_env(cfg))
     data, selection_set = None, None
-    if method_cls.trains:
-        with dist.main_first("extracting image features"):  # rank 0 fills the feature cache, the others read it
+    with dist.main_first("extracting image features"):  # rank 0 fills the feature cache, the others read it
+        if method_cls.trains:
             data = protocol.train_data(split)
-        if data.drawn and dist.is_main():  # the k-shot images as drawn, in draw order, and who drew them
+        holdout = protocol.holdout_record(split, sources=method_cls.trains)
+        if method_cls.trains and str(cfg.method.get("select", "last")) == "target_test":  # (an opt-in, recorded and marked)
+            (selection_set,) = protocol.test_sets(split).values()
+    if dist.is_main():
+        if holdout is not None:  # the images each domain held out (DG: DomainBed's split)
+            write_json_atomic(split_dir / "holdout.json", holdout)
+        if data is not None and data.drawn:  # the k-shot images as drawn, in draw order, and who drew them
             write_json_atomic(split_dir / "shots.json", data.drawn)
-        if str(cfg.method.get("select", "last")) == "target_test":  # (an opt-in: recorded and marked in tables)
-            with dist.main_first("extracting image features"):
-                (selection_set,) = protocol.test_sets(split).values()
     ctx = TrainContext(run_dir, split_dir, split.key, int(cfg.seed), device, selection_set=selection_set)
     t = time.time()
     if method_cls.trains:
@@ -273,10 +303,12 @@ def _run_split(cfg, method_cls, backbone, protocol, names, split: Split, split_d
     t = time.time()
     with dist.main_first("extracting image features"):
         tests = protocol.test_sets(split)
+        oracle = protocol.oracle_sets(split) if _selection(cfg) == "oracle" else {}
     subset = protocol.test_subset()
     results = {key: evaluate(method, feats, subset=subset) for key, feats in tests.items()}
+    oracle = {key: evaluate(method, feats) for key, feats in oracle.items()}
     val = evaluate(method, data.val) if data is not None and data.val is not None and len(data.val) else None
-    return {"target": split.target, "sources": split.sources, "tests": results, "val": val,
+    return {"target": split.target, "sources": split.sources, "tests": results, "val": val, "oracle": oracle,
             "n_train": len(data.train) if data is not None and data.train is not None else 0,
             "n_target_unlabelled": len(data.target) if data is not None and data.target is not None else 0,
             "shots_per_class": data.shots_per_class(names) if cfg.get("shots") and data is not None and data.train is not None else None,

@@ -49,13 +49,21 @@ class Arch(Choice):
     resnet = "resnet"
 
 
+class BackboneKind(Choice):
+    clip = "clip"  # an open_clip CLIP: image and text towers (every method)
+    classifier = "classifier"  # an ImageNet classifier (torchvision): DomainBed's ERM and DomainFusion's featurizer
+
+
 class Selection(Choice):
-    """Model selection: the last epoch, the epoch with the best source-validation accuracy, or (an
-    opt-in for parity with official code that does it, recorded and marked in tables) the epoch with
-    the best accuracy on the target's test labels."""
+    """Model selection: the last epoch, the epoch (checkpoint) with the best source-validation accuracy,
+    or one of the opt-ins that read test labels, recorded and marked in tables: ``target_test`` (the
+    epoch with the best accuracy on the target's test labels, as DAPL's official code does) and
+    ``oracle`` (DomainBed's test-domain validation rule: the last checkpoint, with the accuracy on the
+    test domain's held-out part recorded)."""
     last = "last"
     val = "val"
     target_test = "target_test"
+    oracle = "oracle"
 
 
 class Augment(Choice):
@@ -131,9 +139,13 @@ class DatasetConfig:
 @dataclass
 class BackboneConfig:
     name: str = MISSING  # the config's name, e.g. "vit_b16"
-    model: str = MISSING  # open_clip model name, e.g. "ViT-B-16"
-    pretrained: str = MISSING  # open_clip tag ("openai", "laion2b_s34b_b79k") or a local checkpoint path
+    model: str = MISSING  # open_clip model name, e.g. "ViT-B-16"; kind classifier: a torchvision model, e.g. "resnet50"
+    # open_clip tag ("openai", "laion2b_s34b_b79k") or a local checkpoint path; kind classifier: a
+    # torchvision weights name ("IMAGENET1K_V1"), a local file, or "random"
+    pretrained: str = MISSING
     arch: Arch = Arch.vit  # methods that need visual prompts require vit
+    kind: BackboneKind = BackboneKind.clip
+    image_size: Optional[int] = num(None, ge=8)  # kind classifier: the side of its input images (DomainBed: 224)
     # Where open_clip keeps downloaded weights (None: the Hugging Face cache). Pre-download there.
     cache_dir: Optional[str] = None
     # Built-in recipe that creates the checkpoint on first use (only the demo CLIP has one).
@@ -239,7 +251,26 @@ class PromptStylerConfig(MethodConfig):
 
 
 @dataclass
-class DomainFusionConfig(MethodConfig):
+class DomainBedRecipe(MethodConfig):
+    """DomainBed's ERM recipe (hparams_registry.py, datasets.py, scripts/train.py)."""
+    hparams_seed: int = num(ge=0)  # 0: the defaults below; k: DomainBed's random draw for (k, trial_seed)
+    lr: float = num(gt=0.0)
+    weight_decay: float = num(ge=0.0)
+    batch_size: int = num(ge=1)  # images of each source domain in a step
+    resnet_dropout: float = num(ge=0.0, lt=1.0)  # dropout on the featurizer's output
+    steps: int = num(ge=1)
+    checkpoint_freq: int = num(ge=1)  # steps between evaluations (model selection candidates)
+    augment: bool = MISSING  # DomainBed's augment_transform on training images; false: its plain transform
+    select: Selection = MISSING
+
+
+@dataclass
+class ERMConfig(DomainBedRecipe):
+    pass
+
+
+@dataclass
+class DomainFusionConfig(DomainBedRecipe):
     ldm: str = MISSING  # auto | demo | a local SD folder | a hub id in the local HF cache
     ldm_revision: Optional[str] = MISSING
     ldm_dtype: str = choice("auto", "fp32", "fp16", "bf16")
@@ -247,11 +278,6 @@ class DomainFusionConfig(MethodConfig):
     prompt: str = MISSING
     train_encoder: bool = MISSING
     zeroshot_template: str = MISSING
-    epochs: int = num(ge=1)
-    batch_size: int = num(ge=1)
-    lr: float = num(gt=0.0)
-    weight_decay: float = num(ge=0.0)
-    select: Selection = MISSING
     distill_weight: float = num(ge=0.0)
     t_range: List[float] = num(ge=0.0, le=1.0, items=True)
     weighting: str = choice("1-alpha", "constant")  # w(t)
@@ -276,4 +302,5 @@ METHOD_SCHEMAS = {
     "dapl": DAPLConfig,
     "dapt": DAPTConfig,
     "domainfusion": DomainFusionConfig,
+    "erm": ERMConfig,
 }

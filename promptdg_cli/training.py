@@ -176,12 +176,12 @@ class TrainContext:
 
     # ----------------------------------------------------------------- the loop
     def train(self, m) -> None:
-        """Train method ``m`` for ``m.cfg.epochs`` epochs (see the module docstring)."""
+        """Train method ``m`` for ``m.rounds()`` epochs (see the module docstring)."""
         cfg = m.cfg
         params = m.parameters_to_train()
         opt = m.optimizer(params)
         precision = str(getattr(getattr(m, "env", None), "precision", "fp32"))  # the forward's autocast (fp32 parameters)
-        epochs = int(cfg.epochs)
+        epochs = m.rounds()
         select = str(getattr(cfg, "select", "last"))
         best = {"acc": -1.0, "epoch": -1, "params": [p.detach().clone() for p in params]}
         state = self.checkpoint("loop")

@@ -10,7 +10,10 @@ Sections (``--only`` picks some; the step functions are in ``bench_steps.py``, t
   ``<method>_step`` / ``promptstyler_iteration``);
 * ``features``: feature-cache extraction throughput over a folder of generated 224 px JPEGs;
 * ``domainfusion``: SD-1.x-size img2img candidates/s and latent-distillation steps/s at 256 px;
-* ``domainfusion_count``: the images DomainFusion's DomainNet sweep generates vs 5M offline.
+* ``domainfusion_count``: the images DomainFusion's DomainNet sweep generates vs 5M offline;
+* ``erm``, ``domainfusion_step`` (``bench_domainbed.py``): one step of DomainBed's ERM and of DomainFusion
+  on the ResNet-50 (random weights) against DomainBed's ``ERM.update`` written out and a plain
+  implementation of the DomainFusion step (SD v1.5's UNet and VAE at 512 px), checked equal and timed.
 
 Each step's check runs in fp32; its timings in ``--precision`` (autocast on CUDA). Wall time and
 this process's CPU time are both stored (``speedup``, ``speedup_cpu_time``): on a shared CPU the
@@ -20,7 +23,8 @@ are printed at the end and stored as ``markdown``.
 
 Usage: python scripts/bench.py [--out bench/bench.json] [--device cpu|cuda] [--precision fp32|bf16]
        [--repeats 3] [--repeats-official N] [--threads 1] [--breakdown]
-       [--only coop,dapl,dapt,promptstyler,features,domainfusion,domainfusion_count]
+       [--only coop,dapl,dapt,promptstyler,features,domainfusion,domainfusion_count,erm,domainfusion_step]
+       [--erm-batch 32] [--df-step-batch 32] [--df-distilled 8] [--df-px 512]
 """
 from __future__ import annotations
 
@@ -33,10 +37,12 @@ from pathlib import Path
 
 import torch
 
+from bench_domainbed import domainfusion_step, erm_step
 from bench_extra import domainfusion, domainfusion_count, feature_extraction, markdown_tables, project
 from bench_steps import Bench, build_clip, classnames, coop_step, dapl_step, dapt_step, image_size, promptstyler_iteration
 
-SECTIONS = ("coop", "dapl", "dapt", "promptstyler", "features", "domainfusion", "domainfusion_count")
+SECTIONS = ("coop", "dapl", "dapt", "promptstyler", "features", "domainfusion", "domainfusion_count", "erm", "domainfusion_step")
+HEAVY = ("domainfusion", "domainfusion_step")  # SD-1.x-size UNets: many minutes on a CPU (--only runs them there)
 
 
 def parse(argv=None):
@@ -53,15 +59,19 @@ def parse(argv=None):
                          "other at every operation, which penalises the way with many small operations")
     ap.add_argument("--model", default="ViT-B-16-quickgelu")
     ap.add_argument("--only", default=None, help=f"comma-separated sections: {', '.join(SECTIONS)} (default: all; on the CPU "
-                                                 f"all but domainfusion, whose SD-1.x-size UNet takes many minutes there)")
+                                                 f"all but {', '.join(HEAVY)}, whose SD-1.x-size UNets take many minutes there)")
     ap.add_argument("--breakdown", action="store_true", help="also time promptdg's way without prefix sharing")
     ap.add_argument("--batch", type=int, default=32, help="images per step (the official batch size)")
     ap.add_argument("--feature-images", type=int, default=None, help="images of the features section (default: 64 CPU, 2048 GPU)")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the features section")
     ap.add_argument("--df-batch", type=int, default=4, help="images per DomainFusion img2img / distillation batch")
+    ap.add_argument("--erm-batch", type=int, default=32, help="images of each of the 3 source domains in the ERM step (DomainBed's 32)")
+    ap.add_argument("--df-step-batch", type=int, default=32, help="images of each minibatch of the DomainFusion step")
+    ap.add_argument("--df-distilled", type=int, default=8, help="distilled images of the DomainFusion step")
+    ap.add_argument("--df-px", type=int, default=512, help="the LDM's resolution in the DomainFusion step (SD v1.5's 512)")
     args = ap.parse_args(argv)
     cpu = not args.device.startswith("cuda")
-    only = [s for s in (args.only or ",".join(s for s in SECTIONS if not (cpu and s == "domainfusion"))).split(",") if s]
+    only = [s for s in (args.only or ",".join(s for s in SECTIONS if not (cpu and s in HEAVY))).split(",") if s]
     bad = [s for s in only if s not in SECTIONS]
     if bad:
         ap.error(f"--only {','.join(bad)}: no such section. Valid: {', '.join(SECTIONS)}")
@@ -99,6 +109,10 @@ def main(argv=None) -> int:
         result["domainfusion"] = domainfusion(b, args.df_batch)
     if "domainfusion_count" in only:
         result["domainfusion_domainnet_count"] = domainfusion_count()
+    if "erm" in only:
+        result["erm_step"] = erm_step(b, args.erm_batch)
+    if "domainfusion_step" in only:
+        result["domainfusion_step"] = domainfusion_step(b, args.df_step_batch, args.df_distilled, px=args.df_px)
     result["image_encoder_batch_s"] = b._encode_s
     result["total_s"] = round(time.time() - t0, 1)
     result["markdown"] = markdown_tables(result)

@@ -183,16 +183,20 @@ OFFLINE_AUGMENTATION = 5_000_000  # images generated offline for DomainNet by th
 
 
 def domainfusion_count() -> dict:
-    """Images the DomainNet sweep would generate (conf/experiment/domainfusion_domainnet.yaml over
-    conf/method/domainfusion.yaml), against 5 million of offline augmentation."""
-    method = OmegaConf.load(conf_dir() / "method" / "domainfusion.yaml")
+    """Images the DomainNet sweep would generate (conf/experiment/domainfusion_domainnet.yaml, the method
+    composed as ``promptdg train method=domainfusion dataset=domainnet``: its synthetic set and rounds
+    are conf/dataset/domainnet.yaml's), against 5 million of offline augmentation."""
+    from promptdg_cli.domainbed import checkpoint_rounds
+
+    method = method_config("domainfusion", "domainnet")
     exp = OmegaConf.load(conf_dir() / "experiment" / "domainfusion_domainnet.yaml")
-    frac = exp.method.get("synthetic_fraction", method.synthetic_fraction)
-    rounds = (method.epochs - 1) // method.augment_every  # rounds start at epochs T, 2T, ... < epochs
+    frac = float(method.synthetic_fraction)
+    periods = len(checkpoint_rounds(int(method.steps), int(method.checkpoint_freq)))
+    rounds = len([p for p in range(1, periods) if p % int(method.augment_every) == 0])  # before periods T, 2T, ...
     val = OmegaConf.load(conf_dir() / "dataset" / "domainnet.yaml").val_fraction
     per_target = {}
     for target in DOMAINNET_SIZES:
-        n_train = sum(n - round(n * val) for d, n in DOMAINNET_SIZES.items() if d != target)
+        n_train = sum(n - int(n * val) for d, n in DOMAINNET_SIZES.items() if d != target)  # DomainBed's "in" parts
         synthetic = max(1, int(round(frac * n_train)))
         per_target[target] = {"source_train": n_train, "synthetic_set": synthetic, "candidates": rounds * synthetic * method.candidates}
     one_seed = sum(v["candidates"] for v in per_target.values())
@@ -209,7 +213,8 @@ def domainfusion_count() -> dict:
 
 # --------------------------------------------------------------------- tables
 STEP_ROWS = (("coop_step", "CoOp step"), ("dapl_step", "DAPL step"), ("dapt_step", "DAPT step"),
-             ("promptstyler_iteration", "PromptStyler style iteration"))
+             ("promptstyler_iteration", "PromptStyler style iteration"), ("erm_step", "ERM step (vs DomainBed's ERM.update)"),
+             ("domainfusion_step", "DomainFusion step (vs a plain implementation)"))
 
 
 def markdown_tables(result: dict) -> str:

@@ -31,7 +31,7 @@ Claims (``--only`` takes the names on the left):
 
 Ablations: DAPL ``method.U=0``; DAPT ``method.beta_v=0 method.beta_t=0``; DomainFusion
 ``method.distill_weight=0`` (no distillation) and ``method.augment_every=1000`` (no augmentation round:
-rounds come at epochs T, 2T, ... below the 20 epochs). When an arm's folder holds several finished
+rounds come at evaluation periods T, 2T, ... below the 20 periods). When an arm's folder holds several finished
 records of one seed (a rerun with other ``--extra``), the newest counts and the output says so.
 
 Demo-scale overrides (every other value is the method YAML's default); each is written next to it
@@ -41,8 +41,10 @@ in :data:`ARMS` with its reason:
   the official random resized crops down to 8 % of a 32-pixel digit, and mirrored digits, destroy
   the class (as ``make demo``);
 * DomainFusion ``method.train_encoder=false method.synthetic_fraction=0.25 method.img2img_steps=10``:
-  ``make demo``'s settings for 2 CPU cores, the same in all three DomainFusion arms (not its 4-epoch
-  schedule: the claims keep the 20 epochs, so that the augmentation rounds at 5, 10, 15 happen).
+  ``make demo``'s settings for 2 CPU cores, the same in all three DomainFusion arms, with DomainBed's
+  step schedule shortened to 1,084 steps in 20 evaluation periods (``method.steps=1084
+  method.checkpoint_freq=57``, about the former 20 epochs; not make demo's 229 steps: the rounds at
+  periods 5, 10 and 15 happen).
 
 Usage:
     python scripts/claims.py [--seeds 1,2,3] [--only coop,dapl] [--out outputs/claims] [--jobs 2]
@@ -92,6 +94,7 @@ class Arm:
     overrides: Tuple[str, ...] = ()
     seed_free: bool = False  # zero-shot: one run at the first seed stands for every seed
     debug: Tuple[str, ...] = ()  # added in --debug only (to keep an arm comparable to its pair)
+    schedule: Tuple[str, ...] = ()  # left out in --debug, where conf/debug/<family>.yaml sets the schedule
 
 
 @dataclass(frozen=True)
@@ -110,13 +113,15 @@ NO_AUGMENT = ("method.augment=none",)
 DAPT_4SHOT = ("shots=4",) + NO_AUGMENT
 DOMAINFUSION_DEMO = (
     # demo scale, as make demo (2 CPU cores): the head on the frozen encoder's cached features, a
-    # quarter of the source images with a synthetic copy, 10 DDIM steps per img2img candidate (make
-    # demo's 4 epochs are not taken: the 20 epochs keep the augmentation rounds the claims compare)
+    # quarter of the source images with a synthetic copy, 10 DDIM steps per img2img candidate, and
+    # 1,084 steps in 20 evaluation periods of 57 steps (make demo's 229 steps are not taken: the 20
+    # periods keep the augmentation rounds at periods 5, 10 and 15 that the claims compare)
     "method.train_encoder=false",
     "method.synthetic_fraction=0.25",
     "method.img2img_steps=10",
 )
-NO_ROUND = "method.augment_every=1000"  # rounds start at epochs T, 2T, ... < epochs (20): none
+DOMAINFUSION_SCHEDULE = ("method.steps=1084", "method.checkpoint_freq=57")  # (the arms' schedule field)
+NO_ROUND = "method.augment_every=1000"  # rounds start at periods T, 2T, ... < 20 periods: none
 
 ARMS: Dict[str, Arm] = {a.key: a for a in (
     Arm("zeroshot", 'zero-shot "a photo of a [class]."', "zeroshot", "zeroshot", seed_free=True),
@@ -132,11 +137,11 @@ ARMS: Dict[str, Arm] = {a.key: a for a in (
     Arm("dapt_4shot", "DAPT, 4 shots", "dapt", "dapt", DAPT_4SHOT),
     Arm("dapt_4shot_no_dispersion", "DAPT, 4 shots, β_v = β_t = 0", "dapt", "dapt",
         DAPT_4SHOT + ("method.beta_v=0", "method.beta_t=0")),
-    Arm("domainfusion", "DomainFusion", "domainfusion", "domainfusion", DOMAINFUSION_DEMO),
+    Arm("domainfusion", "DomainFusion", "domainfusion", "domainfusion", DOMAINFUSION_DEMO, schedule=DOMAINFUSION_SCHEDULE),
     Arm("domainfusion_no_ldm", "DomainFusion without the LDM (λ = 0, no round)", "domainfusion", "domainfusion",
-        DOMAINFUSION_DEMO + ("method.distill_weight=0", NO_ROUND)),
+        DOMAINFUSION_DEMO + ("method.distill_weight=0", NO_ROUND), schedule=DOMAINFUSION_SCHEDULE),
     Arm("domainfusion_distill_only", "DomainFusion, distillation only (no round)", "domainfusion", "domainfusion",
-        DOMAINFUSION_DEMO + (NO_ROUND,)),
+        DOMAINFUSION_DEMO + (NO_ROUND,), schedule=DOMAINFUSION_SCHEDULE),
 )}
 
 ROWS: Tuple[Row, ...] = (
@@ -275,7 +280,7 @@ def sweep_args(arm: Arm, seeds: Sequence[int], out: Path, debug: bool, extra: Se
     args = ["train", "-m", f"method={arm.method}", "seed=" + ",".join(map(str, run_seeds)), f"out_root={out / arm.key}"]
     if debug:
         args += [f"+debug={arm.family}", *TINY_WORLD, *arm.debug]
-    return args + list(arm.overrides) + list(extra)
+    return args + list(arm.overrides) + ([] if debug else list(arm.schedule)) + list(extra)
 
 
 def run_arm(args: Sequence[str]) -> int:

@@ -56,7 +56,7 @@ SHORT = {
     "promptstyler": ["method.n_styles=4", "method.style_iters=10", "method.epochs=2"],
     "dapl": ["source=[printed]", "target=photo", "method.epochs=2"],
     "dapt": ["target=photo", "shots=4", "method.epochs=2"],
-    "domainfusion": ["target=photo", "method.epochs=2", "method.augment_every=1", "method.candidates=2",
+    "domainfusion": ["target=photo", "method.steps=3", "method.checkpoint_freq=2", "method.augment_every=1", "method.candidates=2",
                      "method.img2img_steps=4", "method.synthetic_fraction=0.25"],
 }
 # sizes of the timings: real (ViT-B/16, Office-Home's 65 / DomainNet's 345 classes, SD-1.x) or tiny

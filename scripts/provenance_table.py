@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
-"""Render conf/provenance.yaml as the README's provenance tables (between the provenance markers).
+"""Render conf/provenance.yaml as the README's provenance tables and docs/domainbed.md's (between the
+provenance markers).
 
-    python scripts/provenance_table.py           # rewrite the block in README.md
-    python scripts/provenance_table.py --check   # exit 1 if README.md's block is not the rendered one
+    python scripts/provenance_table.py           # rewrite the blocks in README.md and docs/domainbed.md
+    python scripts/provenance_table.py --check   # exit 1 if a block is not the rendered one
 
 tests/test_provenance.py runs the check and compares every row's default with the composed config.
 """
@@ -17,6 +18,8 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 BEGIN, END = "<!-- provenance:begin (scripts/provenance_table.py renders this from conf/provenance.yaml) -->", "<!-- provenance:end -->"
 METHOD_ORDER = ("coop", "promptstyler", "dapl", "dapt", "domainfusion")
+DOCS = ROOT / "docs" / "domainbed.md"  # DomainBed's tables: erm and domainfusion, rendered into docs/domainbed.md
+DOCS_ORDER = ("erm", "domainfusion")
 
 
 def load(path: Path = ROOT / "conf" / "provenance.yaml") -> dict:
@@ -33,9 +36,9 @@ def _cell(v) -> str:
     return str(v).replace("|", "\\|")
 
 
-def render(prov: dict) -> str:
+def render(prov: dict, order=METHOD_ORDER) -> str:
     out = []
-    for m in METHOD_ORDER:
+    for m in order:
         t = prov[m]
         out += [f"**{t['title']}**: `method={m}`. Official code: {t['official']}. Defaults read with "
                 f"`{' '.join(t['compose'])}`.", "",
@@ -56,15 +59,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args(argv)
-    readme = ROOT / "README.md"
-    text, table = readme.read_text(), render(load())
-    if args.check:
-        ok = readme_block(text) == table
-        print("README provenance tables are up to date" if ok else "README provenance tables differ: run scripts/provenance_table.py")
-        return 0 if ok else 1
-    a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
-    readme.write_text(text[:a] + "\n" + table + text[b:])
-    return 0
+    ok = True
+    for path, order in ((ROOT / "README.md", METHOD_ORDER), (DOCS, DOCS_ORDER)):
+        text, table = path.read_text(), render(load(), order)
+        if args.check:
+            same = readme_block(text) == table
+            ok &= same
+            print(f"{path.name} provenance tables are {'up to date' if same else 'different: run scripts/provenance_table.py'}")
+            continue
+        a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
+        path.write_text(text[:a] + "\n" + table + text[b:])
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -56,8 +56,8 @@ def run_cli(tmp_path, shared_cache, random_clip, monkeypatch, capsys):
     monkeypatch.setenv("PROMPTDG_CACHE", str(shared_cache))
     monkeypatch.setenv("PROMPTDG_OUT", str(out_root))
 
-    def run(*args: str, tiny: bool = True):
-        extra = list(TINY) + [f"backbone.pretrained={random_clip}"] if tiny else []
+    def run(*args: str, tiny: bool = True, clip: bool = True):
+        extra = list(TINY) + ([f"backbone.pretrained={random_clip}"] if clip else []) if tiny else []
         try:
             flags = [a for a in args[1:] if a.startswith("-")]
             overrides = [a for a in args[1:] if not a.startswith("-")]
@@ -111,6 +111,38 @@ def build_tiny_ldm(folder: Path, seed: int = 0) -> Path:
 def tiny_ldm_dir(tmp_path_factory):
     """DomainFusion's LDM in tests (method.ldm=<this folder>)."""
     return build_tiny_ldm(tmp_path_factory.mktemp("tiny_ldm"))
+
+
+def build_tiny_sd(folder: Path) -> Path:
+    """The tiny LDM in Stable Diffusion's layout: its VAE and UNet, and a text encoder and tokenizer of
+    its own (a 1-layer transformers CLIPTextModel, 16 positions), so that it conditions a classifier
+    backbone's DomainFusion the way SD v1.5 does (no CLIP backbone needed)."""
+    import shutil
+
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    ldm = build_tiny_ldm(folder / "ldm")
+    for part in ("vae", "unet", "scheduler"):
+        shutil.copytree(ldm / part, folder / "sd" / part)
+    words = ["a", "photo", "of", "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<|endoftext|>"] + [f"{w}</w>" for w in words])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16).save_pretrained(folder / "sd" / "tokenizer")
+    torch.manual_seed(0)
+    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=16)).save_pretrained(folder / "sd" / "text_encoder")
+    return folder / "sd"
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """The tiny LDM in SD's layout (method.ldm=<this folder> with backbone=resnet50_imagenet)."""
+    return build_tiny_sd(tmp_path_factory.mktemp("tiny_sd"))
+
+
+# DomainBed's ResNet-50 with random weights at the demo world's 32 px (its architecture, offline)
+RESNET = ("backbone=resnet50_imagenet", "backbone.pretrained=random", "backbone.image_size=32")
 
 
 @pytest.fixture(scope="session")

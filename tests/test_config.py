@@ -106,7 +106,24 @@ def test_every_experiment_sweeps_only_valid_choices(experiment):
     for group in ("method", "dataset", "backbone"):
         for value in str(params[group]).split(","):
             assert value in choices(group), f"{experiment}: {group}={value} does not exist"
-    assert [int(s) for s in str(params.seed).split(",")] == [1, 2, 3]  # the papers' three seeds
+    # the papers' three seeds; DomainBed's tables: its three trials (seed = trial_seed 0, 1, 2: DomainBed's splits)
+    assert [int(s) for s in str(params.seed).split(",")] == ([0, 1, 2] if experiment.startswith("domainfusion") else [1, 2, 3])
+
+
+def test_domainfusion_main_is_the_papers_setting():
+    """{erm, domainfusion} x the four DomainBed datasets on the ImageNet ResNet-50, DomainBed's recipe."""
+    cfg = compose("train", overrides=["experiment=domainfusion_main"], return_hydra_config=True)
+    p = cfg.hydra.sweeper.params
+    assert set(p.method.split(",")) == {"erm", "domainfusion"} and p.backbone == "resnet50_imagenet"
+    assert set(p.dataset.split(",")) == {"pacs", "vlcs", "officehome", "terra_incognita"}
+    run = compose("train", overrides=["method=domainfusion", "dataset=terra_incognita", "backbone=resnet50_imagenet"])
+    m, b = run.method, run.backbone
+    assert (m.lr, m.batch_size, m.weight_decay, m.steps, m.checkpoint_freq, m.select, m.ldm_resolution) == (5e-5, 32, 0.0, 5001, 300, "val", None)
+    assert (b.kind, b.model, b.pretrained, b.image_size) == ("classifier", "resnet50", "IMAGENET1K_V1", 224)
+    net = compose("train", overrides=["method=domainfusion", "dataset=domainnet", "backbone=resnet50_imagenet"]).method
+    assert (net.checkpoint_freq, net.synthetic_fraction, net.augment_every) == (1000, 0.005, 2)
+    cheap = compose("train", overrides=["method=domainfusion_256"]).method
+    assert cheap.ldm_resolution == 256 and cheap.variant  # a named option, shown in the tables
 
 
 def test_promptstyler_main_is_the_papers_grid():

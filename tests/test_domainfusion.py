@@ -171,7 +171,7 @@ def test_stable_diffusion_layout_loads_with_a_transformers_text_encoder(tmp_path
 
 # --------------------------------------------------------------------- end to end
 def _args(ldm_dir, *extra):
-    return ("method=domainfusion", f"method.ldm={ldm_dir}", "method.epochs=2", "method.augment_every=1",
+    return ("method=domainfusion", f"method.ldm={ldm_dir}", "method.steps=3", "method.checkpoint_freq=2", "method.augment_every=1",
             "method.candidates=2", "method.img2img_steps=4", "method.batch_size=16", "method.train_encoder=false", *extra)
 
 
@@ -183,7 +183,7 @@ def test_train_end_to_end_counts_generated_images(run_cli, tiny_ldm_dir):
     run_dir = Path(rec["run_dir"])
     (split,) = [json.loads(p.read_text()) for p in run_dir.glob("splits/*/result.json")]
     n_syn = split["n_train"]  # synthetic_fraction 1: one synthetic copy per source training image
-    # epochs 2, a round every epoch: one round (at epoch 1), 2 candidates per image
+    # evaluation periods of 1 and 2 steps, a round every period: one round (before period 1), 2 candidates per image
     assert rec["generated_images"] == 1 * n_syn * 2
     assert rec["synthetic_images"] == n_syn
     assert len(list(run_dir.glob("splits/*/synthetic/round1/*.png"))) == n_syn

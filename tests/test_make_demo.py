@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from promptdg_cli.methods import REGISTRY
+from promptdg_cli.methods import REGISTRY, get_method
 
 REPO = Path(__file__).resolve().parents[1]
 LANE = REPO / "scripts" / "demo_lane.sh"
@@ -31,7 +31,8 @@ def test_make_demo_trains_every_registered_method_once():
             runs.setdefault((m, protocol), []).append(line)
             assert "out_root=demo-out-x" in line
     names = {m for m, _ in runs}
-    assert {n for n in names if n in REGISTRY} == set(REGISTRY)  # every method has a row
+    # every method that runs on the demo CLIP has a row (erm trains an ImageNet classifier: none in the demo world)
+    assert {n for n in names if n in REGISTRY} == {m for m in REGISTRY if "clip" in get_method(m).backbone_kinds}
     assert all(len(v) == 1 for v in runs.values()), runs  # and is trained once per protocol
     assert ("dapl", "uda") in runs and ("zeroshot", "uda") in runs  # DAPL next to its UDA baseline
 

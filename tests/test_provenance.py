@@ -25,7 +25,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("method", table.METHOD_ORDER)
+@pytest.mark.parametrize("method", sorted(set(table.METHOD_ORDER) | set(table.DOCS_ORDER)))
 def test_every_keyed_row_is_the_composed_default(method):
     register_resolvers()
     register_configs()
@@ -46,6 +46,8 @@ def test_every_keyed_row_is_the_composed_default(method):
 def test_readme_holds_the_rendered_tables():
     readme = (ROOT / "README.md").read_text()
     assert table.readme_block(readme) == table.render(PROV), "run: python scripts/provenance_table.py"
+    docs = table.DOCS.read_text()
+    assert table.readme_block(docs) == table.render(PROV, table.DOCS_ORDER), "run: python scripts/provenance_table.py"
 
 
 def test_the_table_check_fails_when_a_value_drifts():

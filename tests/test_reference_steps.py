@@ -259,6 +259,9 @@ def test_domainfusion_noising_and_guidance_by_hand(ldm):
 
 
 def test_domainfusion_step(clip, tiny_ldm_dir, ldm, tmp_path):
+    """The CLIP-encoder variant on a frozen encoder: one DomainBed step (batch_size draws of the one
+    source domain and of the synthetic set), cross-entropy over all draws plus latent distillation of
+    the distilled draws, Adam's first step."""
     from promptdg_cli.demo.world import generate_dataset
 
     root = generate_dataset(tmp_path / "world", per_class=1)
@@ -267,36 +270,43 @@ def test_domainfusion_step(clip, tiny_ldm_dir, ldm, tmp_path):
     y = torch.arange(4)
     with torch.no_grad():
         x = F.normalize(clip.model.encode_image(torch.stack([clip.preprocess(Image.open(p).convert("RGB")) for p in paths])), dim=-1)
-    lr, lam, guide = 0.01, 1.0, 3.0
-    cfg = method_cfg("domainfusion", f"ldm={tiny_ldm_dir}", "train_encoder=false", "epochs=1", "augment_every=5", "batch_size=8",
-                     "synthetic_fraction=1.0", "distill_per_step=2", f"distill_weight={lam}", f"lr={lr}", f"distill_guidance={guide}")
+    lr, lam, guide, b = 0.01, 1.0, 3.0, 2
+    cfg = method_cfg("domainfusion", f"ldm={tiny_ldm_dir}", "train_encoder=false", "steps=1", "checkpoint_freq=1", "augment_every=5",
+                     f"batch_size={b}", "synthetic_fraction=1.0", "distill_per_step=2", f"distill_weight={lam}", f"lr={lr}",
+                     f"distill_guidance={guide}")
     m = DomainFusion(cfg, clip, names, CPU, RunEnv(seed=SEED))
     m.fit(TrainData(train=Features(x, y, ["photo"] * 4, paths), val=Features(x, y, ["photo"] * 4, paths)), ctx_in(tmp_path))
 
-    # the batch: the 4 source images then their 4 synthetic copies (round 0), in the epoch's order
-    order = torch.randperm(8, generator=torch.Generator().manual_seed(SEED * 100003))  # the loop's order of epoch 0
-    distilled = [int(i) for i in order if i < 4][:2]  # the first distill_per_step source images of the batch
+    # the step's draws, as DomainBed draws them: b with replacement from the source domain, then b of the
+    # synthetic set (round 0: copies of the 4 source images, after them), then a seed per draw
+    g = torch.Generator().manual_seed(SEED * 100003)  # the loop's generator of period 0
+    src = torch.randint(4, (b,), generator=g)
+    syn = torch.randint(4, (b,), generator=g)
+    seeds = torch.randint(2**62, (2 * b,), generator=g)
     emb, eot = embed(clip, [f"a photo of a {n}." for n in names])
     with torch.no_grad():
         w0 = F.normalize(text77(clip, emb, eot), dim=-1)  # the head starts as zero-shot CLIP
-    w, b = w0.clone().requires_grad_(True), torch.zeros(10, requires_grad=True)
-    feats_all, labels = torch.cat([x, x]), torch.cat([y, y])
-    logits = clip.model.logit_scale.exp().item() * (feats_all @ w.T + b)
+    w, bias = w0.clone().requires_grad_(True), torch.zeros(10, requires_grad=True)
+    feats_all, labels = torch.cat([x[src], x[syn]]), torch.cat([y[src], y[syn]])
+    logits = clip.model.logit_scale.exp().item() * (feats_all @ w.T + bias)
     ce = F.cross_entropy(logits, labels)
-    # latent distillation of the distilled images (the paper's description, written out)
-    p = logits[distilled].softmax(-1)[torch.arange(2), labels[distilled]]
+    # latent distillation of the distilled draws (the 2 source draws: evenly spaced over the source part)
+    p = logits[:2].softmax(-1)[torch.arange(2), labels[:2]]
     x01 = torch.stack([torch.from_numpy(np.asarray(Image.open(paths[i]).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
-                       for i in distilled])
+                       for i in src.tolist()])
     pixels = 2 * (p.view(-1, 1, 1, 1) * x01) - 1  # x(theta) = p x on [0, 1], then the LDM's [-1, 1]
     z = ldm.vae.encode(pixels).latent_dist.mean * ldm.vae.config.scaling_factor
-    g = torch.Generator().manual_seed(SEED * 1_000_003)  # epoch 0, step 0: t and eps for the distilled images
     lo, hi = int(0.02 * 999), int(0.98 * 999)
-    t = torch.randint(lo, hi + 1, (2,), generator=g)
-    eps = torch.randn(z.shape, generator=g)
+    t, eps = [], []
+    for s in seeds[:2].tolist():  # each distilled draw's t and eps from its own seed
+        gd = torch.Generator().manual_seed(s ^ 0x5EED)
+        t.append(torch.randint(lo, hi + 1, (1,), generator=gd))
+        eps.append(torch.randn((4, 8, 8), generator=gd))
+    t, eps = torch.cat(t), torch.stack(eps)
     abar = ldm.scheduler.alphas_cumprod[t].float().view(-1, 1, 1, 1)
     with torch.no_grad():
         z_t = abar.sqrt() * z + (1 - abar).sqrt() * eps
-        cond = ldm.encode_text([f"a photo of a {names[int(labels[i])]}" for i in distilled])
+        cond = ldm.encode_text([f"a photo of a {names[int(labels[i])]}" for i in range(2)])
         e_c = ldm.unet(z_t, t, encoder_hidden_states=cond).sample
         e_u = ldm.unet(z_t, t, encoder_hidden_states=ldm.encode_text([""] * 2)).sample
         grad_z = (1 - abar) * (e_u + guide * (e_c - e_u) - eps)  # w(t) (eps_hat - eps), w(t) = 1 - abar_t
@@ -306,7 +316,7 @@ def test_domainfusion_step(clip, tiny_ldm_dir, ldm, tmp_path):
     # Adam's first step: lr * g / (|g| + eps_adam); the gradient passes the tiny VAE and UNet too
     kw = dict(n=DEMO_CLIP_N, depth=DEMO_CLIP_DEPTH + 24)
     # (the head's starting weights are text features: the method's come through the shared-prefix path)
-    for got, p0, grad in ((m.head.weight, w0, w.grad), (m.head.bias, torch.zeros(10), b.grad)):
+    for got, p0, grad in ((m.classifier.weight, w0, w.grad), (m.classifier.bias, torch.zeros(10), bias.grad)):
         tol = adam_first_step_tol(lr, grad, p0, param_rel=rel(), **kw)
         diff = (got - (p0 - lr * grad / (grad.abs() + 1e-8))).abs()
         assert bool((diff <= tol).all()), float((diff - tol).max())

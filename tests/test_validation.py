@@ -74,17 +74,18 @@ def test_a_value_outside_its_range_is_refused(method, field, rng, items, is_int)
     assert f"method.{field}=" in msg and str(bad) in msg and "must be" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("override,key", [("shots=0", "shots"), ("num_workers=-1", "num_workers"),
+@pytest.mark.parametrize("override,key", [("shots=0", "shots"), ("num_workers=-1", "num_workers"), ("trial_seed=-1", "trial_seed"),
+                                          ("backbone=resnet50_imagenet backbone.image_size=4", "backbone.image_size"),
                                           ("dataset.val_fraction=1.0", "dataset.val_fraction"),
                                           ("dataset.val_fraction=0", "dataset.val_fraction")])
 def test_run_and_dataset_ranges(override, key):
     """(Through composition with a command-line override, as a user types it.)"""
     with pytest.raises(ConfigError, match=rf"^{key}="):
-        check_ranges(_compose("method=coop", override))
+        check_ranges(_compose("method=coop", *override.split()))
 
 
 def test_run_and_dataset_schemas_carry_their_ranges():
-    assert {f.name for f, _ in _ranged(RunConfig)} == {"shots", "num_workers"}
+    assert {f.name for f, _ in _ranged(RunConfig)} == {"shots", "num_workers", "trial_seed"}
     assert {f.name for f, _ in _ranged(DatasetConfig)} == {"val_fraction"}
 
 

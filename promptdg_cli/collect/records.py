@@ -126,7 +126,9 @@ def parse_filters(args: Sequence[str]) -> Dict[str, List[str]]:
 
 def method_label(record: Mapping[str, Any]) -> str:
     """``method``, ``method (variant)``, and the shot count when the run drew k shots per class:
-    ``dapt (16-shot)`` (one row per method and shot count, the few-shot tables' shape)."""
+    ``dapt (16-shot)`` (one row per method and shot count, the few-shot tables' shape); a run with an
+    opt-in out of the official protocol (``opt_ins``: a cheaper protocol, a selection on test labels
+    such as DomainBed's oracle rule) gets its own row, marked (``record.OPT_INS``)."""
     method = str(record.get("method") or "?")
     parts = [str(record["variant"])] if record.get("variant") else []
     if record.get("shots"):

@@ -20,6 +20,7 @@ REGISTRY: dict[str, str] = {
     "dapl": "promptdg_cli.methods.dapl:DAPL",
     "dapt": "promptdg_cli.methods.dapt:DAPT",
     "domainfusion": "promptdg_cli.methods.domainfusion:DomainFusion",
+    "erm": "promptdg_cli.methods.erm:ERM",
 }
 
 

@@ -26,6 +26,8 @@ class RunEnv:
     cache_root: Optional[str] = None  # the run's cache root (methods that build cached models: the demo LDM)
     domain_names: Dict[str, str] = field(default_factory=dict)  # domain folder -> the words prompts use
     precision: str = "fp32"  # backbone.precision: autocast of the frozen encoders and the prompt path on CUDA
+    trial_seed: int = 0  # DomainBed's trial_seed (the DG split; with hparams_seed, its random hyper-parameters)
+    dataset: str = ""  # the dataset config's name
 
 
 class Method:
@@ -33,6 +35,7 @@ class Method:
     trains: ClassVar[bool] = True  # False: evaluation only (zero-shot)
     needs_vit: ClassVar[bool] = False  # True: a ResNet backbone is a config error
     extras: ClassVar[Tuple[str, ...]] = ()  # optional extras it needs (promptdg_cli/extras.py): checked before a run starts
+    backbone_kinds: ClassVar[tuple] = ("clip",)  # the backbone kinds it runs on (clip, classifier)
     # The protocol the method always runs: None (the dataset's), "uda" (labelled sources, unlabelled
     # target in training) or "source_free" (no images in training; tested on every domain).
     protocol: ClassVar[Optional[str]] = None
@@ -79,6 +82,11 @@ class Method:
     def batch_loss(self, item, batch, info) -> list:
         """The step's loss as ``training.Term`` s."""
         raise NotImplementedError
+
+    def rounds(self) -> int:
+        """Rounds of the loop, each ended by validation and a checkpoint: epochs, or DomainBed's
+        evaluation periods."""
+        return int(self.cfg.epochs)
 
     def lr(self, epoch: int, step: int, steps: int) -> Optional[float]:
         """The learning rate of this step (None: leave the optimiser's)."""

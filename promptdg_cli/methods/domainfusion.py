@@ -2,11 +2,11 @@
 Models", ECCV 2024). There is no public code; this follows the paper's description, and every
 choice the paper leaves open is listed below with its default and the reason.
 
-A DG classifier (the backbone's image encoder and a linear head initialised from the zero-shot
-text embeddings) is trained with cross-entropy on the labelled source images plus a synthetic set,
-and one frozen latent diffusion model (LDM) helps in two ways:
+The DG model is the paper's: DomainBed's ERM (``methods/erm.py``: an ImageNet ResNet-50 featurizer
+and a linear head, Adam 5e-5, 32 images of each source domain a step, 5,001 steps, DomainBed's
+augmentation, split and selection), and one frozen latent diffusion model (LDM) adds two things:
 
-1. **Latent distillation.** Each source image is darkened by the classifier's confidence in its
+1. **Latent distillation.** Each distilled image is darkened by the classifier's confidence in its
    label, x(θ) = p_θ(y|x) · x, encoded by the VAE, z(θ) = E(x(θ)), and noised at a random timestep,
    z_t = sqrt(ᾱ_t) z + sqrt(1 − ᾱ_t) ε. The frozen UNet, prompted with "a photo of a [class]",
    predicts ε̂. The loss is the score-distillation surrogate
@@ -16,22 +16,25 @@ and one frozen latent diffusion model (LDM) helps in two ways:
    so the gradient reaches θ through z(θ) → x(θ) → p_θ and never through the UNet (ε̂ is computed
    under ``no_grad`` and detached; no LDM weight requires a gradient).
 
-2. **Online lightweight augmentation.** Every T epochs each image of the current synthetic set
-   (at first: copies of the source training images) yields N img2img candidates from the LDM. Each
-   candidate latent is split into a style (channel-wise mean and std) and a content (the latent
-   normalised by them); the style farthest from the input's and the content closest to the input's
-   are fused, AdaIN-style, into the image that replaces the input: content* · σ_style + μ_style.
+2. **Online lightweight augmentation.** Every T evaluation periods each image of the current
+   synthetic set (at first: copies of source training images) yields N img2img candidates from the
+   LDM. Each candidate latent is split into a style (channel-wise mean and std) and a content (the
+   latent normalised by them); the style farthest from the input's and the content closest to the
+   input's are fused, AdaIN-style, into the image that replaces the input: content* · σ_style + μ_style.
 
-    L = CE(source ∪ synthetic batch) + λ · L_LD
+    L = CE(the step's source and synthetic draws) + λ · L_LD
+
+With a CLIP backbone (``backbone=rn50``, ``demo_clip``, ...) the featurizer is CLIP's image encoder and
+the head starts as zero-shot CLIP (``zeroshot_template``, CLIP's temperature): the CLIP-encoder
+variant; ``train_encoder`` false keeps that encoder frozen (cached features: no augmentation).
 
 Choices the paper leaves open (config key, default, why):
 
 * ``ldm`` auto: the demo LDM with the demo CLIP, else Stable Diffusion v1.5
   (``stable-diffusion-v1-5/stable-diffusion-v1-5``): the most used SD 1.x checkpoint; the paper
   uses an off-the-shelf SD without fine-tuning. Any SD 1.x/2.x folder or hub id works.
-* ``ldm_resolution`` null: the LDM's own size, at most 256 px. Stable Diffusion then works at 256 px
-  (latents 32×32), a quarter of its native 512² cost; DG images are 224 px, so 512 would only
-  upsample them. The demo LDM works at its 32 px.
+* ``ldm_resolution`` null: the LDM's own size (SD v1.5: its native 512 px; the demo LDM: 32 px);
+  ``method=domainfusion_256`` is the named cheaper option (a quarter of the UNet's cost).
 * ``style_space`` latent: style and content are computed on the VAE latents of the candidates, so a
   candidate is never decoded; only the fused image is (one VAE decode per kept image).
 * Style distance: L2 between the concatenated (μ, σ) vectors; content distance: L2 between the
@@ -39,21 +42,21 @@ Choices the paper leaves open (config key, default, why):
 * ``prompt`` "a photo of a {}" for both distillation and img2img, as the paper's class prompt.
 * ``distill_weight`` λ = 1, ``t_range`` [0.02, 0.98] of the training timesteps and w(t) = 1 − ᾱ_t
   (DreamFusion's score-distillation defaults), ``distill_guidance`` 7.5 (SD's usual CFG scale; real
-  images need far less than DreamFusion's 100), on up to ``distill_per_step`` 8 source images of each
-  batch (the VAE backward pass is the expensive part).
-* x(θ) darkens pixels in [0, 1] (black is 0), then maps them to the LDM's [-1, 1].
+  images need far less than DreamFusion's 100), on ``distill_per_step`` 8 source draws of each step,
+  spread evenly over the source domains' minibatches (the VAE backward pass is the expensive part);
+  each distilled draw's t and ε come from its own seed, so ranks and a resumed step draw the same.
+* x(θ) darkens the image's plain pixels in [0, 1] at the LDM's size (black is 0), then maps them to
+  the LDM's [-1, 1]; the classifier sees the draw's augmented view.
 * The latent of x(θ) is the VAE posterior mean (deterministic; the sample's noise adds nothing the
   diffusion noise does not).
-* ``augment_every`` T = 5 epochs, ``candidates`` N = 4, ``strength`` 0.5 with 20 DDIM steps (10 run),
+* The synthetic set is one more minibatch of ``batch_size`` draws in every step (a further
+  environment of the ERM step): the source domains' minibatches stay DomainBed's, and a small
+  synthetic set (DomainNet's) still reaches every step.
+* ``augment_every`` T = 5 evaluation periods (CHECKPOINT_FREQ 300: rounds before steps 1,201, 2,701
+  and 4,201; DomainNet's dataset default is 2 of its 1,000-step periods), ``candidates`` N = 4, ``strength`` 0.5 with 20 DDIM steps (10 run),
   ``img2img_guidance`` 7.5; ``synthetic_fraction`` 1.0 (every source training image has a synthetic
-  copy; lower it on DomainNet, see conf/experiment/domainfusion_main.yaml). Rounds happen at the
-  start of epochs T, 2T, ...; a round's inputs are the current synthetic images, so variation
-  accumulates over rounds.
-* Classifier: Adam, lr 5e-5, no weight decay, batch 32 (DomainBed's ERM defaults, which the paper's
-  DomainBed protocol uses), ``epochs`` 20 over source ∪ synthetic, model selection on source
-  validation (``select`` val). ``train_encoder`` true fine-tunes the image encoder as the paper's DG
-  model is trained end to end (its BatchNorm statistics stay frozen, as DomainBed's ResNets);
-  false trains the head only, on the frozen encoder.
+  copy; DomainNet: see conf/experiment/domainfusion_domainnet.yaml). A round's inputs are the
+  current synthetic images, so variation accumulates over rounds.
 * The generated-image count (``generated_images`` in results.json) counts LDM img2img candidates,
   the figure that compares to offline augmentation; ``synthetic_images`` counts fused images.
 """
@@ -62,7 +65,7 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch
@@ -70,15 +73,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from ..data import Features, image_batches
+from ..classifier import Featurizer, augment_transform
+from ..data import image_batches
 from ..demo.ldm import ensure_demo_ldm
 from ..errors import ConfigError
-from ..evaluation import accuracy
 from ..ldm import load_ldm, to_ldm_pixels
 from ..recovery import image_error, recovery_event
 from ..schema import DomainFusionConfig
 from ..training import Term, make_files
-from .base import Method
+from .erm import ERM
 
 SD_DEFAULT = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -141,24 +144,16 @@ def fuse_candidates(z_in: torch.Tensor, cands: torch.Tensor):
 
 
 # --------------------------------------------------------------------- images on disk
-class _Images(torch.utils.data.Dataset):
-    """Each image as (index, classifier input, LDM input in [0, 1] at the LDM's resolution)."""
+def ldm_pixels(paths: Sequence[str], size: int) -> torch.Tensor:
+    """Images as the LDM's [0, 1] pixels, (B, 3, size, size): bicubic resize of the short side, centre crop."""
+    from torchvision import transforms as T
 
-    def __init__(self, paths: Sequence[str], clf_transform, ldm_size: Optional[int]):
-        from torchvision import transforms as T
-
-        self.paths, self.clf = list(paths), clf_transform
-        self.ldm = None if ldm_size is None else T.Compose([T.Resize(ldm_size, interpolation=T.InterpolationMode.BICUBIC),
-                                                             T.CenterCrop(ldm_size), T.ToTensor()])
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        with Image.open(self.paths[i]) as im:
-            im = im.convert("RGB")
-            clf = self.clf(im) if self.clf is not None else torch.zeros(0)
-            return i, clf, self.ldm(im) if self.ldm is not None else torch.zeros(0)
+    tf = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor()])
+    out = []
+    for p in paths:
+        with Image.open(p) as im:
+            out.append(tf(im.convert("RGB")))
+    return torch.stack(out)
 
 
 def save_png(x01: torch.Tensor, path: Path) -> None:
@@ -171,72 +166,72 @@ def save_png(x01: torch.Tensor, path: Path) -> None:
 
 
 def resolve_ldm(name: str, backbone) -> str:
-    """``auto``: the demo LDM for the demo CLIP, Stable Diffusion v1.5 for a real CLIP."""
+    """``auto``: the demo LDM for the demo CLIP, Stable Diffusion v1.5 otherwise."""
     if name != "auto":
         return name
     return "demo" if backbone.model_name.startswith("demo") else SD_DEFAULT
 
 
+def clip_train_transform(preprocess):
+    """DomainBed's augment_transform at a CLIP's input size, with the CLIP's normalisation."""
+    from torchvision import transforms as T
+
+    steps = list(preprocess.transforms)
+    size = next(t.size for t in steps if isinstance(t, T.CenterCrop))
+    return augment_transform(size[0] if isinstance(size, (tuple, list)) else size, next(t for t in steps if isinstance(t, T.Normalize)))
+
+
 # --------------------------------------------------------------------- the method
-class DomainFusion(Method):
+class DomainFusion(ERM):
     Config = DomainFusionConfig
     extras = ("domainfusion",)  # diffusers (and transformers for Stable Diffusion's text encoder)
+    backbone_kinds = ("classifier", "clip")
 
     def __init__(self, cfg, backbone, classnames, device, env=None):
         super().__init__(cfg, backbone, classnames, device, env)
-        visual = backbone.model.visual
-        self.encoder = copy.deepcopy(visual) if cfg.train_encoder else visual
-        self.encoder.requires_grad_(bool(cfg.train_encoder))
-        self.encoder.eval()  # BatchNorm statistics stay those of the pretrained encoder
-        text = backbone.zeroshot_weights(classnames, [cfg.zeroshot_template])  # (C, D)
-        self.head = nn.Linear(text.shape[1], text.shape[0]).to(device)
-        with torch.no_grad():
-            self.head.weight.copy_(text)
-            self.head.bias.zero_()
-        self.scale = float(backbone.logit_scale)  # CLIP's temperature, fixed
         self._ldm = None
         self.counts = {"generated_images": 0, "synthetic_images": 0}
         self.round = 0
 
-    # ----------------------------------------------------------------- classifier
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.encoder(images.to(self.device)), dim=-1)
+    def build_network(self):
+        """The classifier backbone's featurizer and a linear head (the paper's), or a CLIP image
+        encoder (BatchNorm frozen) with a head initialised as zero-shot CLIP."""
+        self.clip = getattr(self.backbone, "kind", "clip") == "clip"
+        if not self.clip:
+            if not self.cfg.train_encoder:
+                raise ConfigError("method.train_encoder=false keeps a CLIP image encoder frozen (cached features); "
+                                  f"backbone={self.backbone.model_name} is a classifier, trained end to end: use train_encoder=true")
+            return super().build_network()
+        visual = self.backbone.model.visual
+        self.frozen = not self.cfg.train_encoder
+        feat = Featurizer(visual if self.frozen else copy.deepcopy(visual), self.backbone.embed_dim)
+        feat.requires_grad_(not self.frozen)
+        feat.train(not self.frozen)
+        text = self.backbone.zeroshot_weights(self.classnames, [self.cfg.zeroshot_template])  # (C, D)
+        head = nn.Linear(text.shape[1], text.shape[0]).to(self.device)
+        with torch.no_grad():
+            head.weight.copy_(text)
+            head.bias.zero_()
+        self.scale = float(self.backbone.logit_scale)  # CLIP's temperature, fixed
+        return feat, head
 
-    def classify(self, feats: torch.Tensor) -> torch.Tensor:
-        return self.scale * self.head(feats)
+    def head(self, f):
+        return self.scale * self.classifier(F.normalize(f, dim=-1)) if self.clip else self.classifier(f)
 
-    @torch.no_grad()
-    def logits(self, x):
-        return self.classify(x.to(self.device))
-
-    def features_for(self, feats, batch_size: int = 128):
-        """A fine-tuned encoder re-encodes the test images (cached features are the pretrained encoder's)."""
-        if not self.cfg.train_encoder:
-            return feats
-        return Features(self.encode_files(feats.paths, batch_size), feats.y, feats.domain, feats.paths)
+    def train_transform(self):
+        if not self.clip or not self.cfg.augment:
+            return super().train_transform()
+        return clip_train_transform(self.backbone.preprocess)
 
     @torch.no_grad()
     def encode_files(self, paths: Sequence[str], batch_size: int = 128) -> torch.Tensor:
-        """Normalised features of image files by the encoder, (N, D) on the CPU."""
+        """Normalised features of image files by the frozen encoder, (N, D) on the CPU."""
         out = []
         for _, x, bad in image_batches(paths, self.backbone.preprocess, batch_size, self.env.num_workers):
             if bad:
                 raise OSError(f"cannot read {paths[bad[0]]}")
-            out.append(self.image_features(x).cpu())
+            out.append(F.normalize(self.featurizer(x.to(self.device)), dim=-1).cpu())
         return torch.cat(out)
-
-    def state_dict(self):
-        state = {"head.weight": self.head.weight.detach(), "head.bias": self.head.bias.detach()}
-        if self.cfg.train_encoder:
-            state |= {f"encoder.{k}": v.detach() for k, v in self.encoder.state_dict().items()}
-        return state
-
-    def load_state_dict(self, state):
-        self.head.weight.data.copy_(state["head.weight"].to(self.device))
-        self.head.bias.data.copy_(state["head.bias"].to(self.device))
-        enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-        if enc:
-            self.encoder.load_state_dict(enc)
 
     def extra_results(self):
         return dict(self.counts)
@@ -249,7 +244,7 @@ class DomainFusion(Method):
                 if not self.backbone.model_name.startswith("demo"):
                     raise ConfigError("method.ldm=demo is conditioned on the demo CLIP's text tower: use it with backbone=demo_clip")
                 source = str(ensure_demo_ldm(self.env.cache_root, self.backbone))  # built once by jobs that start at once
-            self._ldm = load_ldm(source, self.device, self.cfg.ldm_dtype, self.cfg.ldm_revision, clip=self.backbone)
+            self._ldm = load_ldm(source, self.device, self.cfg.ldm_dtype, self.cfg.ldm_revision, clip=self.backbone if self.clip else None)
         return self._ldm
 
     def generator_name(self) -> str:
@@ -257,7 +252,7 @@ class DomainFusion(Method):
         return resolve_ldm(self.cfg.ldm, self.backbone)
 
     def ldm_size(self) -> int:
-        return int(self.cfg.ldm_resolution or min(self.ldm().resolution, 256))
+        return int(self.cfg.ldm_resolution or self.ldm().resolution)
 
     def vae_factor(self) -> int:
         return 2 ** (len(self.ldm().vae.config.block_out_channels) - 1)
@@ -281,8 +276,7 @@ class DomainFusion(Method):
     def augment_batch(self, inputs: Sequence[str], labels: Sequence[int], outputs: Sequence[Path], idx: List[int], seed: int) -> None:
         """Images ``idx`` of ``inputs`` augmented into their ``outputs`` (PNG); the batch has its own
         generator, seeded by (seed, its first index), so a resumed round is identical."""
-        ds = _Images([inputs[i] for i in idx], None, self.ldm_size())
-        x01 = torch.stack([ds[j][2] for j in range(len(idx))])
+        x01 = ldm_pixels([inputs[i] for i in idx], self.ldm_size())
         g = torch.Generator(device=self.ldm().device).manual_seed(seed * 1_000_003 + idx[0])
         out = self.augment(x01, torch.as_tensor([labels[i] for i in idx]), g)
         for j, i in enumerate(idx):
@@ -328,77 +322,64 @@ class DomainFusion(Method):
 
     # ----------------------------------------------------------------- training
     def fit(self, data, ctx):
+        self.setup(data, ctx)
         cfg, train = self.cfg, data.train
-        self.train, self.val = train, data.val
         n = len(train)
         rng = np.random.default_rng([self.env.seed, 7])
         self.syn_src = np.sort(rng.choice(n, size=max(1, int(round(cfg.synthetic_fraction * n))), replace=False))
         self.syn_labels = [int(train.y[i]) for i in self.syn_src]
         self.src_paths = [train.paths[i] for i in self.syn_src]  # round 0: copies of the source images
         self.syn_dir = ctx.split_dir / "synthetic"
+        self.n_source = n
         self._use_round(0)
-        # a frozen encoder sees each image once: source features come from the feature cache, the
-        # synthetic set's are computed once per round; only the distilled images' pixels are read
-        self.frozen = not cfg.train_encoder
         self.lo, self.hi = (int(f * (self.ldm().num_train_timesteps - 1)) for f in cfg.t_range)
+        self.labels = torch.cat([train.y, torch.as_tensor(self.syn_labels, dtype=torch.long)]).to(self.device)
         ctx.log(synthetic_set=len(self.syn_src), ldm=resolve_ldm(cfg.ldm, self.backbone), ldm_resolution=self.ldm_size(), t_min=self.lo, t_max=self.hi)
         ctx.train(self)
 
-    def parameters_to_train(self):
-        return list(self.head.parameters()) + (list(self.encoder.parameters()) if self.cfg.train_encoder else [])
-
-    def optimizer(self, params):
-        return torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+    def draw(self, g):
+        """The source domains' minibatches, then ``batch_size`` draws of the synthetic set (indices after the sources')."""
+        real = super().draw(g)
+        return torch.cat([real, self.n_source + torch.randint(len(self.syn_src), (int(self.hp["batch_size"]),), generator=g)])
 
     def epoch_batches(self, epoch, g):
-        """Batches of indices into the source training images followed by the synthetic set."""
-        self.paths = list(self.train.paths) + self.syn_paths
-        self.labels = torch.cat([self.train.y, torch.as_tensor(self.syn_labels, dtype=torch.long)]).to(self.device)
-        order = torch.randperm(len(self.paths), generator=g)
-        return [torch.as_tensor(order[i : i + self.cfg.batch_size]) for i in range(0, len(order), self.cfg.batch_size)]
+        """ERM's steps with a third tensor: which draws are distilled (``distill_per_step`` source draws, evenly spaced)."""
+        out = []
+        for idx, seeds in super().epoch_batches(epoch, g):
+            n_src, k = int(self.hp["batch_size"]) * len(self.rows), min(int(self.cfg.distill_per_step), int(self.hp["batch_size"]) * len(self.rows))
+            mask = torch.zeros(len(idx), dtype=torch.bool)
+            mask[[(j * n_src) // k for j in range(k)] if self.cfg.distill_weight else []] = True
+            out.append((idx, seeds, mask))
+        return out
 
     def load(self, epoch, local_batches):
-        """(positions, classifier inputs, LDM pixels) of each local batch (None where it is empty)."""
-        if self.frozen and self.feats is None:
+        if self.frozen and self.feats is None:  # a frozen encoder sees each image once per round
             self.feats = torch.cat([self.train.x, self.encode_files(self.syn_paths)])
-        tf = None if self.frozen else self.backbone.preprocess
-        ds = _Images(self.paths, tf, self.ldm_size())
-        full = [b.tolist() for b in local_batches if len(b)]
-        loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=full, num_workers=self.env.num_workers if len(full) > 4 else 0))
-        for b in local_batches:
-            yield next(loader) if len(b) else None
+        self.paths = list(self.train.paths) + self.syn_paths
+        return super().load(epoch, local_batches)
 
     def batch_loss(self, item, batch, info):
-        cfg = self.cfg
-        n_source = len(self.train)
-        # the distilled images: the first distill_per_step source images of the global batch
-        src_global = [int(i) for i in batch if int(i) < n_source][: cfg.distill_per_step]
-        none = [Term("ld", None, 0, len(src_global), cfg.distill_weight), Term("ld_grad_rms", None, 0, len(src_global), 0.0)]
+        cfg, n_distilled = self.cfg, int(batch[2].sum())
+        none = [Term("ld", None, 0, n_distilled, cfg.distill_weight), Term("ld_grad_rms", None, 0, n_distilled, 0.0)]
         if item is None:
-            return [Term("ce", None, 0, len(batch))] + none
-        pos, x_clf, x01 = item
-        y = self.labels[pos.to(self.device)]
-        f = self.feats[pos].to(self.device) if self.frozen else self.image_features(x_clf)
-        logits = self.classify(f)
-        terms = [Term("ce", F.cross_entropy(logits, y), len(pos), len(batch))]
-        where = {int(i): j for j, i in enumerate(pos.tolist())}
-        src = [s for s in src_global if s in where]
-        if not (cfg.distill_weight and src):
+            return [Term("ce", None, 0, len(batch[0]))] + none
+        (_, seeds, mask), (idx, x, x01) = item
+        y = self.labels[idx.to(self.device)]
+        logits = self.forward(x, idx)
+        terms = [Term("ce", F.cross_entropy(logits, y), len(idx), len(batch[0]))]
+        rows = torch.nonzero(mask).flatten()
+        if not len(rows):
             return terms + none
-        ldm, size = self.ldm(), self.ldm_size()
-        # t and ε are drawn for the global list and indexed: the same as on one process
-        g = torch.Generator().manual_seed(self.env.seed * 1_000_003 + info.epoch * 10_007 + info.step)
-        t_all = torch.randint(self.lo, self.hi + 1, (len(src_global),), generator=g)
-        noise_all = torch.randn((len(src_global), ldm.unet.config.in_channels, size // self.vae_factor(), size // self.vae_factor()), generator=g)
-        sel = torch.as_tensor([src_global.index(s) for s in src])
-        rows = torch.as_tensor([where[s] for s in src], device=self.device)
-        p = logits[rows].softmax(-1).gather(1, y[rows, None]).squeeze(1)  # p_θ(y|x)
-        loss_ld, grad = latent_distillation_loss(ldm, p.to(ldm.device), x01[rows.cpu()].to(ldm.device), ldm.encode_text(self.prompts(y[rows])),
-                                                 t_all[sel].to(ldm.device), noise_all[sel].to(ldm.device), cfg.distill_guidance, cfg.weighting)
-        # the surrogate's value means nothing (only its gradient does): the size of w(t)(ε̂ − ε) is logged
-        rms = grad.pow(2).mean().sqrt().detach()
-        return terms + [Term("ld", loss_ld.to(self.device), len(src), len(src_global), cfg.distill_weight),
-                        Term("ld_grad_rms", rms, len(src), len(src_global), 0.0)]
-
-    def validate(self):
-        return accuracy(self, self.val) if len(self.val) else None
+        ldm, lat = self.ldm(), self.ldm_size() // self.vae_factor()
+        t, noise = [], []
+        for s in seeds[rows].tolist():  # each distilled draw's t and ε from its own seed
+            g = torch.Generator().manual_seed(s ^ 0x5EED)
+            t.append(torch.randint(self.lo, self.hi + 1, (1,), generator=g))
+            noise.append(torch.randn((ldm.unet.config.in_channels, lat, lat), generator=g))
+        rows_d = rows.to(self.device)
+        p = logits[rows_d].softmax(-1).gather(1, y[rows_d, None]).squeeze(1)  # p_θ(y|x)
+        loss_ld, grad = latent_distillation_loss(ldm, p.to(ldm.device), x01.to(ldm.device), ldm.encode_text(self.prompts(y[rows_d])),
+                                                 torch.cat(t).to(ldm.device), torch.stack(noise).to(ldm.device), cfg.distill_guidance, cfg.weighting)
+        rms = grad.pow(2).mean().sqrt().detach()  # the surrogate's value means nothing: the size of w(t)(ε̂ − ε) is logged
+        return terms + [Term("ld", loss_ld.to(self.device), len(rows), n_distilled, cfg.distill_weight),
+                        Term("ld_grad_rms", rms, len(rows), n_distilled, 0.0)]
