@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 # The main job on the offline demo world, in four steps:
 # 1. zero-shot CLIP (both templates) leave-one-domain-out: builds the world and the demo CLIP if not
 #    cached and fills the feature cache (two threads: the CLIP build keeps both cores busy);
-# 2. two lanes side by side (`-j2`), one torch thread each (scripts/demo_lane.sh says why; each lane's
+# 2. two lanes side by side (`-j2`), one torch thread each (tools/demo_lane.sh says why; each lane's
 #    progress bars go to $(DEMO_OUT)/logs/, its result lines to the terminal):
 #    a. the linear probe and CoOp leave-one-domain-out, then DAPT with 4 shots per class (no crop/flip
 #       augmentation: it destroys 32-pixel digits);
@@ -39,7 +39,7 @@ $(STAMP): pyproject.toml constraints.txt
 # 4. print the collected tables (DG and UDA).
 DEMO_OUT ?= outputs/demo
 PROMPTDG := $(VENV)/bin/promptdg
-DEMO_LANE = scripts/demo_lane.sh $(DEMO_OUT)/logs/$@.log
+DEMO_LANE = tools/demo_lane.sh $(DEMO_OUT)/logs/$@.log
 demo: $(STAMP)
 	$(PROMPTDG) train -m method=zeroshot,zeroshot_name out_root=$(DEMO_OUT)
 	@echo "[promptdg] next: linear_probe, coop, dapt | promptstyler, dapl in two one-thread lanes (progress bars: $(DEMO_OUT)/logs/demo-lane-a.log, demo-lane-b.log)"

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from promptdg_cli.config import conf_dir, register_configs, register_resolvers
 
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("provenance_table", ROOT / "scripts" / "provenance_table.py")
+spec = importlib.util.spec_from_file_location("provenance_table", ROOT / "tools" / "provenance_table.py")
 table = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(table)
 PROV = table.load()

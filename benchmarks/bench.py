@@ -18,7 +18,7 @@ latter is the steadier. On the CPU, torch runs one thread by default (``--thread
 way's step, a minute or more there, is timed on its checked run. The markdown tables for the README
 are printed at the end and stored as ``markdown``.
 
-Usage: python scripts/bench.py [--out bench/bench.json] [--device cpu|cuda] [--precision fp32|bf16]
+Usage: python benchmarks/bench.py [--out bench/bench.json] [--device cpu|cuda] [--precision fp32|bf16]
        [--repeats 3] [--repeats-official N] [--threads 1] [--breakdown]
        [--only coop,dapl,dapt,promptstyler,features,domainfusion,domainfusion_count]
 """

@@ -1,5 +1,5 @@
 """The bench's other sections: feature extraction throughput, DomainFusion's LDM work, the projected
-training times of the papers' schedules, and the markdown tables (``scripts/bench.py``,
+training times of the papers' schedules, and the markdown tables (``benchmarks/bench.py``,
 ``scripts/gpu_check.py``)."""
 from __future__ import annotations
 
