@@ -1,25 +1,20 @@
-#!/usr/bin/env python3
-"""Render conf/provenance.yaml as the README's provenance tables (between the provenance markers).
-
-    python scripts/provenance_table.py           # rewrite the block in README.md
-    python scripts/provenance_table.py --check   # exit 1 if README.md's block is not the rendered one
-
-tests/test_provenance.py runs the check and compares every row's default with the composed config.
+"""conf/provenance.yaml as markdown: one table per trained method, each row a hyper-parameter with the
+paper's value, the official code's, promptdg's default and why. ``tools/render_docs.py`` writes the
+tables into docs/methods.md (between its generated-block markers); tests/test_provenance.py compares
+every keyed row's default with the composed config, and tests/test_docs.py the doc with this render.
 """
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-BEGIN, END = "<!-- provenance:begin (scripts/provenance_table.py renders this from conf/provenance.yaml) -->", "<!-- provenance:end -->"
+SOURCE = ROOT / "conf" / "provenance.yaml"
 METHOD_ORDER = ("coop", "promptstyler", "dapl", "dapt", "domainfusion")
 
 
-def load(path: Path = ROOT / "conf" / "provenance.yaml") -> dict:
+def load(path: Path = SOURCE) -> dict:
     return yaml.safe_load(path.read_text())
 
 
@@ -33,9 +28,9 @@ def _cell(v) -> str:
     return str(v).replace("|", "\\|")
 
 
-def render(prov: dict) -> str:
+def render(prov: dict, order=METHOD_ORDER) -> str:
     out = []
-    for m in METHOD_ORDER:
+    for m in order:
         t = prov[m]
         out += [f"**{t['title']}**: `method={m}`. Official code: {t['official']}. Defaults read with "
                 f"`{' '.join(t['compose'])}`.", "",
@@ -45,27 +40,3 @@ def render(prov: dict) -> str:
             out.append(f"| {_cell(r['name'])}{key} | {_cell(r['paper'])} | {_cell(r['official'])} | {_cell(r['default'])} | {_cell(r['why'])} |")
         out.append("")
     return "\n".join(out).rstrip() + "\n"
-
-
-def readme_block(text: str) -> str:
-    a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
-    return text[a:b].strip("\n") + "\n"
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true")
-    args = ap.parse_args(argv)
-    readme = ROOT / "README.md"
-    text, table = readme.read_text(), render(load())
-    if args.check:
-        ok = readme_block(text) == table
-        print("README provenance tables are up to date" if ok else "README provenance tables differ: run scripts/provenance_table.py")
-        return 0 if ok else 1
-    a, b = text.index(BEGIN) + len(BEGIN), text.index(END)
-    readme.write_text(text[:a] + "\n" + table + text[b:])
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
