@@ -148,7 +148,7 @@ def main(argv=None) -> int:
     for name in args.only.split(","):
         block = BLOCKS[name]
         text, body = block.doc.read_text(), block.render()
-        doc = block.doc.relative_to(ROOT)
+        doc = block.doc.relative_to(ROOT) if block.doc.is_relative_to(ROOT) else block.doc
         current = committed(text, name)
         if current is None:
             print(f"{doc}: no markers for the generated block {name!r} ({begin(name, block.source)} ... {end(name)})")
