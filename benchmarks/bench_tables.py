@@ -45,11 +45,13 @@ def machine(result: dict) -> str:
     if result.get("cores") and not result.get("gpu"):
         where += f", {result['cores']} cores"
     official = result.get("repeats_official")
-    official = f"the median of {official} runs" if official else "its checked run"
-    return (f"Measured on {where}: device `{result['device']}`, {result['threads']} torch thread(s), torch {result['torch']}, "
-            f"`{result['model']}` with {result['weights']} weights, {result['precision']}. promptdg's step is the median of "
-            f"{result['repeats']} timed runs, the official way's {official}; the whole benchmark took "
-            f"{result['total_s'] / 60:.0f} min.")
+    official = f"the median of {official} timed runs" if official else "the time of its checked run"
+    total = result["total_s"]
+    took = f"{total / 60:.0f} min" if total >= 120 else f"{total:.0f} s"
+    threads = f"{result['threads']} torch thread" + ("s" if result["threads"] != 1 else "")
+    return (f"Measured on {where}: device `{result['device']}`, {threads}, torch {result['torch']}, "
+            f"`{result['model']}` with {result['weights']} weights, {result['precision']}. promptdg's step time is the "
+            f"median of {result['repeats']} timed run(s), the official way's {official}; the whole benchmark took {took}.")
 
 
 def other_tables(result: dict) -> str:

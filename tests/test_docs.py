@@ -217,8 +217,8 @@ def check_promptdg(args):
 HELP: dict = {}  # script -> its --help process, started once for the module (they import torch: seconds each)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _help_of_every_documented_script():
+@pytest.fixture(scope="module")
+def help_of_every_documented_script():
     """Start every documented script's ``--help`` at once, to run while the in-process checks run."""
     for _, _, command in COMMANDS:
         for seg in segments(tokens(command)):
@@ -294,7 +294,7 @@ def check(words):
 
 
 @pytest.mark.parametrize("path,line,command", COMMANDS, ids=[f"{p.name}:{n}" for p, n, _ in COMMANDS])
-def test_every_documented_command_runs_as_far_as_it_can(path, line, command, tmp_path, monkeypatch):
+def test_every_documented_command_runs_as_far_as_it_can(path, line, command, tmp_path, monkeypatch, help_of_every_documented_script):
     pipeline = segments(tokens(command))
     if PLACEHOLDER.search(" ".join(" ".join(seg) for seg in pipeline)):
         pytest.skip("a line the user edits (it holds a placeholder)")
