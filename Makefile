@@ -6,12 +6,11 @@ PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: install demo demo-lane-a demo-lane-b claims test test-cpu-kinds test-all bench gpu-check clean-demo
+.PHONY: install demo demo-lane-a demo-lane-b claims test test-cpu-kinds test-all bench docs gpu-check clean-demo
 
+# Create .venv and install promptdg with every extra; reinstalls when the pins or the package metadata change.
 install: $(STAMP)
 
-# Reinstalled when the pins or the package metadata change. torch/torchvision come from the pins in
-# constraints.txt (a CPU torch wheel where one is provided; never an unpinned CUDA download).
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip setuptools wheel
@@ -20,28 +19,11 @@ $(STAMP): pyproject.toml constraints.txt
 	PYTHONWARNINGS=ignore $(PIP) install --quiet -c constraints.txt -e '.[test,all]'
 	touch $(STAMP)
 
-# The main job on the offline demo world, in four steps:
-# 1. zero-shot CLIP (both templates) leave-one-domain-out: builds the world and the demo CLIP if not
-#    cached and fills the feature cache (two threads: the CLIP build keeps both cores busy);
-# 2. two lanes side by side (`-j2`), one torch thread each (scripts/demo_lane.sh says why; each lane's
-#    progress bars go to $(DEMO_OUT)/logs/, its result lines to the terminal):
-#    a. the linear probe and CoOp leave-one-domain-out, then DAPT with 4 shots per class (no crop/flip
-#       augmentation: it destroys 32-pixel digits);
-#    b. PromptStyler (source-free: trained once on no images, tested on every domain), then zero-shot
-#       CLIP and DAPL on all 12 single-source pairs (UDA);
-#    (the split evens the lanes: about 2 min 50 s each on 2 cores);
-# 3. DomainFusion with the demo LDM (built once, like the demo CLIP; two threads: the LDM build and
-#    the img2img candidates keep both cores busy): the CLIP-encoder variant (the demo CLIP's image
-#    encoder, frozen, with a zero-shot head; the paper's ImageNet ResNet-50 is experiment=domainfusion_main).
-#    On 2 CPU cores: a frozen encoder, a quarter of the source images in the synthetic set, 10 DDIM
-#    steps per candidate, DomainBed's schedule cut to 229 steps in 5 evaluation periods with one
-#    augmentation round before period 3 instead of fine-tuning, all of them, 20 steps and 5,001 steps
-#    (the former 4-epoch demo ran 228 steps of the same cost: the distilled images are the cost);
-#    `make claims` runs 1,084 steps in 20 periods;
-# 4. print the collected tables (DG and UDA).
 DEMO_OUT ?= outputs/demo
 PROMPTDG := $(VENV)/bin/promptdg
-DEMO_LANE = scripts/demo_lane.sh $(DEMO_OUT)/logs/$@.log
+DEMO_LANE = tools/demo_lane.sh $(DEMO_OUT)/logs/$@.log
+NO_AUGMENT := method.augment=none
+# Every method on the offline demo world, then the collected tables (docs/demo.md: what runs, and why at this scale).
 demo: $(STAMP)
 	$(PROMPTDG) train -m method=zeroshot,zeroshot_name out_root=$(DEMO_OUT)
 	@echo "[promptdg] next: linear_probe, coop, dapt | promptstyler, dapl in two one-thread lanes (progress bars: $(DEMO_OUT)/logs/demo-lane-a.log, demo-lane-b.log)"
@@ -51,54 +33,56 @@ demo: $(STAMP)
 	$(PROMPTDG) train method=domainfusion method.train_encoder=false method.synthetic_fraction=0.25 method.img2img_steps=10 method.steps=229 method.checkpoint_freq=57 method.augment_every=3 out_root=$(DEMO_OUT)
 	$(PROMPTDG) collect $(DEMO_OUT)
 
-# CoOp, DAPT and DAPL with method.augment=none: promptdg's cheaper protocol (no augmentation; marked * in
-# the tables): the official random resized crops down to 8 % of a 32-pixel digit destroy the class.
-NO_AUGMENT := method.augment=none
+# make demo's first lane, one torch thread (tools/demo_lane.sh): the linear probe, CoOp, DAPT with 4 shots.
 demo-lane-a: $(STAMP)
 	$(DEMO_LANE) $(PROMPTDG) train method=linear_probe out_root=$(DEMO_OUT)
 	$(DEMO_LANE) $(PROMPTDG) train method=coop $(NO_AUGMENT) out_root=$(DEMO_OUT)
 	$(DEMO_LANE) $(PROMPTDG) train method=dapt shots=4 $(NO_AUGMENT) out_root=$(DEMO_OUT)
 
+# make demo's second lane, one torch thread: PromptStyler, then zero-shot CLIP and DAPL on the 12 UDA pairs.
 demo-lane-b: $(STAMP)
 	$(DEMO_LANE) $(PROMPTDG) train method=promptstyler out_root=$(DEMO_OUT)
 	$(DEMO_LANE) $(PROMPTDG) train method=zeroshot dataset.protocol=uda out_root=$(DEMO_OUT)
 	$(DEMO_LANE) $(PROMPTDG) train method=dapl dataset.protocol=uda $(NO_AUGMENT) out_root=$(DEMO_OUT)
 
-# Each paper's central comparison on the demo world over 3 seeds (scripts/claims.py: the claims, the
-# rule for "reproduced", the demo-scale overrides and their reasons); finished runs are reused.
 CLAIMS_OUT ?= outputs/claims
 CLAIMS_SEEDS ?= 1,2,3
-# arms at a time, each its own process with cores / CLAIMS_JOBS threads (promptdg's choice: 2; on 2 cores
-# the whole table in 31 min 35 s from a cached world and LDM, about 75 min one after another; 1: the arms
-# one after another in the claims process)
 CLAIMS_JOBS ?= 2
+# Each paper's central comparison on the demo world over 3 seeds, CLAIMS_JOBS arms at a time (scripts/claims.py).
 claims: $(STAMP)
 	$(PY) scripts/claims.py --seeds $(CLAIMS_SEEDS) --out $(CLAIMS_OUT) --jobs $(CLAIMS_JOBS)
 
+# Ruff and the test suite, CPU only and offline (slow tests excluded).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q --durations=10
 
-# The numerics tests (-m numerics) again as an AVX2 CPU and a plain x86-64 CPU sum: PyTorch's, MKL's and
-# oneDNN's kernels each pick their code path from these variables (tests/numerics.py: CPU_KINDS).
 AVX2_ENV    := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 DEFAULT_ENV := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41
+# The numerics tests (-m numerics) again with AVX2 and plain x86-64 kernels (PyTorch, MKL and oneDNN each read their variable).
 test-cpu-kinds: $(STAMP)
 	env $(AVX2_ENV) $(PY) -m pytest -q -m numerics -p no:cacheprovider
 	env $(DEFAULT_ENV) $(PY) -m pytest -q -m numerics -p no:cacheprovider
 
+# Every test, the slow ones included.
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
 
-# Each method's training step the official code's way and promptdg's way (ViT-B/16, random weights),
-# checked equal, with the projected training times; prints the README's tables (scripts/bench.py).
+BENCH_DEVICE ?= cpu
+BENCH_OUT ?= benchmarks/results/$(BENCH_DEVICE).json
+# Each method's step the official way and promptdg's (ViT-B/16, random weights), checked equal; writes BENCH_OUT and docs/speed.md.
 bench: $(STAMP)
-	nice -n 10 $(PY) scripts/bench.py --out bench/bench.json
+	nice -n 10 $(PY) benchmarks/bench.py --device $(BENCH_DEVICE) --out $(BENCH_OUT)
+	$(PY) tools/render_docs.py
 
-# On a machine with one GPU: every method on CUDA (bf16) through the CLI, then the real-size timings
-# with CUDA peak memory; writes gpu_check/gpu_check.json, exits non-zero on any error.
+# Rewrite the generated parts of docs/ from conf/provenance.yaml, conf/dataset/ and benchmarks/results/.
+docs: $(STAMP)
+	$(PY) tools/render_docs.py
+
+# On a machine with one GPU: every method on CUDA (bf16) through the CLI, then real-size timings; writes gpu_check/.
 gpu-check: $(STAMP)
 	PY=$(PY) scripts/gpu_check.sh
 
+# Remove make demo's outputs (the cached demo world and models stay in $PROMPTDG_CACHE).
 clean-demo:
 	rm -rf $(DEMO_OUT)

@@ -22,7 +22,7 @@ preempted one its ``error``; a finished one its identity (method ... run_dir), i
 Keys the schema does not name (a method's counters, e.g. DomainFusion's ``generated_images``) are
 kept in :attr:`RunRecord.extra` and written back at the top level.
 
-No torch here: ``collect`` and ``scripts/gen_records.py`` import this module alone.
+No torch here: ``collect`` and ``tools/gen_records.py`` import this module alone.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ one GPU, a few minutes on an H100/H200, one JSON file, a non-zero exit on any er
 2. ``features``: feature-cache extraction images/s (DataLoader workers over a folder of generated
    224 px JPEGs, ViT-B/16 under the precision's autocast).
 3. ``steps``: one training step of CoOp, DAPL, DAPT and a PromptStyler style iteration at 345
-   classes, the official code's way and promptdg's (``bench_steps.py``: same loss checked), with
+   classes, the official code's way and promptdg's (``benchmarks/bench_steps.py``: same loss checked), with
    CUDA peak memory.
 4. ``domainfusion``: SD-1.x-size img2img candidates/s and latent-distillation steps/s at 256 px.
 
@@ -33,6 +33,8 @@ import sys
 import time
 import traceback
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # bench_steps, bench_extra: the timings' code
 
 # isort: off
 import promptdg_cli.backbone  # noqa: F401  (the torchvision shim before open_clip)

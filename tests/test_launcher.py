@@ -266,7 +266,7 @@ def test_single_run_errors_are_unchanged(run_cli):
 
 # --------------------------------------------------------------------- collect at scale
 def gen_records():
-    spec = importlib.util.spec_from_file_location("gen_records", REPO / "scripts" / "gen_records.py")
+    spec = importlib.util.spec_from_file_location("gen_records", REPO / "tools" / "gen_records.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

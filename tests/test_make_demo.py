@@ -1,4 +1,4 @@
-"""`make demo`'s plan (read with `make -n`, nothing runs) and its lane helper, scripts/demo_lane.sh."""
+"""`make demo`'s plan (read with `make -n`, nothing runs) and its lane helper, tools/demo_lane.sh."""
 import os
 import re
 import shutil
@@ -10,7 +10,7 @@ import pytest
 from promptdg_cli.methods import REGISTRY, get_method
 
 REPO = Path(__file__).resolve().parents[1]
-LANE = REPO / "scripts" / "demo_lane.sh"
+LANE = REPO / "tools" / "demo_lane.sh"
 
 
 def _demo_plan(out: str) -> list[str]:

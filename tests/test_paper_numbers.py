@@ -302,10 +302,10 @@ def test_a_paper_file_of_ones_own_and_a_disagreement_between_papers(tmp_path, ca
 
 
 def test_records_with_no_paper_value_say_so(tmp_path, capsys):
-    """scripts/gen_records.py's few-shot records: DAPT's tables are not transcribed, so each table
+    """tools/gen_records.py's few-shot records: DAPT's tables are not transcribed, so each table
     says that no cell has a paper value (and the command still succeeds)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("gen_records", REPO / "scripts" / "gen_records.py")
+    spec = importlib.util.spec_from_file_location("gen_records", REPO / "tools" / "gen_records.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     gen.generate(tmp_path / "runs", methods=("dapt",), datasets=("dtd",), shots=(16,), seeds=(1, 2),

@@ -1,8 +1,8 @@
-"""The provenance of every default: conf/provenance.yaml against the composed configs, the README's
+"""The provenance of every default: conf/provenance.yaml against the composed configs, docs/methods.md's
 tables against the file, and a source named next to every value in conf/method/*.yaml."""
-import importlib.util
 import math
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,10 +13,12 @@ from omegaconf import OmegaConf
 from promptdg_cli.config import conf_dir, register_configs, register_resolvers
 
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("provenance_table", ROOT / "scripts" / "provenance_table.py")
-table = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(table)
+sys.path.insert(0, str(ROOT / "tools"))
+import provenance_table as table  # noqa: E402
+import render_docs  # noqa: E402
+
 PROV = table.load()
+METHODS_DOC = render_docs.BLOCKS["provenance"].doc
 
 
 def _same(a, b) -> bool:
@@ -25,7 +27,7 @@ def _same(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("method", sorted(set(table.METHOD_ORDER) | set(table.DOCS_ORDER)))
+@pytest.mark.parametrize("method", sorted(set(table.METHOD_ORDER) | set(table.DOMAINBED_ORDER)))
 def test_every_keyed_row_is_the_composed_default(method):
     register_resolvers()
     register_configs()
@@ -43,17 +45,15 @@ def test_every_keyed_row_is_the_composed_default(method):
         assert {"name", "paper", "official", "default", "why"} <= set(row), row
 
 
-def test_readme_holds_the_rendered_tables():
-    readme = (ROOT / "README.md").read_text()
-    assert table.readme_block(readme) == table.render(PROV), "run: python scripts/provenance_table.py"
-    docs = table.DOCS.read_text()
-    assert table.readme_block(docs) == table.render(PROV, table.DOCS_ORDER), "run: python scripts/provenance_table.py"
+def test_docs_methods_holds_the_rendered_tables():
+    doc = render_docs.committed(METHODS_DOC.read_text(), "provenance")
+    assert doc == table.render(PROV), "run: python tools/render_docs.py"
 
 
 def test_the_table_check_fails_when_a_value_drifts():
     drifted = {m: dict(t, rows=[dict(r) for r in t["rows"]]) for m, t in PROV.items()}
     drifted["dapt"]["rows"][0]["default"] = 99
-    assert table.render(drifted) != table.readme_block((ROOT / "README.md").read_text())
+    assert table.render(drifted) != render_docs.committed(METHODS_DOC.read_text(), "provenance")
 
 
 SOURCE = re.compile(r"\b(paper|official|promptdg|DomainBed|DreamFusion|CLIP)\b")

@@ -16,7 +16,7 @@ solution, 2 / (refine_steps + 1) decades away). Every fit converges to the uniqu
 objective; a warm start only shortens the way there. Features and weights are float32 (the
 objective's sum is accumulated in float64): on the CPU it halves an iteration's time against
 float64, with the same validation accuracy at each of the 13 path values on the benchmark's
-65-class problem (``scripts/bench_linear_probe.py``'s problem 65 x 512 x 8000).
+65-class problem (``benchmarks/bench_linear_probe.py``'s problem 65 x 512 x 8000).
 
 Resume: the loop's units, a checkpoint after every fitted C (its accuracy and its solution, the warm
 start of what follows), so a resumed sweep starts each remaining fit from the same weights as an
@@ -34,7 +34,7 @@ from ..logreg import cold_start, fit_logreg, objective_and_grad
 from ..schema import LinearProbeConfig
 from .base import Method
 
-DTYPE = torch.float32  # features and weights (see the module docstring and scripts/bench_linear_probe.py)
+DTYPE = torch.float32  # features and weights (see the module docstring and benchmarks/bench_linear_probe.py)
 SOLVER = "lbfgs-torch-f32"  # in the checkpoint's unit names: a checkpoint of an earlier sweep (scikit-learn, float64) is not reused
 
 

@@ -4,7 +4,7 @@
 # on one thread, 25.0 s on two; two one-thread runs side by side: 26.7 s for both), so two one-thread
 # lanes nearly halve the wall time of the methods that follow the demo CLIP build.
 #
-#   scripts/demo_lane.sh LOG COMMAND...
+#   tools/demo_lane.sh LOG COMMAND...
 #
 # The command's whole output (progress bars included) is appended to LOG; its result lines (those that
 # start with "[promptdg]") also go to the terminal, so the two lanes' bars never overwrite each other.

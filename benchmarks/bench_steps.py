@@ -1,5 +1,5 @@
 """One training step of each method, the official code's way and promptdg's way, with the check (in fp32) that
-both compute the same loss and gradients (``scripts/bench.py`` and ``scripts/gpu_check.py`` use it).
+both compute the same loss and gradients (``benchmarks/bench.py`` and ``scripts/gpu_check.py`` use it).
 
 **Official way**: what the official code computes in a step: the frozen image encoder on every batch
 (no feature cache), every prompt through all 77 text positions, no prefix sharing:

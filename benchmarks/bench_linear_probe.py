@@ -24,7 +24,7 @@ Timings are of this process's two sweeps back to back, after one untimed sweep o
 problem (the first fit in a process pays one-time costs, about a second for torch); run it with
 nothing else on the machine.
 
-Usage: python scripts/bench_linear_probe.py [--out bench/linear_probe.json]
+Usage: python benchmarks/bench_linear_probe.py [--out bench/linear_probe.json]
        [--shapes demo:10x128x1200x400,domainnet:345x512x20000x5000] [--device cpu|cuda]
        [--no-same-rule]     # leave out the scikit-learn sweep at promptdg's stopping rule
        [--demo-cache DIR]   # also the demo world's 4 leave-one-domain-out problems, from the

@@ -18,10 +18,14 @@ Sections (``--only`` picks some; the step functions are in ``bench_steps.py``, t
 Each step's check runs in fp32; its timings in ``--precision`` (autocast on CUDA). Wall time and
 this process's CPU time are both stored (``speedup``, ``speedup_cpu_time``): on a shared CPU the
 latter is the steadier. On the CPU, torch runs one thread by default (``--threads``) and the official
-way's step, a minute or more there, is timed on its checked run. The markdown tables for the README
-are printed at the end and stored as ``markdown``.
+way's step, a minute or more there, is timed on its checked run. The markdown tables
+(``bench_tables.py``) are printed at the end and stored as ``markdown``; ``tools/render_docs.py``
+renders docs/speed.md from the JSON files in benchmarks/results/.
 
-Usage: python scripts/bench.py [--out bench/bench.json] [--device cpu|cuda] [--precision fp32|bf16]
+The result also names the machine (``environment.hardware``: the CPU's model and torch's CPU kernel
+level, the GPU) and its core count, which docs/speed.md prints above each machine's tables.
+
+Usage: python benchmarks/bench.py [--out benchmarks/results/cpu.json] [--device cpu|cuda] [--precision fp32|bf16]
        [--repeats 3] [--repeats-official N] [--threads 1] [--breakdown]
        [--only coop,dapl,dapt,promptstyler,features,domainfusion,domainfusion_count,erm,domainfusion_step]
        [--erm-batch 32] [--df-step-batch 32] [--df-distilled 8] [--df-px 512]
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -37,9 +42,12 @@ from pathlib import Path
 
 import torch
 
+from promptdg_cli.environment import hardware
+
 from bench_domainbed import domainfusion_step, erm_step
-from bench_extra import domainfusion, domainfusion_count, feature_extraction, markdown_tables, project
+from bench_extra import domainfusion, domainfusion_count, feature_extraction, project
 from bench_steps import Bench, build_clip, classnames, coop_step, dapl_step, dapt_step, image_size, promptstyler_iteration
+from bench_tables import markdown_tables
 
 SECTIONS = ("coop", "dapl", "dapt", "promptstyler", "features", "domainfusion", "domainfusion_count", "erm", "domainfusion_step")
 HEAVY = ("domainfusion", "domainfusion_step")  # SD-1.x-size UNets: many minutes on a CPU (--only runs them there)
@@ -47,7 +55,7 @@ HEAVY = ("domainfusion", "domainfusion_step")  # SD-1.x-size UNets: many minutes
 
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="bench/bench.json")
+    ap.add_argument("--out", default="benchmarks/results/cpu.json")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast of both ways on CUDA")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs of promptdg's step after its checked (warm-up) run; the median is kept")
@@ -90,7 +98,7 @@ def main(argv=None) -> int:
               breakdown=args.breakdown, image_size=image_size(clip))
     result = {"model": args.model, "weights": "random", "device": str(device), "precision": args.precision,
               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "host": platform.node(), "repeats": args.repeats,
+              "threads": torch.get_num_threads(), "cores": os.cpu_count(), **hardware(device), "host": platform.node(), "repeats": args.repeats,
               "repeats_official": reps_official}
     officehome, domainnet = classnames("officehome"), classnames("domainnet")
     if "coop" in only:

@@ -10,8 +10,8 @@ carry the record's fields (status, method, variant, dataset, backbone, protocol,
 target/source domains, accuracy, avg_accuracy, val_accuracy, timings, ...; failed runs: error and
 traceback).
 
-    python scripts/gen_records.py /tmp/records                 # write them
-    python scripts/gen_records.py /tmp/records --time          # ... and time `promptdg collect` on them
+    python tools/gen_records.py /tmp/records                 # write them
+    python tools/gen_records.py /tmp/records --time          # ... and time `promptdg collect` on them
     promptdg collect /tmp/records --columns dataset            # the table, datasets as columns
 """
 from __future__ import annotations

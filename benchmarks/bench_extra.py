@@ -1,6 +1,6 @@
-"""The bench's other sections: feature extraction throughput, DomainFusion's LDM work, the projected
-training times of the papers' schedules, and the markdown tables (``scripts/bench.py``,
-``scripts/gpu_check.py``)."""
+"""The bench's other sections: feature extraction throughput, DomainFusion's LDM work and the projected
+training times of the papers' schedules (``benchmarks/bench.py``, ``scripts/gpu_check.py``; the
+markdown tables are ``bench_tables.py``'s)."""
 from __future__ import annotations
 
 import tempfile
@@ -209,35 +209,3 @@ def domainfusion_count() -> dict:
     print(f"DomainFusion DomainNet sweep: {max(v['candidates'] for v in per_target.values()):,} images per run at most, "
           f"{one_seed:,} for the 6 held-out domains of one seed ({out['reduction_one_seed_pct']}% fewer than 5M)", flush=True)
     return out
-
-
-# --------------------------------------------------------------------- tables
-STEP_ROWS = (("coop_step", "CoOp step"), ("dapl_step", "DAPL step"), ("dapt_step", "DAPT step"),
-             ("promptstyler_iteration", "PromptStyler style iteration"), ("erm_step", "ERM step (vs DomainBed's ERM.update)"),
-             ("domainfusion_step", "DomainFusion step (vs a plain implementation)"))
-
-
-def markdown_tables(result: dict) -> str:
-    """The README's tables: each step both ways, then the projected trainings."""
-    lines = ["| method | official way s | promptdg s, official protocol | speedup | promptdg s, cheaper protocol (augment=none) | speedup | equal check |",
-             "|---|---:|---:|---:|---:|---:|---|"]
-    for key, label in STEP_ROWS:
-        if key in result:
-            r, c = result[key], result[key]["check"]
-            ok = "yes" if c["equal"] else "**no**"
-            if "promptdg_augmented_s" in r:  # a frozen-encoder method: a fresh view per epoch, or cached features
-                aug = f"{r['promptdg_augmented_s']:.3f} | **{r['speedup_augmented']:.1f}x**"
-                if "speedup_augmented_sweep" in r:
-                    aug += f" ({r['speedup_augmented_sweep']:.1f}x with views shared by {r['view_share']} runs of a sweep)"
-                cheap = f"{r['promptdg_s']:.3f} | {r['speedup']:.1f}x"
-            else:  # (DAPT, PromptStyler: the same protocol both ways)
-                aug, cheap = f"{r['promptdg_s']:.3f} | **{r['speedup']:.1f}x**", "same | same"
-            lines.append(f"| {label} | {r['official_s']:.2f} | {aug} | {cheap} | {ok}: loss "
-                         f"{c['loss_official']:.5f} vs {c['loss_promptdg']:.5f}, max grad diff {c['grad_max_abs_diff']:.1e} "
-                         f"(max grad {c['grad_max_abs']:.1e}) |")
-    rows = [(label, result[key]["projected_training"]) for key, label in STEP_ROWS if "projected_training" in result.get(key, {})]
-    if rows:
-        lines += ["", "| training | schedule | official way h | promptdg h | paper |", "|---|---|---:|---:|---|"]
-        for label, p in rows:
-            lines.append(f"| {label.split()[0]} | {p['schedule']} | {p['official_h']:.2f} | {p['promptdg_h']:.2f} | {p['paper'] or 'not given'} |")
-    return "\n".join(lines)

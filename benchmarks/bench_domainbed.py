@@ -1,4 +1,4 @@
-"""The bench's DomainBed rows (``scripts/bench.py --only erm,domainfusion_step``): one training step of
+"""The bench's DomainBed rows (``benchmarks/bench.py --only erm,domainfusion_step``): one training step of
 ERM and of DomainFusion on DomainBed's ResNet-50 (random weights), promptdg's way against a plain
 implementation of the same step, checked equal (loss and every gradient, in fp32) and timed.
 
