@@ -129,14 +129,14 @@ def erm_step(b: Bench, batch: int = 32, domains: int = 3) -> dict:
     ref = DomainBedERM(copy.deepcopy(backbone.network).requires_grad_(True), copy.deepcopy(m.classifier), m.hp).to(dev)
     m.labels = y
     idx = torch.arange(n)
-    item, step_batch = ((idx, idx), (idx, x, None)), (idx, idx)
+    item = ((idx, idx), (idx, x, None))
     opt = m.optimizer(m.parameters_to_train())
     minibatches = [(x[i * batch:(i + 1) * batch], y[i * batch:(i + 1) * batch]) for i in range(domains)]
     ref_named = {f"featurizer.network.{k}": p for k, p in ref.featurizer.named_parameters()} | {
         f"classifier.{k}": p for k, p in ref.classifier.named_parameters()}
     out = _check_and_time(b, f"ERM step ({domains} x {batch} images of 224 px, ResNet-50)", [
         ("official", ref_named, lambda: ref.update(minibatches, step=False), ref.optimizer.step),
-        ("promptdg", _named(m), lambda: _loop_step(b, m, opt, item, step_batch), opt.step)])
+        ("promptdg", _named(m), lambda: _loop_step(b, m, opt, item), opt.step)])
     return {"architecture": "torchvision resnet50 (random weights), 224 px", "domains": domains, "batch_per_domain": batch,
             "official": "DomainBed algorithms.ERM.update, written out", **out}
 
@@ -215,7 +215,7 @@ def domainfusion_step(b: Bench, batch: int = 32, distilled: int = 8, domains: in
 
     def promptdg_step():
         m._ldm = ldm32 if b.precision == "fp32" else ldm_fast  # (the check: fp32)
-        return _loop_step(b, m, opt, item, step_batch)
+        return _loop_step(b, m, opt, item)
 
     out = _check_and_time(b, f"DomainFusion step ({domains + 1} x {batch} images, {int(mask.sum())} distilled through SD v1.5 at {px} px)", [
         ("official", _named(plain), plain_step, plain_opt.step), ("promptdg", _named(m), promptdg_step, opt.step)])

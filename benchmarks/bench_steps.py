@@ -51,13 +51,13 @@ from omegaconf import OmegaConf
 from promptdg_cli.backbone import ClipBackbone
 from promptdg_cli.config import compose_method, conf_dir
 from promptdg_cli.data import Features
+from promptdg_cli.devices import autocast
 from promptdg_cli.methods.base import RunEnv
 from promptdg_cli.methods.coop import CoOp
 from promptdg_cli.methods.dapl import DAPL, SUFFIXES
 from promptdg_cli.methods.dapt import DAPT, class_prototypes
 from promptdg_cli.methods.promptstyler import PLACEHOLDER, PromptStyler, content_consistency_loss, style_diversity_loss
 from promptdg_cli.protocols import TrainData
-from promptdg_cli.runtime import autocast
 from promptdg_cli.training import StepInfo
 from promptdg_cli.views import Plain
 
@@ -170,12 +170,12 @@ def _empty(dim: int) -> Features:
     return Features(torch.zeros(0, dim), torch.zeros(0, dtype=torch.long), [], [])
 
 
-def _loop_step(b: Bench, m, opt, item, batch) -> torch.Tensor:
+def _loop_step(b: Bench, m, opt, item) -> torch.Tensor:
     """The training loop's step (training.TrainContext.train, one process): the method's terms under
     the run's autocast, their weighted sum, backward; the caller steps the optimiser."""
     with b.autocast():
-        terms = m.batch_loss(item, batch, StepInfo(0, 0))
-    loss = sum(t.weight * t.loss for t in terms if t.loss is not None and t.n_local)
+        terms = m.batch_loss(item, StepInfo(0, 0))
+    loss = sum(t.weight * t.loss for t in terms if t.loss is not None and t.n)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     return loss.detach()
@@ -281,8 +281,8 @@ def coop_step(b: Bench, names: List[str], batch: int = 32, dataset: str = "demo_
         return loss.detach()
 
     out = _measure(b, f"CoOp step ({batch} images, {len(names)} classes)", params, opt, official,
-                   lambda: _loop_step(b, m, opt, idx, idx))
-    out |= _augmented(b, out, [images], lambda: (_loop_step(b, m, opt, idx, idx), opt.step()))
+                   lambda: _loop_step(b, m, opt, idx))
+    out |= _augmented(b, out, [images], lambda: (_loop_step(b, m, opt, idx), opt.step()))
     return {"classes": len(names), "batch": batch, "n_ctx": cfg.n_ctx, "positions_official": clip.context_length,
             "positions_promptdg": int(m.prompt.eot.max()) + 1, **out}
 
@@ -375,9 +375,9 @@ def dapl_step(b: Bench, names: List[str], batch: int = 32, dataset: str = "offic
         return (loss_x + cfg.U * loss_u).detach()
 
     out = _measure(b, f"DAPL step ({batch}+{batch} images, {c} classes x {n_dom} domains + {c} naive prompts)", params, opt,
-                   official, lambda: _loop_step(b, m, opt, item, item))
+                   official, lambda: _loop_step(b, m, opt, item))
     # official protocol: both batches' fresh views; an Office-Home domain takes part in 6 of the 12 pairs
-    out |= _augmented(b, out, [src, tgt], lambda: (_loop_step(b, m, opt, item, item), opt.step()), share=6)
+    out |= _augmented(b, out, [src, tgt], lambda: (_loop_step(b, m, opt, item), opt.step()), share=6)
     kept = int(m.keep.sum())
     return {"classes": c, "domains": n_dom, "source_batch": batch, "target_batch": batch,
             "prompts_official_per_call": (n_dom + 1) * c, "calls_official": 2, "positions_official": clip.context_length,
@@ -414,7 +414,7 @@ def dapt_step(b: Bench, names: List[str], batch: int = 32, dataset: str = "offic
         return loss.detach()
 
     out = _measure(b, f"DAPT step ({batch} images through the prompted ViT, {len(names)} classes)", params, opt, official,
-                   lambda: _loop_step(b, m, opt, item, item[0]), heavy=True)
+                   lambda: _loop_step(b, m, opt, item), heavy=True)
     return {"classes": len(names), "batch": batch, "visual_prompts": cfg.n_visual, "n_ctx": cfg.n_ctx,
             "positions_official": clip.context_length, "positions_promptdg": int(m.prompt.eot.max()) + 1,
             "note": "both ways run the image side through the prompted ViT (forward and backward); only the text side differs",
@@ -429,10 +429,11 @@ def promptstyler_iteration(b: Bench, names: List[str], i: int = 40, dataset: str
     m = PromptStyler(cfg, clip, names, dev, RunEnv(seed=0, precision=b.precision))
     with torch.no_grad():
         m.content = clip.encode_text(names, normalize=True)  # T("[class]"), once per run (fit)
-        earlier_words = torch.stack([m.init_style(7, j) for j in range(i - 1)])  # (i-1, W): styles learned before
+        earlier_words = torch.stack([torch.randn(clip.text_width, generator=torch.Generator().manual_seed(7 + j)) * cfg.style_init_std
+                                     for j in range(i - 1)]).to(dev)  # (i-1, W): styles learned before
         earlier = torch.stack([m.encode(w)[0] for w in earlier_words]) if i > 1 else torch.zeros(0, clip.embed_dim, device=dev)
         content77 = clip.encode_text(names, normalize=True, truncate=False)  # the official way's, also once
-    s = torch.nn.Parameter(m.init_style(0, i - 1))
+    s = torch.nn.Parameter(m.init_style(i - 1))
     opt = torch.optim.SGD([s], lr=cfg.style_lr, momentum=cfg.style_momentum)
     style_text = cfg.style_template.format(PLACEHOLDER)
     emb, eot = _full77(clip, [style_text] + [f"{style_text} {n}" for n in names])

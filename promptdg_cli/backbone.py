@@ -10,7 +10,7 @@ gives the same features at a fraction of the cost (a prompt of 16 context tokens
 fills ~20 of the 77 positions). ``encode_grouped`` goes further for prompts that share their leading
 positions (a domain's context in DAPL, PromptStyler's "a S style of a", a template's first words):
 the shared prefix runs once per group, each prompt's own suffix against its keys and values
-(``shared_prefix.py``), with the same features.
+(``prompt_encoding.py``), with the same features.
 
 Weights: ``pretrained`` is an open_clip tag (``openai``, ``laion2b_s34b_b79k``, ...) or a local
 checkpoint file; or ``model`` names them with open_clip's ``hf-hub:org/repo[@revision]`` or
@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, WeightsNotFound
-from .shared_prefix import PromptGroups, encode_bucketed, supports_shared_prefix
+from .prompt_encoding import PromptGroups, encode_bucketed, supports_shared_prefix
 from .weights import file_weights, has_schema, hub_revision, hub_unavailable, resolve_schema
 
 log = logging.getLogger("promptdg")
@@ -168,7 +168,7 @@ class ClipBackbone(nn.Module):
 
     def encode_grouped(self, prompts: PromptGroups, normalize: bool = True) -> torch.Tensor:
         """(G, C, D) features of grouped prompts: each group's shared prefix runs through the text
-        transformer once, each prompt's suffix against the prefix's keys/values (see shared_prefix.py).
+        transformer once, each prompt's suffix against the prefix's keys/values (see prompt_encoding.py).
         Equal to ``encode_prompts(*prompts.full())``; a text tower of other blocks runs exactly that."""
         if self._shared_prefix_ok is None:
             self._shared_prefix_ok = supports_shared_prefix(self.model)

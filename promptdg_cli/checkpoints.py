@@ -17,13 +17,12 @@ Keeping the previous checkpoint doubles the disk space checkpoints take while a 
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import torch
 
-from .recovery import recovery_event
+from .files import move, recovery_event, write_atomic
 
 
 class CheckpointError(RuntimeError):
@@ -41,20 +40,12 @@ def corrupt_path(path: Path) -> Path:
 def save(state: dict, path: Path) -> None:
     """Write, verify, then replace: ``path`` is the new checkpoint, its previous version ``.prev``."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        torch.load(tmp, map_location="cpu", weights_only=True)
+        write_atomic(path, lambda tmp: torch.save(state, tmp), verify=lambda tmp: torch.load(tmp, map_location="cpu", weights_only=True),
+                     keep_previous=previous_path(path))
     except Exception as e:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"the checkpoint for {path} could not be written and read back ({type(e).__name__}: {e}); "
                               f"the previous checkpoint is kept") from e
-    if path.exists():
-        os.replace(path, previous_path(path))
-    os.replace(tmp, path)
 
 
 def load(path: Path, map_location=None, repair: bool = True) -> tuple[Optional[dict], list]:
@@ -78,7 +69,7 @@ def load(path: Path, map_location=None, repair: bool = True) -> tuple[Optional[d
     events = [recovery_event(f, e, action + (f"; set aside as {corrupt_path(f).name}" if repair else "")) for f, e in unreadable]
     if repair:
         for f, _ in unreadable:
-            os.replace(f, corrupt_path(f))  # never the "previous" checkpoint of the next save
+            move(f, corrupt_path(f))  # never the "previous" checkpoint of the next save
     return state, events
 
 

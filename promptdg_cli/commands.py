@@ -26,8 +26,9 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from .config import check_ranges, config_hash, register_resolvers
-from .errors import ConfigError, UserError
+from .config import check_ranges, config_hash, method_schema_of, register_resolvers, typed_method
+from .errors import UserError
+from .files import write_json_atomic
 from .record import RunRecord, Status
 from .tracking import check as check_trackers
 
@@ -160,10 +161,8 @@ def _report_job(run_dir: Path, status: str, error: Optional[str] = None) -> None
         "pid": os.getpid(),
     }
     path = Path(folder) / f"job{hc.job.num:06d}.json"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        tmp.write_text(json.dumps(entry))
-        os.replace(tmp, path)
+        write_json_atomic(path, entry)
     except OSError as e:
         log.warning("could not write the sweep report %s: %s", path, e)
 
@@ -254,19 +253,11 @@ def print_sweep_summary(report: dict, stopped: int = 0) -> int:
 # --------------------------------------------------------------------- the commands
 
 def check_config(cfg: DictConfig) -> None:
-    """Every value checked before any heavy library loads: the ranges of the schemas (``config.py``),
-    and for a method outside the package (``method._target_``) its own schema's keys and types."""
-    schema = None
-    if cfg.method.get("_target_"):
-        from .methods import method_class
-
-        schema = getattr(method_class(cfg.method), "Config", None)
-        if schema is not None:
-            body = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "_target_"}
-            try:
-                OmegaConf.merge(OmegaConf.structured(schema), body)
-            except Exception as e:  # omegaconf's validation errors name the key
-                raise ConfigError(f"method={cfg.method.name} ({cfg.method._target_}): {e}".splitlines()[0]) from None
+    """Every value checked before any heavy library loads (a built-in method's schema is torch-free;
+    an outside method's class is imported for its ``Config``): the method's keys and types against its
+    schema, and the ranges of the schemas (``config.py``)."""
+    schema = method_schema_of(cfg.method)
+    typed_method(cfg.method, schema)
     check_ranges(cfg, schema)
     check_trackers(cfg)  # logger=...: a tracker whose extra is not installed is refused here
 

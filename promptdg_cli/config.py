@@ -20,17 +20,9 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
+from . import conf_dir  # noqa: F401  (re-exported: callers of config use it)
 from .errors import ConfigError, UserError  # noqa: F401  (UserError: re-exported for callers of config)
 from .schema import METHOD_SCHEMAS, BackboneConfig, DatasetConfig
-
-
-def conf_dir() -> Path:
-    """conf/ inside an installed wheel (promptdg_cli/conf), else the repository's top-level conf/."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "conf", here.parent / "conf"):
-        if (candidate / "train.yaml").is_file():
-            return candidate
-    raise FileNotFoundError(f"promptdg's conf/ directory was not found next to {here}")
 
 
 @dataclass
@@ -161,6 +153,7 @@ _HASHED_UNLESS_DEFAULT = {
 def hashed_view(cfg: DictConfig) -> dict:
     """The part of a run config that determines its results (its identity for skip/resume)."""
     c = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("method", "dataset", "backbone")}
+    c["method"].pop("_target_", None)  # where the class lives, not what it computes
     c.update(seed=cfg.seed, target=cfg.target, source=OmegaConf.to_container(cfg.source) if cfg.source else None)
     shots = cfg.get("shots")
     view = {
@@ -249,10 +242,34 @@ def compose_run(*overrides: str) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
+def method_schema_of(method) -> Optional[type]:
+    """The schema of a composed method config: a built-in's by name (torch-free), else the class its
+    ``_target_`` names (importing it), whose ``Config`` is the schema (None: it has none)."""
+    target = str(method.get("_target_") or "")
+    if not target or target.startswith("promptdg_cli.methods."):
+        return METHOD_SCHEMAS.get(str(method.name))
+    from .methods import method_class
+
+    return getattr(method_class(method), "Config", None)
+
+
+def typed_method(method, schema: Optional[type] = None) -> DictConfig:
+    """A method's config as its class gets it: its values, resolved, merged onto its schema (a
+    misspelled key or a wrong type is an error naming the key; a key the YAML leaves out takes the
+    schema's default). ``schema``: the schema, when known (default: :func:`method_schema_of`)."""
+    schema = schema or method_schema_of(method)
+    plain = OmegaConf.to_container(method, resolve=True)
+    if schema is None:
+        return OmegaConf.create(plain)
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), plain)
+    except Exception as e:  # omegaconf's validation errors name the key
+        raise ConfigError(f"method={plain.get('name')} ({plain.get('_target_')}): {e}".splitlines()[0]) from None
+
+
 def compose_method(choice: str, *overrides: str, dataset: str = "demo_digits") -> DictConfig:
     """A method's config exactly as ``promptdg train method=<choice> dataset=<dataset>`` composes it
-    (its YAML holds every value), with ``key=value`` overrides of the method's keys, merged onto its
-    schema and detached from the run config (for tests and scripts that build a method directly)."""
+    (its YAML holds every value), with ``key=value`` overrides of the method's keys, typed and
+    detached from the run config (for tests and scripts that build a method directly)."""
     cfg = compose_run(f"method={choice}", f"dataset={dataset}", *[f"method.{o}" for o in overrides])
-    plain = OmegaConf.to_container(cfg.method, resolve=True)
-    return OmegaConf.merge(OmegaConf.structured(METHOD_SCHEMAS[plain["name"]]), plain)
+    return typed_method(cfg.method)

@@ -8,7 +8,7 @@ Feature cache: a frozen image encoder is run once per (weights, dataset, domain,
 transform); the features of a whole domain folder are stored as safetensors under
 ``<cache_root>/features`` and every method and run reuses them. The key hashes the file list
 with sizes and modification times, so adding, removing or replacing an image invalidates it.
-Jobs that need the same missing file at once compute it once (``shared_files.compute_once``), and
+Jobs that need the same missing file at once compute it once (``compute_once.compute_once``), and
 an unreadable file is computed again.
 """
 from __future__ import annotations
@@ -28,16 +28,13 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from . import runtime
-from .demo.world import generate_dataset
+from . import devices, plugins
+from .compute_once import compute_once
 from .errors import DatasetNotFound
-from .shared_files import compute_once
 
 log = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
-# dataset.generator -> the function that writes the dataset on first use (the demo world)
-GENERATORS = {"demo_digits": generate_dataset}
 
 
 # --------------------------------------------------------------------- the dataset on disk
@@ -56,7 +53,7 @@ def dataset_dir(cfg) -> Path:
     """The dataset's folder, generating the demo world on first use; clear errors otherwise."""
     root = Path(os.path.expanduser(str(cfg.root))) / cfg.folder
     if cfg.generator:
-        GENERATORS[cfg.generator](root, **dict(cfg.generator_args))
+        plugins.load("dataset generator", str(cfg.generator), "dataset.generator")(root, **dict(cfg.generator_args))
     if not root.is_dir():
         raise DatasetNotFound(
             f"dataset={cfg.name}: folder {root} does not exist (data root: dataset.root / $PROMPTDG_DATA).\n"
@@ -226,7 +223,7 @@ class FeatureCache:
         file = self.dir / dataset / f"{name}-{self.key(backbone.identity(), dataset, name, paths, transform)}.safetensors"
         what = f"{dataset}/{name}"
         meta = {"model": backbone.model_name, "weights": backbone.weights_id, "domain": name}
-        # one job computes a missing (or unreadable) file, the others wait for it (shared_files.py)
+        # one job computes a missing (or unreadable) file, the others wait for it (compute_once.py)
         t, computed = compute_once(file, lambda: self._encode_keep(backbone, paths, what, transform),
                                    lambda t, f: save_file(t, str(f), metadata=meta), lambda f: load_file(str(f)),
                                    f"the features of {what}", events=self.recovered)
@@ -283,7 +280,7 @@ class FeatureCache:
             bad += skipped
             if images is None:
                 continue
-            with runtime.autocast(device, precision):
+            with devices.autocast(device, precision):
                 f = backbone.encode_image(images.to(device), normalize=True)
             keep += idx.tolist()
             feats.append(f.float().cpu())

@@ -95,3 +95,12 @@ def source_tree(path: Optional[Path] = None) -> Dict[str, Optional[object]]:
         except OSError:  # gone meanwhile, or unreadable
             digest.update(b"unreadable")
     return {"git_dirty": True, "git_diff_sha256": digest.hexdigest()}
+
+
+def git_revision() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
+                             capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"

@@ -9,8 +9,8 @@ from . import dist
 
 @torch.no_grad()
 def evaluate(method, feats, chunk: int = 8192, subset=None) -> dict:
-    """Top-1 accuracy and mean per-class accuracy (%), on cached features (re-encoded first by a
-    method that has ``features_for``). ``subset``: class indices the test set covers (ImageNet-A/R:
+    """Top-1 accuracy and mean per-class accuracy (%), on the method's ``features_for`` the images
+    (the cached features, or a method's own encoding). ``subset``: class indices the test set covers (ImageNet-A/R:
     200 of 1000); the prediction is restricted to them. Under torchrun each rank predicts its
     contiguous part and every rank gets all the predictions."""
     y = feats.y
@@ -25,8 +25,8 @@ def predict(method, feats, chunk: int = 8192, subset=None) -> torch.Tensor:
     if dist.world() > 1:  # (DAPT re-encodes images: the ranks share that work)
         a, b = dist.shard_range(len(feats))
         feats = feats.subset(range(a, b))
-    if hasattr(method, "features_for") and len(feats):
-        feats = method.features_for(feats)
+    if len(feats):
+        feats = method.features_for(feats)  # (the cached features, unless the method encodes images itself)
     keep = None if subset is None else torch.as_tensor(list(subset), dtype=torch.long)
     preds = [torch.empty(0, dtype=torch.long)]
     for i in range(0, len(feats), chunk):

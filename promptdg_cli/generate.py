@@ -1,7 +1,7 @@
 """``promptdg generate``: a generated copy of a dataset's source domains, written to disk.
 
-A method that generates data provides ``augment_batch(inputs, labels, outputs, idx, seed)`` (today:
-DomainFusion's online lightweight augmentation). Every image of the source domains (all domains but
+A method that generates data (``Method.generates``) provides ``write_round`` (today: DomainFusion's
+online lightweight augmentation, through ``synthetic.py``). Every image of the source domains (all domains but
 ``target``) goes through ``method.generate_rounds`` rounds and is written as
 ``<run_dir>/images/<dataset folder>/<domain>/<class>/<image>.png``; the held-out domain is linked
 from the real dataset, so the folder is a dataset for the same leave-one-domain-out split
@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from .data import class_names, dataset_dir, list_domain
+from .devices import select_device
 from .errors import ConfigError
 from .extras import require
 from .files import write_json_atomic
@@ -21,13 +22,14 @@ from .methods import method_class
 from .methods.base import RunEnv
 from .protocols import check_domains
 from .runner import prepare_backbone
-from .runtime import select_device
+from .synthetic import round_seed
+from .training import make_files
 
 
 def generate(cfg, run_dir: Path) -> dict:
     run_dir = Path(run_dir)
     cls = method_class(cfg.method)
-    if not hasattr(cls, "augment_files") or not hasattr(cls, "generator_name"):
+    if not cls.generates:
         raise ConfigError(f"method={cfg.method.name} does not generate images. Methods that do: domainfusion.")
     for extra in cls.extras:
         require(extra, f"promptdg generate method={cfg.method.name}")
@@ -53,7 +55,7 @@ def generate(cfg, run_dir: Path) -> dict:
         for r in range(1, rounds + 1):
             outs = [(out_root / domain / folders[c] / f"{Path(p).stem}.png") if r == rounds else (run_dir / "rounds" / f"round{r}" / domain / f"{k:06d}.png")
                     for k, (p, c) in enumerate(zip(paths, labels))]
-            recovered += method.augment_files(current, labels, outs, cfg.seed * 1009 + r, f"generate {domain} round {r}")
+            recovered += method.write_round(current, labels, outs, round_seed(int(cfg.seed), r), f"generate {domain} round {r}", make_files)
             current = [str(o) for o in outs]
         total += len(paths)
     if cfg.target:

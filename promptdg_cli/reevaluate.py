@@ -17,15 +17,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
-from .config import config_hash
+from .config import config_hash, typed_method
 from .data import FeatureCache, class_names
+from .devices import peak_memory_mb, select_device
 from .errors import ConfigError
 from .evaluation import evaluate
 from .fewshot import class_subset, read_split
 from .methods import method_class
 from .record import RunRecord, Status
 from .runner import identity, prepare_backbone, run_env
-from .runtime import peak_memory_mb, select_device
 
 
 def _classnames(dataset_cfg) -> list:
@@ -34,7 +34,8 @@ def _classnames(dataset_cfg) -> list:
 
 def load_split_model(run_cfg, run_dir: Path, split: str, backbone, device) -> Any:
     """A finished split's method with its saved model."""
-    method = method_class(run_cfg.method)(run_cfg.method, backbone, _classnames(run_cfg.dataset), device, run_env(run_cfg))
+    cls = method_class(run_cfg.method)
+    method = cls(typed_method(run_cfg.method, getattr(cls, "Config", None)), backbone, _classnames(run_cfg.dataset), device, run_env(run_cfg))
     f = run_dir / "splits" / split / "model.safetensors"
     if f.is_file():
         method.load_state_dict(load_file(str(f)))

@@ -12,7 +12,7 @@ atomically and last.
 * A failed run writes ``results.json`` with status ``failed`` and the error, and exits non-zero.
 * A preempted run (SIGTERM, SIGUSR1 or SIGUSR2) stops at the next step boundary with a checkpoint,
   writes status ``preempted``, hands the signal on to the handler that was there before
-  (submitit's, which requeues the job) and exits with 128 + the signal number (``runtime.py``).
+  (submitit's, which requeues the job) and exits with 128 + the signal number (``preemption.py``).
 * Under ``torchrun`` every rank runs this code on its part of each batch (``dist.py``); rank 0
   alone writes files.
 """
@@ -30,13 +30,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import save_file
 
-from . import __version__, checkpoints, dist, tracking
+from . import __version__, checkpoints, dist, plugins, tracking
 from .backbone import ClipBackbone
 from .classifier import ClassifierBackbone
-from .config import config_hash
+from .compute_once import build_once
+from .config import config_hash, typed_method
 from .data import FeatureCache
-from .demo.pretrain import build_demo_clip
-from .environment import environment, source_tree
+from .devices import peak_memory_mb, select_device
+from .environment import environment, git_revision, source_tree
 from .errors import ConfigError
 from .evaluation import evaluate
 from .extras import require
@@ -44,10 +45,9 @@ from .files import write_json_atomic
 from .locks import RunLocked, run_lock
 from .methods import method_class
 from .methods.base import RunEnv
+from .preemption import STOP, Preempted, chain_and_exit
 from .protocols import Split, protocol_for, protocol_name
 from .record import PROTOCOL_KEYS, RunRecord, Status, opt_ins_of
-from .runtime import STOP, Preempted, chain_and_exit, git_revision, peak_memory_mb, select_device
-from .shared_files import build_once
 from .training import TrainContext
 
 log = logging.getLogger("promptdg")
@@ -58,18 +58,17 @@ def say(line: str) -> None:
     """A result line: on the terminal (stdout, as always) and in the job's log file."""
     print(line)
     results_log.info(line)
-# backbone.builder -> the function that builds a built-in checkpoint on first use (the demo CLIP)
-BUILDERS = {"demo_digits": build_demo_clip}
 
 
 def prepare_backbone(cfg, device: torch.device):
-    """The run's frozen backbone: a CLIP (a built-in checkpoint, the demo CLIP, is built first if it is
-    missing) or an ImageNet classifier (``backbone.kind: classifier``)."""
+    """The run's frozen backbone: a CLIP (a checkpoint with a ``builder``, the demo CLIP, is built first
+    if it is missing: ``plugins.py``) or an ImageNet classifier (``backbone.kind: classifier``)."""
     if str(cfg.get("kind", "clip")) == "classifier":
         return ClassifierBackbone.from_config(cfg, device=device)
     path = Path(str(cfg.pretrained))
     if cfg.builder and not path.is_file():  # jobs that start at once on an empty cache build it once
-        build_once(path, path.is_file, lambda: BUILDERS[str(cfg.builder)](path, str(cfg.model)), f"the {cfg.model} checkpoint")
+        build = plugins.load("backbone builder", str(cfg.builder), "backbone.builder")
+        build_once(path, path.is_file, lambda: build(path, str(cfg.model)), f"the {cfg.model} checkpoint")
     return ClipBackbone.from_config(cfg, device=device)
 
 
@@ -78,16 +77,6 @@ def run_env(cfg) -> RunEnv:
     return RunEnv(seed=int(cfg.seed), num_workers=int(cfg.num_workers), cache_root=str(cfg.cache_root),
                   domain_names=OmegaConf.to_container(cfg.dataset.domain_names), precision=str(cfg.backbone.precision),
                   trial_seed=int(cfg.seed if trial is None else trial), dataset=str(cfg.dataset.name))
-
-
-def method_config(cfg, method_cls):
-    """The method's config: a built-in's as composed (its schema is part of the composition), an
-    outside method's (``_target_``) merged onto its own ``Config`` dataclass, so its defaults apply."""
-    schema = getattr(method_cls, "Config", None)
-    if not cfg.method.get("_target_") or schema is None:
-        return cfg.method
-    body = {k: v for k, v in OmegaConf.to_container(cfg.method, resolve=True).items() if k != "_target_"}
-    return OmegaConf.merge(OmegaConf.structured(schema), body)
 
 
 def check_method(cfg, method_cls) -> None:
@@ -151,7 +140,7 @@ def run(cfg: DictConfig, run_dir: Path, mode: str = "train") -> RunRecord:
                 say(f"[promptdg] skipped: {run_dir} already finished with this config (force=true reruns it)")
             return RunRecord.from_dict(old)
     signum = 0
-    STOP.install()  # preemption signals only set a flag while the run trains (runtime.py)
+    STOP.install()  # preemption signals only set a flag while the run trains (preemption.py)
     try:
         with _run_lock(run_dir), tracking.session(cfg, run_dir, chash, main=dist.is_main()) as trackers:
             try:
@@ -277,7 +266,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
 
 def _run_split(cfg, method_cls, backbone, protocol, names, split: Split, split_dir: Path, run_dir: Path, device) -> dict:
     torch.manual_seed(cfg.seed)
-    method = method_cls(method_config(cfg, method_cls), backbone, names, device, run_env(cfg))
+    method = method_cls(typed_method(cfg.method, getattr(method_cls, "Config", None)), backbone, names, device, run_env(cfg))
     data, selection_set = None, None
     with dist.main_first("extracting image features"):  # rank 0 fills the feature cache, the others read it
         if method_cls.trains:

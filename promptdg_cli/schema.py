@@ -17,7 +17,7 @@ from omegaconf import MISSING
 
 
 class Choice(str, Enum):
-    """A string enum whose str() and format() are its value ("dg", not "Protocol.dg")."""
+    """A string enum whose str() and format() are its value ("dg", not "DatasetProtocol.dg")."""
 
     def __str__(self) -> str:
         return self.value
@@ -26,7 +26,7 @@ class Choice(str, Enum):
         return self.value.__format__(spec)
 
 
-class Protocol(Choice):
+class DatasetProtocol(Choice):
     """How a dataset is split into training and test data."""
     dg = "dg"  # leave-one-domain-out
     uda = "uda"  # labelled source -> unlabelled target
@@ -100,7 +100,7 @@ class DatasetConfig:
     name: str = MISSING  # the config's name, e.g. "pacs"
     folder: str = MISSING  # directory under the data root, e.g. "PACS" -> <root>/PACS/<domain>/<class>/<img>
     root: str = "${data_root}"  # data root; defaults to $PROMPTDG_DATA (see conf/train.yaml)
-    protocol: Protocol = Protocol.dg
+    protocol: DatasetProtocol = DatasetProtocol.dg
     domains: List[str] = MISSING  # exact domain folder names
     classes: Dict[str, str] = MISSING  # class folder name -> human name used in prompts, in label order
     metric: Metric = Metric.top1
@@ -154,21 +154,36 @@ class BackboneConfig:
 
 
 # --------------------------------------------------------------------- methods
+METHOD_SCHEMAS: Dict[str, type] = {}  # built-in method name -> its schema, filled by @method_schema below
+
+
+def method_schema(name: str):
+    """Register a built-in method's schema under ``name``: ``config.register_configs`` stores it as
+    ``schema/method/<name>``, which ``conf/method/<name>.yaml`` lists first in its defaults."""
+    def register(cls):
+        METHOD_SCHEMAS[name] = cls
+        return cls
+    return register
+
+
 @dataclass
 class MethodConfig:
     """Keys every method has. A method's own schema subclasses this; its values live in its YAML."""
 
     name: str = MISSING
+    _target_: str = MISSING  # the method's class, module.Class (built-ins: promptdg_cli.methods.<file>.<Class>)
     variant: str = ""  # shown next to the name in tables, e.g. the zero-shot template
     batch_size: int = num(32, ge=1)  # (unused by methods that do not train)
     epochs: int = num(0, ge=0)  # 0: the method does not train
 
 
+@method_schema("zeroshot")
 @dataclass
 class ZeroShotConfig(MethodConfig):
     templates: List[str] = MISSING  # prompt templates; several are ensembled (mean of normalised features)
 
 
+@method_schema("linear_probe")
 @dataclass
 class LinearProbeConfig(MethodConfig):
     c_min: float = num(gt=0.0)  # the C sweep's range (inverse L2 strength)
@@ -192,6 +207,7 @@ class _PromptTraining(MethodConfig):
     drop_last: bool = MISSING  # Dassl's train loaders drop the last incomplete batch
 
 
+@method_schema("coop")
 @dataclass
 class CoOpConfig(_PromptTraining):
     n_ctx: int = num(ge=1)  # M context vectors
@@ -202,6 +218,7 @@ class CoOpConfig(_PromptTraining):
     aug_views: int = num(ge=0)  # K views per image with augment=views
 
 
+@method_schema("dapl")
 @dataclass
 class DAPLConfig(_PromptTraining):
     prompt: Form = MISSING  # official: "[ctx][dom] {class} , a {domain} image.." | paper: "[ctx][dom] {class}."
@@ -220,6 +237,7 @@ class DAPLConfig(_PromptTraining):
     select: Selection = MISSING
 
 
+@method_schema("dapt")
 @dataclass
 class DAPTConfig(_PromptTraining):
     n_ctx: int = num(ge=1)
@@ -234,6 +252,7 @@ class DAPTConfig(_PromptTraining):
     select: Selection = MISSING
 
 
+@method_schema("promptstyler")
 @dataclass
 class PromptStylerConfig(MethodConfig):
     n_styles: int = num(ge=1)  # K
@@ -264,11 +283,13 @@ class DomainBedRecipe(MethodConfig):
     select: Selection = MISSING
 
 
+@method_schema("erm")
 @dataclass
 class ERMConfig(DomainBedRecipe):
     pass
 
 
+@method_schema("domainfusion")
 @dataclass
 class DomainFusionConfig(DomainBedRecipe):
     ldm: str = MISSING  # auto | demo | a local SD folder | a hub id in the local HF cache
@@ -291,16 +312,3 @@ class DomainFusionConfig(DomainBedRecipe):
     synthetic_fraction: float = num(gt=0.0, le=1.0)
     generate_batch: int = num(ge=1)
     generate_rounds: int = num(ge=1)
-
-
-# The schema of every built-in method (conf/method/<name>.yaml lists /schema/method/<name> first).
-METHOD_SCHEMAS = {
-    "zeroshot": ZeroShotConfig,
-    "linear_probe": LinearProbeConfig,
-    "coop": CoOpConfig,
-    "promptstyler": PromptStylerConfig,
-    "dapl": DAPLConfig,
-    "dapt": DAPTConfig,
-    "domainfusion": DomainFusionConfig,
-    "erm": ERMConfig,
-}

@@ -5,17 +5,18 @@ A method supplies its part of the paper and nothing of the plumbing (``methods/b
 * ``parameters_to_train()`` and ``optimizer(params)``: what is learned and how;
 * ``epoch_batches(epoch, g)``: the epoch's global batches, drawn from ``g``, a generator seeded by
   (seed, epoch), so every rank draws the same batches and a resumed epoch the same ones;
-* ``load(epoch, local_batches)``: what a step needs of this rank's part of each batch (images
-  loaded, features looked up); the batches themselves by default;
-* ``batch_loss(item, batch, info)``: the paper's loss as :class:`Term` s, each the mean over this
-  rank's items, with how many items it covers here and in the whole batch;
+* ``load(epoch, batches)``: what a step needs of its part of each batch (images loaded, features
+  looked up); the batches themselves by default;
+* ``batch_loss(item, info)``: the paper's loss as :class:`Term` s, each the mean over the step's
+  items with how many items it covers; ``loss_terms`` names them all (a step may leave some out);
 * ``lr(epoch, step, steps)``, ``validate()``, ``on_epoch(epoch, ctx)`` (a hook per round:
   DomainFusion's augmentation), ``extra_state()`` / ``load_extra_state()``.
 
 The loop (:meth:`TrainContext.train`) does the rest for every method: the seeded order, data
 parallelism under torchrun (every rank takes its contiguous part of each global batch; a term's loss
-is weighted by the rank's share of the batch, ``n_local / n_global``, and the gradients are summed
-over ranks, so the update is the single-process one, uneven last batches included), a preemption
+is weighted by the rank's share of the batch, its count over the sum of the counts, and the
+gradients are summed over ranks, so the update is the single-process one, uneven last batches
+included; a rank whose part of a batch is empty adds nothing and calls no method hook), a preemption
 check at every step boundary, model selection (``method.select``: last | val | target_test), one
 checkpoint layout (a mid-epoch checkpoint carries the step index; the resumed epoch skips the steps
 done), mixed precision (each step's ``batch_loss`` under ``runtime.autocast`` of the run's
@@ -41,23 +42,23 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoints, dist, runtime, tracking
+from . import checkpoints, devices, dist, seeds, tracking
 from .evaluation import accuracy
-from .runtime import STOP, Preempted
+from .preemption import STOP, Preempted
 
 log = logging.getLogger("promptdg")
+TOTAL = "__total"  # the weighted sum of a step's terms, tracked next to them
 
 
 @dataclass
 class Term:
-    """One term of a step's loss: ``loss`` is the mean over this rank's ``n_local`` items (None when
-    it has none); ``n_global`` the items of the whole batch (None: the sum of n_local over ranks).
-    Every rank returns the same terms, by name and order (a rank with nothing to add: ``loss`` None)."""
+    """One term of a step's loss: ``loss`` is the mean over the step's ``n`` items it covers (None
+    when it covers none); ``weight`` its factor in the loss (0: logged only). Its name is one of the
+    method's ``loss_terms``."""
 
     name: str
     loss: Optional[torch.Tensor]
-    n_local: int
-    n_global: Optional[int] = None
+    n: int
     weight: float = 1.0
 
 
@@ -101,6 +102,11 @@ def shuffled_batches(n: int, batch_size: int, g: torch.Generator, drop_last: boo
 def _shard(batch):
     """This rank's part of a global batch (a tensor, or a tuple of tensors each sharded)."""
     return tuple(dist.shard(b) for b in batch) if isinstance(batch, tuple) else dist.shard(batch)
+
+
+def _empty(batch) -> bool:
+    """No item in this rank's part of a batch (every tensor of a tuple empty)."""
+    return all(len(b) == 0 for b in batch) if isinstance(batch, tuple) else len(batch) == 0
 
 
 class TrainContext:
@@ -163,10 +169,10 @@ class TrainContext:
         self.tracker.metrics({tracking.metric_key(self.target, "epoch", k): v for k, v in metrics.items()},
                              self.global_step or self._lines, self.target)
 
-    def _track_step(self, terms: Sequence[Term], values: Dict[str, float], lr: float) -> None:
+    def _track_step(self, values: Dict[str, float], lr: float) -> None:
         """One optimizer step for the trackers: each term (the global batch mean), their weighted sum, the rate."""
-        out = {tracking.metric_key(self.target, "train", k): v for k, v in values.items()}
-        out[tracking.metric_key(self.target, "train", "total_loss")] = sum(t.weight * values[t.name] for t in terms)
+        out = {tracking.metric_key(self.target, "train", k): v for k, v in values.items() if k != TOTAL}
+        out[tracking.metric_key(self.target, "train", "total_loss")] = values[TOTAL]
         out[tracking.metric_key(self.target, "train", "lr")] = lr
         self.tracker.metrics(out, self.global_step, self.target)
 
@@ -203,32 +209,40 @@ class TrainContext:
 
         for epoch in self.progress(range(start, epochs), desc=f"{cfg.name} epochs", initial=start, total=epochs):
             m.on_epoch(epoch, self)
-            g = torch.Generator().manual_seed(self.seed * 100003 + epoch)
+            g = seeds.generator("epoch-order", self.seed, epoch)
             batches = m.epoch_batches(epoch, g)
             first = done if epoch == start else 0
             base = resumed if first else {}
-            sums: Dict[str, float] = {}  # this rank's part since (re)start, summed over steps
+            sums: Dict[str, float] = {n: 0.0 for n in m.loss_terms}  # this rank's part since (re)start, summed over steps
             lr = None
-            items = m.load(epoch, [_shard(b) for b in batches[first:]])
-            for step, (batch, item) in enumerate(zip(batches[first:], items), start=first):
+            local = [_shard(b) for b in batches[first:]]
+            items = iter(m.load(epoch, [b for b in local if not _empty(b)]))  # (a rank's empty parts are not loaded)
+            for step, part in enumerate(local, start=first):
                 lr = m.lr(epoch, step, len(batches))
                 if lr is not None:
                     for group in opt.param_groups:
                         group["lr"] = lr
-                with runtime.autocast(self.device, precision):  # backbone.precision on CUDA; nothing on the CPU
-                    terms = m.batch_loss(item, batch, StepInfo(epoch, step))
-                loss, n_any, values = None, 0, {}
-                for t in terms:
-                    n_global = dist.all_sum(t.n_local) if t.n_global is None else t.n_global
-                    n_any += n_global
-                    sums.setdefault(t.name, 0.0)  # (every rank sums the same names: the collectives match)
-                    if t.loss is None or not t.n_local:
+                terms: Dict[str, Term] = {}
+                if not _empty(part):
+                    with devices.autocast(self.device, precision):  # backbone.precision on CUDA; nothing on the CPU
+                        terms = {t.name: t for t in m.batch_loss(next(items), StepInfo(epoch, step))}
+                    unknown = set(terms) - set(m.loss_terms)
+                    if unknown:
+                        raise ValueError(f"{type(m).__name__}.batch_loss returned terms {sorted(unknown)} not in its loss_terms {m.loss_terms}")
+                # every rank: the items each term covers, summed over ranks (one collective, in loss_terms' order)
+                counts = [terms[n].n if n in terms and terms[n].loss is not None else 0 for n in m.loss_terms]
+                totals = [int(v) for v in dist.all_sum(torch.tensor(counts, dtype=torch.float64)).tolist()]
+                loss, values = None, {TOTAL: 0.0}
+                for name, n_all in zip(m.loss_terms, totals):
+                    t = terms.get(name)
+                    if t is None or t.loss is None or not t.n:
                         continue
-                    share = t.loss * (t.n_local / n_global) if dist.world() > 1 else t.loss
-                    values[t.name] = share.item()
-                    sums[t.name] = sums.get(t.name, 0.0) + values[t.name]
+                    share = t.loss * (t.n / n_all) if dist.world() > 1 else t.loss  # its part of the batch mean
+                    values[name] = share.item()
+                    values[TOTAL] += t.weight * values[name]
+                    sums[name] = sums.get(name, 0.0) + values[name]
                     loss = t.weight * share if loss is None else loss + t.weight * share
-                if n_any:  # a step with no item anywhere (all unreadable) changes nothing
+                if sum(totals):  # a step with no item anywhere (all unreadable) changes nothing
                     opt.zero_grad(set_to_none=True)
                     if loss is not None and loss.requires_grad:
                         loss.backward()
@@ -236,7 +250,7 @@ class TrainContext:
                     opt.step()
                 self.global_step += 1
                 if self.tracker.wants_step(self.global_step):  # (the same on every rank: a collective under torchrun)
-                    self._track_step(terms, _all_sum({t.name: values.get(t.name, 0.0) for t in terms}), opt.param_groups[0]["lr"])
+                    self._track_step(_all_sum({n: values.get(n, 0.0) for n in (*m.loss_terms, TOTAL)}), opt.param_groups[0]["lr"])
                 self.stop_point("loop", lambda: snapshot(epoch, step + 1, _add(base, _all_sum(sums))))
             total = _add(base, _all_sum(sums))
             val = self._selection_score(m, select)

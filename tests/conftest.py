@@ -154,3 +154,34 @@ def built_demo_clip(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("demo-clip-cache")
     return build_demo_clip(root / "demo_clip" / f"demo-clip-vit-r{RECIPE_REVISION}.safetensors", "demo-clip-vit")
+
+
+# --------------------------------------------------------------------- the built-in methods, from their configs
+def builtin_method_names() -> list:
+    """The built-in methods: each conf/method/<name>.yaml whose method name is its file's (the other
+    files are variants of them: dapl_csc, zeroshot_name, ...). Nothing else lists them."""
+    import yaml
+
+    from promptdg_cli.config import conf_dir
+    from promptdg_cli.methods import builtin_methods
+
+    return sorted(c for c in builtin_methods() if (yaml.safe_load((conf_dir() / "method" / f"{c}.yaml").read_text()) or {}).get("name") == c)
+
+
+def trained_methods() -> list:
+    """The built-in methods that train (every one but zero-shot CLIP)."""
+    from promptdg_cli.methods import method_class
+
+    return [m for m in builtin_method_names() if method_class({"name": m}).trains]
+
+
+def tiny_args(method: str, request) -> list:
+    """A method's tiny run from its configs alone: its conf/debug/<method>.yaml (``+debug=``) where there
+    is one, and the test doubles of its optional parts (the tiny LDM for a method that needs diffusers)."""
+    from promptdg_cli.config import conf_dir
+    from promptdg_cli.methods import method_class
+
+    args = [f"method={method}"] + ([f"+debug={method}"] if (conf_dir() / "debug" / f"{method}.yaml").is_file() else [])
+    if "domainfusion" in method_class({"name": method}).extras:
+        args.append(f"method.ldm={request.getfixturevalue('tiny_ldm_dir')}")
+    return args

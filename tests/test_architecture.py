@@ -89,8 +89,14 @@ def test_no_module_is_over_450_lines(path):
     assert n <= 450, f"{path} has {n} lines"
 
 
-PLUMBING = ("torch.save", "torch.load", "save_checkpoint", "load_checkpoint", "stop_point", "preempt", "dist.",
-            "shard", "all_sum", "broadcast", "sync_grads", "DistributedDataParallel", "signal")
+# what the loop and the runner own: ranks, shards, global counts, checkpoint files, atomic writes, signals
+PLUMBING = ("torch.save", "torch.load", "save_checkpoint", "load_checkpoint", "stop_point", "preempt", "dist.", "rank", "shard",
+            "global", "all_sum", "broadcast", "sync_grads", "DistributedDataParallel", "signal", "os.replace", "write_atomic",
+            "fsync", "checkpoint.pt", ".tmp")
+# the loop's internals a method file never imports (it returns Terms; the loop and the runner do the rest)
+INTERNALS = {"promptdg_cli.dist", "promptdg_cli.checkpoints", "promptdg_cli.files", "promptdg_cli.preemption",
+             "promptdg_cli.compute_once", "promptdg_cli.locks", "promptdg_cli.runner", "promptdg_cli.commands"}
+LOOP_NAMES = {"TrainContext", "make_files"}
 METHODS = sorted(p.name for p in (PACKAGE / "methods").glob("*.py") if p.name not in ("__init__.py", "base.py"))
 
 
@@ -104,9 +110,28 @@ def test_a_method_file_holds_no_loop_plumbing(name):
     found = [p for p in PLUMBING if p in body]
     assert not found, f"{name} does plumbing the training loop owns: {found}"
     for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef) and node.name == "fit":
-            lines = node.end_lineno - node.lineno + 1
-            assert lines <= 30, f"{name}: fit is {lines} lines"
+        if isinstance(node, ast.ImportFrom) and node.level:
+            module = ".".join(["promptdg_cli"] + ([node.module] if node.module else []))
+            names = {a.name for a in node.names}
+            imported = {module} | {f"{module}.{n}" for n in names}
+            assert not imported & INTERNALS, f"{name} imports the loop's internals: {sorted(imported & INTERNALS)}"
+            if module == "promptdg_cli.training":
+                assert not names & LOOP_NAMES, f"{name} imports {sorted(names & LOOP_NAMES)} from the loop"
+
+
+def test_the_core_imports_nothing_from_the_demo():
+    """The demo world plugs in as any outside package would (entry points, plugins.py)."""
+    graph = import_graph()
+    core = {m: deps for m, deps in graph.items() if not m.startswith("promptdg_cli.demo")}
+    offenders = {m: sorted(d for d in deps if d.startswith("promptdg_cli.demo")) for m, deps in core.items()}
+    assert not {m: d for m, d in offenders.items() if d}
+
+
+def test_one_place_renames_a_file_into_place():
+    """Every atomic write goes through files.write_atomic: os.replace appears once in the package."""
+    hits = [f"{p.relative_to(PACKAGE)}:{i}" for p in PACKAGE.rglob("*.py")
+            for i, line in enumerate(p.read_text().splitlines(), 1) if "os.replace(" in line.split("#")[0]]
+    assert hits == ["files.py:" + hits[0].split(":")[1]] if hits else False, hits
 
 
 def test_a_config_error_answers_before_torch_is_imported():

@@ -8,7 +8,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from promptdg_cli.config import ConfigError, conf_dir, config_hash, register_configs, register_resolvers
-from promptdg_cli.methods import REGISTRY, get_method
+from promptdg_cli.methods import builtin_methods, method_class
 
 
 def choices(group):
@@ -25,9 +25,18 @@ def hydra_ctx():
     GlobalHydra.instance().clear()
 
 
-def test_every_registered_method_has_a_config():
-    names = {OmegaConf.load(conf_dir() / "method" / f"{c}.yaml").name for c in choices("method")}
-    assert names == set(REGISTRY)
+def test_every_method_config_names_an_importable_class_that_takes_it():
+    """conf/method is the list of built-in methods: each YAML (or the one it extends) names its class with
+    ``_target_``, the class imports, and its schema is the one the YAML is composed onto."""
+    from promptdg_cli.methods.base import Method
+    from promptdg_cli.schema import METHOD_SCHEMAS
+
+    targets = builtin_methods()
+    assert set(targets) == set(choices("method")) and all(targets.values())
+    for choice, target in targets.items():
+        cls = method_class({"_target_": target})
+        name = OmegaConf.load(conf_dir() / "method" / f"{choice}.yaml").name
+        assert issubclass(cls, Method) and cls.Config is METHOD_SCHEMAS[name], choice
 
 
 # Every method with every dataset, and every method with every backbone: a group's options do not
@@ -41,7 +50,7 @@ COMBINATIONS = sorted(
 @pytest.mark.parametrize("method,dataset,backbone", COMBINATIONS)
 def test_every_combination_composes(method, dataset, backbone):
     cfg = compose("train", overrides=[f"method={method}", f"dataset={dataset}", f"backbone={backbone}"], return_hydra_config=True)
-    assert cfg.method.name in REGISTRY
+    assert cfg.method.name in builtin_methods() and cfg.method._target_.startswith("promptdg_cli.methods.")
     assert cfg.dataset.name == dataset and cfg.backbone.name == backbone
     assert len(cfg.dataset.classes) == len(set(cfg.dataset.classes.values()))
     # the run directory is named by the hash of the config
@@ -72,9 +81,9 @@ def test_unknown_choice_lists_valid_ones():
     assert "coop" in str(e.value) and "linear_probe" in str(e.value)
 
 
-def test_registry_error_names_valid_methods_and_nearest():
-    with pytest.raises(ConfigError, match="Valid: zeroshot, linear_probe, coop.*Did you mean 'coop'"):
-        get_method("coopp")
+def test_an_unknown_method_name_lists_the_configs_and_the_nearest():
+    with pytest.raises(ConfigError, match="Valid: coop, dapl, .*Did you mean 'coop'"):
+        method_class({"name": "coopp"})
 
 
 def test_run_key_separates_configs_and_is_stable():

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from promptdg_cli.methods import REGISTRY, get_method
+from promptdg_cli.methods import method_class
+
+from conftest import builtin_method_names
 
 REPO = Path(__file__).resolve().parents[1]
 LANE = REPO / "tools" / "demo_lane.sh"
@@ -32,7 +34,8 @@ def test_make_demo_trains_every_registered_method_once():
             assert "out_root=demo-out-x" in line
     names = {m for m, _ in runs}
     # every method that runs on the demo CLIP has a row (erm trains an ImageNet classifier: none in the demo world)
-    assert {n for n in names if n in REGISTRY} == {m for m in REGISTRY if "clip" in get_method(m).backbone_kinds}
+    methods = builtin_method_names()
+    assert {n for n in names if n in methods} == {m for m in methods if "clip" in method_class({"name": m}).backbone_kinds}
     assert all(len(v) == 1 for v in runs.values()), runs  # and is trained once per protocol
     assert ("dapl", "uda") in runs and ("zeroshot", "uda") in runs  # DAPL next to its UDA baseline
 

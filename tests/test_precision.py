@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from promptdg_cli import runtime
+from promptdg_cli import devices
 
 from conftest import results
 
@@ -15,12 +15,12 @@ from conftest import results
 def test_autocast_is_bf16_or_fp16_on_cuda_only():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # (CUDA-less torch warns that it disables autocast)
-        bf16 = runtime.autocast(torch.device("cuda"), "bf16")
-        fp16 = runtime.autocast(torch.device("cuda", 1), "fp16")
+        bf16 = devices.autocast(torch.device("cuda"), "bf16")
+        fp16 = devices.autocast(torch.device("cuda", 1), "fp16")
     assert isinstance(bf16, torch.autocast) and bf16.device == "cuda" and bf16.fast_dtype == torch.bfloat16
     assert isinstance(fp16, torch.autocast) and fp16.fast_dtype == torch.float16
     for device, precision in ((torch.device("cuda"), "fp32"), (torch.device("cpu"), "bf16"), (torch.device("cpu"), "fp32")):
-        ctx = runtime.autocast(device, precision)
+        ctx = devices.autocast(device, precision)
         assert not isinstance(ctx, torch.autocast)
         with ctx:  # a context that changes nothing
             assert not torch.is_autocast_enabled()
@@ -28,15 +28,15 @@ def test_autocast_is_bf16_or_fp16_on_cuda_only():
 
 @pytest.fixture
 def autocast_calls(monkeypatch):
-    """Every runtime.autocast call: (caller's function, device type, precision)."""
+    """Every devices.autocast call: (caller's function, device type, precision)."""
     calls = []
-    real = runtime.autocast
+    real = devices.autocast
 
     def spy(device, precision):
         calls.append((sys._getframe(1).f_code.co_name, torch.device(device).type, str(precision)))
         return real(device, precision)
 
-    monkeypatch.setattr(runtime, "autocast", spy)
+    monkeypatch.setattr(devices, "autocast", spy)
     return calls
 
 

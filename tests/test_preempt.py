@@ -18,11 +18,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from promptdg_cli.methods import method_class
 from promptdg_cli.training import TrainContext
 
-from conftest import RESNET, TINY, results
+from conftest import RESNET, TINY, results, tiny_args, trained_methods
 
-# method -> (overrides, split folder, which preempt point (1-based) gets the signal, mid-epoch checkpoint?)
+# Scenarios chosen for an edge (a mid-epoch stop, a stop inside an augmentation round); a method without
+# one is run from its configs (tiny_args). name -> (overrides, split folder, which preempt point (1-based)
+# gets the signal, mid-epoch checkpoint?)
 # preempt points: one after every optimisation step (coop, dapl, dapt) and one at every checkpoint
 # (epoch end; linear probe: every C value; promptstyler: every style and classifier epoch)
 # floats whose last bits depend on the CPU kind: .ci/run runs these again as AVX2 and plain CPUs sum
@@ -102,17 +105,32 @@ def _assert_same(resumed, reference, split, tol=1e-6):
 SLOW = {"domainfusion_resnet50"}
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in sorted(CASES)])
+# every built-in method that trains (from its configs: conf/method, conf/debug) and the scenarios above
+SCENARIOS = sorted(set(trained_methods()) | set(CASES))
+
+
+@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in SCENARIOS])
 def test_signal_stops_at_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(run_cli, monkeypatch, tmp_path, method, request):
-    args, split, at, mid_epoch = CASES[method]
-    clip = "backbone=resnet50_imagenet" not in args
+    """A scenario of CASES, or a method's tiny run from its configs (``tiny_args``): then the signal
+    comes at the middle one of the uninterrupted run's preempt points."""
+    if method in CASES:
+        args, split, at, mid_epoch = CASES[method]
+    else:
+        args, split, at, mid_epoch = tiny_args(method, request), None, None, None
+    clip = "backbone=resnet50_imagenet" not in args and "clip" in method_class({"name": method.split("_round")[0].split("_resnet50")[0]}).backbone_kinds
     if method.startswith("domainfusion"):
         fixture = "tiny_ldm_dir" if clip else "tiny_sd_dir"
         args = [a.format(ldm=request.getfixturevalue(fixture), sd=request.getfixturevalue(fixture)) for a in args]
     run_cli = functools.partial(run_cli, clip=clip)  # (a classifier backbone: no CLIP weights file)
+    points = _signal_at_preempt_point(monkeypatch, 10**9)  # (counts the uninterrupted run's points, never signals)
     code, _, err, out_root = run_cli("train", *args)
     assert code == 0, err
     (reference,) = results(out_root)
+    _unhook(monkeypatch)
+    if at is None:
+        assert len(points) >= 3, f"{method}'s tiny run has {len(points)} preempt points: too few to stop in the middle"
+        at = len(points) // 2 + 1
+        (split,) = [p.name for p in (Path(reference["run_dir"]) / "splits").iterdir()]
 
     monkeypatch.setenv("PROMPTDG_OUT", str(tmp_path / "preempted"))
     before = signal.getsignal(signal.SIGUSR1)
@@ -126,7 +144,8 @@ def test_signal_stops_at_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(
     run_dir = Path(stopped["run_dir"])
     assert not (run_dir / ".lock").exists()
     state = torch.load(run_dir / "splits" / split / "checkpoint.pt", weights_only=True)
-    assert bool((state.get("loop") or {}).get("step")) == mid_epoch  # a mid-epoch checkpoint carries the step index
+    if mid_epoch is not None:
+        assert bool((state.get("loop") or {}).get("step")) == mid_epoch  # a mid-epoch checkpoint carries the step index
     _unhook(monkeypatch)
 
     code, _, err, _ = run_cli("train", *args)
@@ -135,7 +154,7 @@ def test_signal_stops_at_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(
     # ERM and DomainFusion fine-tune the featurizer with Adam, which rescales each gradient by its running
     # rms: the ~1e-9 float noise of identical CPU runs becomes steps of up to lr (5e-5) on weights whose
     # gradient is ~0, so tensors agree to 1e-4 there (accuracies stay exactly equal); 1e-6 for the others
-    _assert_same(resumed, reference, split, tol=1e-6 if clip and method != "domainfusion" else 1e-4)
+    _assert_same(resumed, reference, split, tol=1e-6 if clip and not method.startswith("domainfusion") else 1e-4)
     assert not (run_dir / "splits" / split / "checkpoint.pt").exists()
     # every epoch (style, C value) was logged exactly once: the resumed run redid none of them
     lines = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -163,7 +163,7 @@ def test_styles_are_learned_in_turn_earlier_ones_frozen(clip, tmp_path, monkeypa
         for j in range(k):
             assert torch.equal(after[k][j]["vector"], after[k - 1][j]["vector"])
     for i in range(3):  # every style moved away from its initialisation
-        assert not torch.allclose(ps.styles[i], ps.init_style(1, i))
+        assert not torch.allclose(ps.styles[i], ps.init_style(i))
     # the stored style features are those of the stored style words
     with torch.no_grad():
         assert torch.allclose(after[-1][2]["feature"], ps.encode(ps.styles[2])[0], atol=1e-6)
@@ -186,7 +186,7 @@ def test_style_learning_lowers_the_style_and_content_losses(clip, tmp_path):
             s0 = ps.encode(ps.styles[0])[0]
             return (style_diversity_loss(f, s0[None]) + content_consistency_loss(sc, content)).item()
 
-    assert objective(ps.styles[1]) < objective(ps.init_style(1, 1))
+    assert objective(ps.styles[1]) < objective(ps.init_style(1))
 
 
 def test_classifier_prediction_uses_normalised_weights(clip):

@@ -15,9 +15,9 @@ import pytest
 import torch
 from test_data import dataset_cfg
 
+from promptdg_cli.compute_once import CacheWaitTimeout, claim_path, compute_once
 from promptdg_cli.data import dataset_dir, list_domain
 from promptdg_cli.locks import FileLock
-from promptdg_cli.shared_files import CacheWaitTimeout, claim_path, compute_once
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -135,7 +135,7 @@ def test_a_failed_computation_releases_the_claim(tmp_path):
 BUILDER = r"""
 import json, logging, sys, time
 from pathlib import Path
-from promptdg_cli.shared_files import build_once
+from promptdg_cli.compute_once import build_once
 logging.basicConfig(level=logging.INFO, format="%(message)s")
 a = json.loads(sys.argv[1])
 folder, go = Path(a["folder"]), Path(a["go"])

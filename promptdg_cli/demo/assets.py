@@ -3,7 +3,7 @@ the demo LDM, each only if it is not cached.
 
     python -m promptdg_cli.demo.assets [--ldm] [key=value ...]   # overrides as for promptdg train
 
-Runs that start at once build a missing model only once anyway (``shared_files.build_once``), but
+Runs that start at once build a missing model only once anyway (``compute_once.build_once``), but
 the one that builds it trains with ``BUILD_THREADS`` torch threads (``demo/__init__.py``) next to the
 others: ``scripts/claims.py --jobs 2`` gives each arm one of 2 cores, and a two-thread LDM build
 next to a one-thread arm oversubscribes the cores (one UNet step: 0.20 s alone, 0.83 s next to a
@@ -26,9 +26,9 @@ def prepare_demo_assets(overrides: Sequence[str] = (), ldm: bool = False) -> dic
     missing; returns {"dataset": path, "backbone": path, "ldm": path or None}."""
     from ..backbone import ClipBackbone  # noqa: F401  (the torchvision shim before open_clip and diffusers)
     from ..data import dataset_dir
+    from ..devices import select_device
     from ..methods.domainfusion import resolve_ldm
     from ..runner import prepare_backbone
-    from ..runtime import select_device
     from .ldm import ensure_demo_ldm
 
     cfg = compose_run("method=domainfusion", *overrides)

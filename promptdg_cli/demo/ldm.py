@@ -51,10 +51,10 @@ from tqdm.auto import tqdm
 from .. import _compat  # noqa: F401  (before diffusers: makes torchvision importable)
 
 # isort: split
+from ..compute_once import build_once
+from ..devices import torch_threads
 from ..extras import require
 from ..ldm import DEMO_MARKER, DEMO_TEXT_LENGTH, LatentDiffusion, clip_token_states
-from ..runtime import torch_threads
-from ..shared_files import build_once
 from . import BUILD_THREADS
 from .world import CLASSES, DOMAINS, STYLE_WORDS, sample_images
 
@@ -98,7 +98,7 @@ def demo_ldm_dir(cache_root: Optional[str] = None, clip=None) -> Path:
 
 def ensure_demo_ldm(cache_root: Optional[str], clip) -> Path:
     """The demo LDM folder for ``clip`` under ``cache_root``, built first if it is missing (once, when
-    several processes need it at once: ``shared_files.build_once``)."""
+    several processes need it at once: ``compute_once.build_once``)."""
     folder = demo_ldm_dir(cache_root, clip)
     build_once(folder, (folder / DEMO_MARKER).is_file, lambda: build_demo_ldm(folder, clip), "the demo LDM")
     return folder

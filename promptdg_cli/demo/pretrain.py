@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from .. import _compat  # noqa: F401  (must precede open_clip: makes torchvision importable)
 from ..backbone import ClipBackbone
-from ..runtime import torch_threads
+from ..devices import torch_threads
+from ..files import write_atomic
 from . import BUILD_THREADS
 from .captions import make_caption
 from .properties import format_properties, measure_demo_clip
@@ -235,13 +236,10 @@ def build_demo_clip(path: Path, model_name: str, recipe: dict | None = None, ben
     root = generate_dataset(benchmark_root or default_benchmark_root(path))
     props = measure_demo_clip(clip, root)
     props["train_s"] = round(train_s, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     meta = {"recipe": json.dumps(recipe), "seed": str(PRETRAIN_SEED), "revision": str(RECIPE_REVISION),
             "properties": json.dumps(props)}
-    save_file(state, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=meta))
     print(format_properties(props))
     print(f"[promptdg] demo CLIP trained in {train_s:.0f}s on {len(images)} captioned images, measured in "
           f"{time.time() - t0 - train_s:.0f}s")

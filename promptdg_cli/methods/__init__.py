@@ -1,44 +1,51 @@
-"""The method registry: every built-in method by name and where its class lives (torch-free).
+"""Which class runs a method: the one its config names with ``_target_`` (torch-free until it is imported).
 
-The table is complete as soon as this package is imported, so registration never depends on who
-imported what; a class is imported when a run asks for it. A method outside the package is named by
-its config instead: ``_target_: mypkg.my_method.MyMethod`` in the user's ``method/<name>.yaml``
-(README: "Extending promptdg"). An unknown name lists the valid ones and the nearest match.
+Every method, built-in or a user's, is a class and a YAML in a ``method`` config group whose
+``_target_`` names the class (``promptdg_cli.methods.coop.CoOp``; ``mylab.linear_head.LinearHead`` in
+the user's ``myconf/method/linear_head.yaml``, README: "Extending promptdg"). The built-in methods are
+the YAMLs of ``conf/method``; nothing else lists them. A class is imported when a run asks for it. A
+run config written without ``_target_`` (by promptdg 0.1) finds its class through the built-in YAML of
+its method name. An unknown name lists the valid ones and the nearest match.
 """
 from __future__ import annotations
 
 import difflib
 import importlib
+from typing import Dict
 
+import yaml
+
+from .. import conf_dir
 from ..errors import ConfigError
 
-REGISTRY: dict[str, str] = {
-    "zeroshot": "promptdg_cli.methods.zeroshot:ZeroShot",
-    "linear_probe": "promptdg_cli.methods.linear_probe:LinearProbe",
-    "coop": "promptdg_cli.methods.coop:CoOp",
-    "promptstyler": "promptdg_cli.methods.promptstyler:PromptStyler",
-    "dapl": "promptdg_cli.methods.dapl:DAPL",
-    "dapt": "promptdg_cli.methods.dapt:DAPT",
-    "domainfusion": "promptdg_cli.methods.domainfusion:DomainFusion",
-    "erm": "promptdg_cli.methods.erm:ERM",
-}
 
+def builtin_methods() -> Dict[str, str]:
+    """Every built-in method config (conf/method/<choice>.yaml) -> the class its ``_target_`` names; a
+    config that extends another (``defaults: [dapl]``) names its parent's class."""
+    folder = conf_dir() / "method"
+    raw = {p.stem: yaml.safe_load(p.read_text()) or {} for p in sorted(folder.glob("*.yaml"))}
 
-def get_method(name: str) -> type:
-    """The class of a built-in method."""
-    if name not in REGISTRY:
-        near = difflib.get_close_matches(name, list(REGISTRY), n=1)
-        hint = f" Did you mean {near[0]!r}?" if near else ""
-        raise ConfigError(f"method={name!r} is not registered. Valid: {', '.join(REGISTRY)}.{hint}")
-    module, _, cls = REGISTRY[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    def target(choice: str, seen=()) -> str:
+        node = raw[choice]
+        if node.get("_target_"):
+            return str(node["_target_"])
+        parents = [d for d in node.get("defaults", []) if isinstance(d, str) and d in raw and d not in seen]
+        return target(parents[0], seen + (choice,)) if parents else ""
+
+    return {choice: target(choice) for choice in raw}
 
 
 def method_class(method_cfg) -> type:
-    """The class of a run's method: ``method._target_`` (a method outside the package), else by name."""
+    """The class of a run's method: its ``_target_``, else the built-in config of its name."""
     target = method_cfg.get("_target_") if hasattr(method_cfg, "get") else None
     if not target:
-        return get_method(str(method_cfg.name))
+        name = str(method_cfg.get("name") if hasattr(method_cfg, "get") else method_cfg)
+        known = builtin_methods()
+        if name not in known:
+            near = difflib.get_close_matches(name, list(known), n=1)
+            raise ConfigError(f"method={name!r} is not a method config. Valid: {', '.join(known)}."
+                              + (f" Did you mean {near[0]!r}?" if near else ""))
+        target = known[name]
     module, _, cls = str(target).rpartition(".")
     try:
         return getattr(importlib.import_module(module), cls)

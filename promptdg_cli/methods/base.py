@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Tuple, Type
 
 import torch
 
+from .. import seeds
 from ..schema import MethodConfig
 
 
@@ -29,6 +30,18 @@ class RunEnv:
     trial_seed: int = 0  # DomainBed's trial_seed (the DG split; with hparams_seed, its random hyper-parameters)
     dataset: str = ""  # the dataset config's name
 
+    def rng(self, stream: str, *keys: int, device=None) -> torch.Generator:
+        """A torch generator at the start of the named random stream (``seeds.py``) for this run."""
+        return seeds.generator(stream, self.seed, *keys, device=device)
+
+    def seed_for(self, stream: str, *keys: int):
+        """The seed the named random stream starts from for this run (``seeds.py``)."""
+        return seeds.seed(stream, self.seed, *keys)
+
+    def numpy_rng(self, stream: str, *keys: int):
+        """A NumPy generator at the start of the named random stream (``seeds.py``) for this run."""
+        return seeds.numpy_generator(stream, self.seed, *keys)
+
 
 class Method:
     Config: ClassVar[Type] = MethodConfig  # the config schema (built-ins: promptdg_cli/schema.py)
@@ -39,6 +52,8 @@ class Method:
     # The protocol the method always runs: None (the dataset's), "uda" (labelled sources, unlabelled
     # target in training) or "source_free" (no images in training; tested on every domain).
     protocol: ClassVar[Optional[str]] = None
+    generates: ClassVar[bool] = False  # True: it writes generated image sets (write_round; promptdg generate)
+    loss_terms: ClassVar[Tuple[str, ...]] = ("loss",)  # the names of the Terms batch_loss returns (metrics.jsonl's columns)
 
     def __init__(self, cfg, backbone, classnames: List[str], device: torch.device, env: Optional[RunEnv] = None):
         self.cfg, self.backbone, self.classnames, self.device = cfg, backbone, list(classnames), device
@@ -53,6 +68,11 @@ class Method:
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, D) normalised image features -> (B, C) class scores."""
         raise NotImplementedError
+
+    def features_for(self, feats):
+        """The features a test set is scored on: the cached ones, or the method's own encoding of its
+        images (a method that changes the image encoder: DAPT's visual prompts, a fine-tuned one)."""
+        return feats
 
     def extra_results(self) -> Dict[str, float]:
         """Counters a split adds to the run's record (DomainFusion: images generated); summed over splits."""
@@ -75,12 +95,13 @@ class Method:
         """The epoch's global batches (index tensors, or tuples of them), drawn from ``g``."""
         raise NotImplementedError
 
-    def load(self, epoch: int, local_batches: list):
-        """What each step needs of this rank's part of its batch; the parts themselves by default."""
-        return iter(local_batches)
+    def load(self, epoch: int, batches: list):
+        """What each step needs of its batch (images loaded, features looked up): an iterator with one
+        item per batch; the batches themselves by default."""
+        return iter(batches)
 
-    def batch_loss(self, item, batch, info) -> list:
-        """The step's loss as ``training.Term`` s."""
+    def batch_loss(self, item, info) -> list:
+        """The step's loss as ``training.Term`` s (names from ``loss_terms``), from ``load``'s item."""
         raise NotImplementedError
 
     def rounds(self) -> int:
@@ -105,3 +126,12 @@ class Method:
 
     def load_extra_state(self, state: Any) -> None:
         pass
+
+    # ----------------------------------------------------------------- methods that generate images
+    def generator_name(self) -> Optional[str]:
+        """What generates the images (``promptdg generate`` records it)."""
+        return None
+
+    def write_round(self, inputs, labels, outputs, seed: int, desc: str, produce) -> list:
+        """One round of generation: image files ``inputs`` into ``outputs`` (``synthetic.write_round``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not generate images")

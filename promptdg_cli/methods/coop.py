@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..evaluation import accuracy
+from ..prompt_encoding import PromptGroups
 from ..schema import CoOpConfig
-from ..shared_prefix import PromptGroups
 from ..training import Term, dassl_lr, shuffled_batches
 from .base import Method
 
@@ -94,11 +94,9 @@ class CoOp(Method):
     def epoch_batches(self, epoch, g):
         return shuffled_batches(len(self.train_y), self.cfg.batch_size, g, self.cfg.drop_last)
 
-    def batch_loss(self, idx, batch, info):
-        if not len(idx):
-            return [Term("loss", None, 0, len(batch))]
+    def batch_loss(self, idx, info):
         idx = idx.to(self.device)
-        return [Term("loss", self.loss(self.train_x[idx], self.train_y[idx]), len(idx), len(batch))]
+        return [Term("loss", self.loss(self.train_x[idx], self.train_y[idx]), len(idx))]
 
     def validate(self):
         return accuracy(self, self.val) if self.val is not None and len(self.val) else None

@@ -56,8 +56,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from ..prompt_encoding import PromptGroups
 from ..schema import DAPLConfig
-from ..shared_prefix import PromptGroups
 from ..training import Term, dassl_lr, order_batches
 from ..views import concat_passes
 from .base import Method
@@ -166,6 +166,7 @@ def target_passes(n: int, batch_size: int, steps: int, drop_last: bool) -> int:
 class DAPL(Method):
     Config = DAPLConfig
     protocol = "uda"
+    loss_terms = ("l_src", "l_tgt")  # the source CE and the target term (its mean over the kept images)
 
     def __init__(self, cfg, backbone, classnames, device, env=None):
         super().__init__(cfg, backbone, classnames, device, env)
@@ -240,17 +241,15 @@ class DAPL(Method):
         target = target_batches(self.tgt_views.n, c.target_batch_size, len(source), g, c.drop_last)
         return list(zip(source, target))
 
-    def batch_loss(self, item, batch, info):
+    def batch_loss(self, item, info):
         si, tj = (t.to(self.device) for t in item)
-        tj_all = batch[1].to(self.device)
         text, scale = self.text_features(), self.backbone.logit_scale  # (n_domains, C, D)
         x_tgt, pseudo, keep = self.xt[tj], self.pseudo[tj], self.keep[tj]
         if len(si):
             _, l_src, l_tgt = dapl_loss(text, scale, self.xs[si], self.ds[si], self.ys[si], x_tgt, self.target_row, pseudo, keep, self.cfg.U)
-        else:  # (torchrun: a last source batch smaller than the number of ranks)
+        else:  # a batch of target images only
             l_src, l_tgt = None, masked_cross_entropy(scale * x_tgt @ text[self.target_row].T, pseudo, keep)
-        kept_global = int(self.keep[tj_all].sum())
-        return [Term("l_src", l_src, len(si), len(batch[0])), Term("l_tgt", l_tgt, int(keep.sum()), kept_global, self.cfg.U)]
+        return [Term("l_src", l_src, len(si)), Term("l_tgt", l_tgt, int(keep.sum()), self.cfg.U)]
 
     def validate(self):
         return self.source_accuracy(self.val) if self.val is not None and len(self.val) else None

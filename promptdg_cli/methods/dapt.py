@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from ..data import Features, augmented_transform, image_batches, image_loader
 from ..errors import ConfigError
 from ..schema import DAPTConfig
-from ..training import Term, dassl_lr
+from ..training import Term, dassl_lr, order_batches
 from ..vpt import VisualPrompts
 from .base import Method
 from .coop import PromptLearner
@@ -85,6 +85,7 @@ def class_prototypes(x: torch.Tensor, y: torch.Tensor, n_classes: int, renormali
 class DAPT(Method):
     Config = DAPTConfig
     needs_vit = True
+    loss_terms = ("loss", "ce", "l_intra", "l_inter")  # L and its three terms (logged)
 
     def __init__(self, cfg, backbone, classnames, device, env=None):
         super().__init__(cfg, backbone, classnames, device, env)
@@ -116,7 +117,7 @@ class DAPT(Method):
         self.visual.initialize(self.env.seed)  # VPT's init, drawn with the run's seed
         official = str(self.cfg.augment) == "official"  # none: promptdg's cheaper protocol (the plain transform)
         self.train_transform = augmented_transform(self.backbone.preprocess) if official else self.backbone.preprocess
-        self.protos = self.prototypes(self.shots, self.train_transform, self.env.seed).to(self.device)
+        self.protos = self.prototypes(self.shots, self.train_transform).to(self.device)
         ctx.log(shots=len(self.shots), lr=self.cfg.lr, beta_v=self.cfg.beta_v, beta_t=self.cfg.beta_t, epochs=self.cfg.epochs)
         ctx.train(self)
 
@@ -133,21 +134,19 @@ class DAPT(Method):
 
     def epoch_batches(self, epoch, g):
         """Batches of positions in the epoch's order of the shots (an image's augmentation is seeded by
-        its position, so it is the same whichever rank loads it and after a resume)."""
+        its position, so it is the same whichever process loads it and after a resume)."""
         self.order = torch.randperm(len(self.shots), generator=g).numpy()
-        n, bs = len(self.order), self.cfg.batch_size
-        end = (n // bs) * bs if (self.cfg.drop_last and n >= bs) else n
-        return [torch.arange(i, min(i + bs, n)) for i in range(0, end, bs)]
+        return order_batches(torch.arange(len(self.order)), self.cfg.batch_size, self.cfg.drop_last)
 
-    def load(self, epoch, local_batches):
+    def load(self, epoch, batches):
         paths = [self.shots.paths[i] for i in self.order]
-        return image_loader(paths, self.train_transform, [b.tolist() for b in local_batches], self.env.num_workers,
-                            seed=self.env.seed * 10007 + epoch)
+        return image_loader(paths, self.train_transform, [b.tolist() for b in batches], self.env.num_workers,
+                            seed=self.env.seed_for("dapt-augmentation", epoch))
 
-    def batch_loss(self, item, batch, info):
+    def batch_loss(self, item, info):
         pos, x, _ = item  # an unreadable image is left out of its batch
         if x is None:
-            return [Term("loss", None, 0)]
+            return []
         y = self.shots.y[torch.as_tensor(self.order[pos.numpy()])].to(self.device)
         loss, *parts = self.loss(x, y, self.protos)
         n = len(pos)  # (the three terms are logged only: weight 0)
@@ -155,15 +154,15 @@ class DAPT(Method):
 
     # ----------------------------------------------------------------- prototypes and evaluation on images
     @torch.no_grad()
-    def prototypes(self, shots, transform, seed: int) -> torch.Tensor:
+    def prototypes(self, shots, transform) -> torch.Tensor:
         """The class prototypes (C, D): the official generator encodes every shot once through the
         training transform with the frozen encoder (no prompts) and averages the normalised
-        features per class. Each shot's random augmentation is seeded by (seed, its position)."""
+        features per class. Each shot's random augmentation is seeded by (the run's seed, its position)."""
         if transform is self.backbone.preprocess:  # no augmentation: the cached features are these
             feats = shots
         else:
             xs, keep = [], []
-            for pos, x, _ in image_batches(shots.paths, transform, 128, self.env.num_workers, seed=seed * 10007 + 99991):
+            for pos, x, _ in image_batches(shots.paths, transform, 128, self.env.num_workers, seed=self.env.seed_for("dapt-prototypes")):
                 if x is not None:
                     xs.append(self.backbone.encode_image(x.to(self.device), normalize=True).float().cpu())
                     keep += pos.tolist()

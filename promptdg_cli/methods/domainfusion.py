@@ -63,24 +63,22 @@ Choices the paper leaves open (config key, default, why):
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 from typing import List, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
+from .. import plugins, seeds
 from ..classifier import Featurizer, augment_transform
 from ..data import image_batches
-from ..demo.ldm import ensure_demo_ldm
 from ..errors import ConfigError
 from ..ldm import load_ldm, to_ldm_pixels
-from ..recovery import image_error, recovery_event
 from ..schema import DomainFusionConfig
-from ..training import Term, make_files
+from ..synthetic import ldm_pixels, round_outputs, round_seed, write_round
+from ..training import Term
 from .erm import ERM
 
 SD_DEFAULT = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -143,28 +141,6 @@ def fuse_candidates(z_in: torch.Tensor, cands: torch.Tensor):
     return fused, si, ci
 
 
-# --------------------------------------------------------------------- images on disk
-def ldm_pixels(paths: Sequence[str], size: int) -> torch.Tensor:
-    """Images as the LDM's [0, 1] pixels, (B, 3, size, size): bicubic resize of the short side, centre crop."""
-    from torchvision import transforms as T
-
-    tf = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor()])
-    out = []
-    for p in paths:
-        with Image.open(p) as im:
-            out.append(tf(im.convert("RGB")))
-    return torch.stack(out)
-
-
-def save_png(x01: torch.Tensor, path: Path) -> None:
-    """One image (3, H, W) in [0, 1] as an 8-bit PNG, written atomically."""
-    arr = (x01.clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
-
-
 def resolve_ldm(name: str, backbone) -> str:
     """``auto``: the demo LDM for the demo CLIP, Stable Diffusion v1.5 otherwise."""
     if name != "auto":
@@ -185,6 +161,8 @@ def clip_train_transform(preprocess):
 class DomainFusion(ERM):
     Config = DomainFusionConfig
     extras = ("domainfusion",)  # diffusers (and transformers for Stable Diffusion's text encoder)
+    generates = True  # promptdg generate writes its augmented sets
+    loss_terms = ("ce", "ld", "ld_grad_rms")  # CE, latent distillation, and the size of its latent gradient (logged)
     backbone_kinds = ("classifier", "clip")
 
     def __init__(self, cfg, backbone, classnames, device, env=None):
@@ -243,7 +221,7 @@ class DomainFusion(ERM):
             if source == "demo":  # built once on first use, conditioned on the demo CLIP's text tower
                 if not self.backbone.model_name.startswith("demo"):
                     raise ConfigError("method.ldm=demo is conditioned on the demo CLIP's text tower: use it with backbone=demo_clip")
-                source = str(ensure_demo_ldm(self.env.cache_root, self.backbone))  # built once by jobs that start at once
+                source = str(plugins.load("ldm", "demo", "method.ldm")(self.env.cache_root, self.backbone))  # built once by jobs that start at once
             self._ldm = load_ldm(source, self.device, self.cfg.ldm_dtype, self.cfg.ldm_revision, clip=self.backbone if self.clip else None)
         return self._ldm
 
@@ -273,26 +251,16 @@ class DomainFusion(ERM):
         fused, _, _ = fuse_candidates(z_in, cands)
         return (ldm.decode(fused) + 1) / 2
 
-    def augment_batch(self, inputs: Sequence[str], labels: Sequence[int], outputs: Sequence[Path], idx: List[int], seed: int) -> None:
-        """Images ``idx`` of ``inputs`` augmented into their ``outputs`` (PNG); the batch has its own
-        generator, seeded by (seed, its first index), so a resumed round is identical."""
-        x01 = ldm_pixels([inputs[i] for i in idx], self.ldm_size())
-        g = torch.Generator(device=self.ldm().device).manual_seed(seed * 1_000_003 + idx[0])
-        out = self.augment(x01, torch.as_tensor([labels[i] for i in idx]), g)
-        for j, i in enumerate(idx):
-            save_png(out[j], Path(outputs[i]))
+    def augment_images(self, paths: List[str], labels: List[int], generator: torch.Generator) -> torch.Tensor:
+        """Image files augmented (their [0, 1] pixels at the LDM's size, (B, 3, R, R))."""
+        return self.augment(ldm_pixels(paths, self.ldm_size()), torch.as_tensor(labels), generator)
 
-    def augment_files(self, inputs: Sequence[str], labels: Sequence[int], outputs: Sequence[Path], seed: int, desc: str,
-                      ctx=None) -> list:
-        """``inputs`` augmented into ``outputs`` batch by batch (``ctx.files``: resumable, shared out
-        over ranks; one process without ``ctx``). An output of an interrupted run that does not decode
-        (a half-written image) is generated again and returned as a recovery event."""
-        broken = {Path(o): err for o in outputs if Path(o).is_file() and (err := image_error(Path(o)))}
-        events = [recovery_event(o, err, "generated again") for o, err in broken.items()]
-        (ctx.files if ctx is not None else make_files)(
-            outputs, lambda idx: self.augment_batch(inputs, labels, outputs, idx, seed), self.cfg.generate_batch, desc,
-            lambda o: o.is_file() and o not in broken)
-        return events
+    def write_round(self, inputs: Sequence[str], labels: Sequence[int], outputs: Sequence[Path], seed: int, desc: str,
+                    produce) -> list:
+        """``inputs`` augmented into the PNG files ``outputs`` (``synthetic.write_round``: resumable,
+        batch by batch through ``produce``); returns its recovery events."""
+        return write_round(self.augment_images, inputs, labels, outputs, seed, self.cfg.generate_batch, desc, produce,
+                           device=self.ldm().device)
 
     def on_epoch(self, epoch, ctx):
         """Every T epochs the synthetic set is replaced by its augmented copy (a round resumes from its files)."""
@@ -300,8 +268,8 @@ class DomainFusion(ERM):
         if epoch == 0 or epoch % cfg.augment_every or self.round >= epoch // cfg.augment_every:
             return
         r = epoch // cfg.augment_every
-        outs = [self.syn_dir / f"round{r}" / f"{k:06d}.png" for k in range(len(self.syn_src))]
-        ctx.recovered += self.augment_files(self.syn_paths, self.syn_labels, outs, self.env.seed * 1009 + r, f"augmentation round {r}", ctx)
+        outs = round_outputs(self.syn_dir, r, len(self.syn_src))
+        ctx.recovered += self.write_round(self.syn_paths, self.syn_labels, outs, round_seed(self.env.seed, r), f"augmentation round {r}", ctx.files)
         self.round = r  # counted once per round, however often an interrupted round was resumed or shared out
         n = len(self.syn_src)
         self.counts = {"generated_images": self.counts["generated_images"] + cfg.candidates * n,
@@ -309,7 +277,7 @@ class DomainFusion(ERM):
         self._use_round(r)
 
     def _use_round(self, r: int) -> None:
-        self.syn_paths = [str(self.syn_dir / f"round{r}" / f"{k:06d}.png") for k in range(len(self.syn_src))] if r else list(self.src_paths)
+        self.syn_paths = [str(o) for o in round_outputs(self.syn_dir, r, len(self.syn_src))] if r else list(self.src_paths)
         self.feats = None  # (a frozen encoder re-encodes the new synthetic set once)
 
     def extra_state(self):
@@ -325,7 +293,7 @@ class DomainFusion(ERM):
         self.setup(data, ctx)
         cfg, train = self.cfg, data.train
         n = len(train)
-        rng = np.random.default_rng([self.env.seed, 7])
+        rng = self.env.numpy_rng("domainfusion-synthetic-set")
         self.syn_src = np.sort(rng.choice(n, size=max(1, int(round(cfg.synthetic_fraction * n))), replace=False))
         self.syn_labels = [int(train.y[i]) for i in self.syn_src]
         self.src_paths = [train.paths[i] for i in self.syn_src]  # round 0: copies of the source images
@@ -345,35 +313,32 @@ class DomainFusion(ERM):
     def epoch_batches(self, epoch, g):
         """ERM's steps with a third tensor: which draws are distilled (``distill_per_step`` source draws, evenly spaced)."""
         out = []
-        for idx, seeds in super().epoch_batches(epoch, g):
+        for idx, draw_seeds in super().epoch_batches(epoch, g):
             n_src, k = int(self.hp["batch_size"]) * len(self.rows), min(int(self.cfg.distill_per_step), int(self.hp["batch_size"]) * len(self.rows))
             mask = torch.zeros(len(idx), dtype=torch.bool)
             mask[[(j * n_src) // k for j in range(k)] if self.cfg.distill_weight else []] = True
-            out.append((idx, seeds, mask))
+            out.append((idx, draw_seeds, mask))
         return out
 
-    def load(self, epoch, local_batches):
+    def load(self, epoch, batches):
         if self.frozen and self.feats is None:  # a frozen encoder sees each image once per round
             self.feats = torch.cat([self.train.x, self.encode_files(self.syn_paths)])
         self.paths = list(self.train.paths) + self.syn_paths
-        return super().load(epoch, local_batches)
+        return super().load(epoch, batches)
 
-    def batch_loss(self, item, batch, info):
-        cfg, n_distilled = self.cfg, int(batch[2].sum())
-        none = [Term("ld", None, 0, n_distilled, cfg.distill_weight), Term("ld_grad_rms", None, 0, n_distilled, 0.0)]
-        if item is None:
-            return [Term("ce", None, 0, len(batch[0]))] + none
-        (_, seeds, mask), (idx, x, x01) = item
+    def batch_loss(self, item, info):
+        cfg = self.cfg
+        (_, draw_seeds, mask), (idx, x, x01) = item
         y = self.labels[idx.to(self.device)]
         logits = self.forward(x, idx)
-        terms = [Term("ce", F.cross_entropy(logits, y), len(idx), len(batch[0]))]
+        terms = [Term("ce", F.cross_entropy(logits, y), len(idx))]
         rows = torch.nonzero(mask).flatten()
         if not len(rows):
-            return terms + none
+            return terms
         ldm, lat = self.ldm(), self.ldm_size() // self.vae_factor()
         t, noise = [], []
-        for s in seeds[rows].tolist():  # each distilled draw's t and ε from its own seed
-            g = torch.Generator().manual_seed(s ^ 0x5EED)
+        for s in draw_seeds[rows].tolist():  # each distilled draw's t and ε from its own seed
+            g = seeds.generator("domainfusion-distilled-draw", s)
             t.append(torch.randint(self.lo, self.hi + 1, (1,), generator=g))
             noise.append(torch.randn((ldm.unet.config.in_channels, lat, lat), generator=g))
         rows_d = rows.to(self.device)
@@ -381,5 +346,4 @@ class DomainFusion(ERM):
         loss_ld, grad = latent_distillation_loss(ldm, p.to(ldm.device), x01.to(ldm.device), ldm.encode_text(self.prompts(y[rows_d])),
                                                  torch.cat(t).to(ldm.device), torch.stack(noise).to(ldm.device), cfg.distill_guidance, cfg.weighting)
         rms = grad.pow(2).mean().sqrt().detach()  # the surrogate's value means nothing: the size of w(t)(ε̂ − ε) is logged
-        return terms + [Term("ld", loss_ld.to(self.device), len(rows), n_distilled, cfg.distill_weight),
-                        Term("ld_grad_rms", rms, len(rows), n_distilled, 0.0)]
+        return terms + [Term("ld", loss_ld.to(self.device), len(rows), cfg.distill_weight), Term("ld_grad_rms", rms, len(rows), 0.0)]

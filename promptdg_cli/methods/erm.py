@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .. import runtime
+from .. import devices
 from ..data import Features, image_batches
 from ..domainbed import checkpoint_rounds, random_hparams
 from ..evaluation import predict
@@ -74,6 +74,7 @@ def collate(items):
 class ERM(Method):
     Config = ERMConfig
     backbone_kinds = ("classifier",)
+    loss_terms = ("ce",)
 
     def __init__(self, cfg, backbone, classnames, device, env=None):
         super().__init__(cfg, backbone, classnames, device, env)
@@ -106,7 +107,7 @@ class ERM(Method):
             return feats
         self.featurizer.eval()
         out = []
-        with torch.no_grad(), runtime.autocast(self.device, self.env.precision):
+        with torch.no_grad(), devices.autocast(self.device, self.env.precision):
             for _, x, bad in image_batches(feats.paths, self.backbone.preprocess, batch_size, self.env.num_workers):
                 if bad:
                     raise OSError(f"cannot read {feats.paths[bad[0]]}")
@@ -163,27 +164,23 @@ class ERM(Method):
     def ldm_size(self) -> Optional[int]:
         return None
 
-    def load(self, epoch, local_batches):
+    def load(self, epoch, batches):
         """Each step's (its draws, (indices, augmented images, LDM pixels)), loaded ahead by the run's workers."""
-        steps = [list(zip(*(t.tolist() for t in b))) for b in local_batches]
-        full = [s for s in steps if s]
+        steps = [list(zip(*(t.tolist() for t in b))) for b in batches]
         ds = Draws(self.paths, None if self.frozen else self.train_transform(), self.ldm_size())
-        workers = self.env.num_workers if len(full) > 4 else 0
-        loader = iter(torch.utils.data.DataLoader(ds, batch_sampler=full, num_workers=workers, collate_fn=collate,
-                                                  pin_memory=self.device.type == "cuda"))
-        for b, s in zip(local_batches, steps):
-            yield (b, next(loader)) if s else None
+        workers = self.env.num_workers if len(steps) > 4 else 0
+        loader = torch.utils.data.DataLoader(ds, batch_sampler=steps, num_workers=workers, collate_fn=collate,
+                                             pin_memory=self.device.type == "cuda")
+        return zip(batches, loader)
 
     def forward(self, x: Optional[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
         """Training logits of a step's draws: featurizer, dropout, classifier (cached features when frozen)."""
         f = self.feats[idx].to(self.device) if self.frozen else self.featurizer(x.to(self.device, non_blocking=True))
         return self.head(self.dropout(f))
 
-    def batch_loss(self, item, batch, info):
-        if item is None:
-            return [Term("ce", None, 0, len(batch[0]))]
+    def batch_loss(self, item, info):
         _, (idx, x, _) = item
-        return [Term("ce", F.cross_entropy(self.forward(x, idx), self.labels[idx.to(self.device)]), len(idx), len(batch[0]))]
+        return [Term("ce", F.cross_entropy(self.forward(x, idx), self.labels[idx.to(self.device)]), len(idx))]
 
     def validate(self):
         """The mean over source domains of the held-out accuracy (DomainBed's training-domain validation)."""

@@ -52,8 +52,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..prompt_encoding import PromptGroups
 from ..schema import PromptStylerConfig
-from ..shared_prefix import PromptGroups
 from ..training import Term, shuffled_batches
 from .base import Method
 
@@ -126,6 +126,7 @@ class StylePrompts(nn.Module):
 class PromptStyler(Method):
     Config = PromptStylerConfig
     protocol = "source_free"
+    loss_terms = ("train_loss",)  # the classifier's ArcFace loss (stage 2)
 
     def __init__(self, cfg, backbone, classnames, device, env=None):
         super().__init__(cfg, backbone, classnames, device, env)
@@ -139,15 +140,15 @@ class PromptStyler(Method):
         f = self.backbone.encode_grouped(self.prompts(style))[0]
         return f[0], f[1:]
 
-    def init_style(self, seed: int, i: int) -> torch.Tensor:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + i)
+    def init_style(self, i: int) -> torch.Tensor:
+        g = self.env.rng("promptstyler-style", i)
         return (torch.randn(self.backbone.text_width, generator=g) * self.cfg.style_init_std).to(self.device)
 
     def learn_style(self, i: int, earlier: dict, ctx) -> dict:
         """Stage 1 for style i: L SGD steps on L_style + L_content, the earlier styles frozen."""
         cfg = self.cfg
         earlier_feats = torch.stack([earlier[j]["feature"].to(self.device) for j in range(i)]) if i else torch.zeros(0, self.backbone.embed_dim, device=self.device)
-        s = nn.Parameter(self.init_style(self.env.seed, i))
+        s = nn.Parameter(self.init_style(i))
         opt = torch.optim.SGD([s], lr=cfg.style_lr, momentum=cfg.style_momentum)  # a fresh optimiser per style
         for _ in range(cfg.style_iters):
             style_f, sc_f = self.encode(s)
@@ -185,12 +186,10 @@ class PromptStyler(Method):
     def epoch_batches(self, epoch, g):
         return shuffled_batches(len(self.y), self.cfg.batch_size, g)
 
-    def batch_loss(self, idx, batch, info):
-        if not len(idx):
-            return [Term("train_loss", None, 0, len(batch))]
+    def batch_loss(self, idx, info):
         idx = idx.to(self.device)
         return [Term("train_loss", arcface_loss(self.x[idx], self.classifier.weight, self.y[idx], self.cfg.arcface_s, self.cfg.arcface_m),
-                     len(idx), len(batch))]
+                     len(idx))]
 
     # ----------------------------------------------------------------- inference and state
     @torch.no_grad()

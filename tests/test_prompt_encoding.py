@@ -16,7 +16,7 @@ from open_clip.transformer import LayerScale
 from torch import nn
 
 from promptdg_cli.backbone import ClipBackbone
-from promptdg_cli.shared_prefix import PromptGroups, encode_shared_prefix, length_buckets, supports_shared_prefix
+from promptdg_cli.prompt_encoding import PromptGroups, encode_shared_prefix, length_buckets, supports_shared_prefix
 
 # floats whose last bits depend on the CPU kind: .ci/run runs these again as AVX2 and plain CPUs sum
 pytestmark = pytest.mark.numerics

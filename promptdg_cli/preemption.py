@@ -1,7 +1,4 @@
-"""What a run needs from its process: the device, memory and revision facts, atomic torch files,
-and the preemption signals.
-
-Preemption and requeue. While a method trains, SIGTERM, SIGUSR1 and SIGUSR2 only set a flag
+"""Preemption and requeue. While a method trains, SIGTERM, SIGUSR1 and SIGUSR2 only set a flag
 (:data:`STOP`); elsewhere in a run, where nothing is in progress that a checkpoint could keep (features
 being extracted, a model being evaluated), they stop the run at once. The training loop polls the
 flag at every step boundary (``training.TrainContext``): there the checkpoint is written and
@@ -22,87 +19,17 @@ the same step.
 from __future__ import annotations
 
 import logging
-import os
-import resource
 import signal
-import subprocess
 import threading
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Dict
 
-import torch
-
 from . import dist
-from .errors import ConfigError
 
 log = logging.getLogger("promptdg")
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
 
-# --------------------------------------------------------------------- device and facts
-def select_device(name: str) -> torch.device:
-    """The run's device; under torchrun ``auto``/``cuda`` mean this rank's GPU, ``cuda:LOCAL_RANK``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name!r} but no CUDA device is available. Valid here: auto, cpu")
-    if name == "cuda" and dist.env_world_size() > 1:
-        return torch.device("cuda", dist.local_rank())
-    return torch.device(name)
-
-
-def autocast(device: torch.device, precision: str):
-    """The autocast context of ``backbone.precision`` on CUDA (bf16/fp16); nothing on the CPU or for fp32."""
-    p = str(precision)
-    if device.type != "cuda" or p == "fp32":
-        return _Null()
-    return torch.autocast("cuda", dtype=torch.bfloat16 if p == "bf16" else torch.float16)
-
-
-@contextmanager
-def torch_threads(n: int):
-    """torch's intra-op thread count set to ``n`` for the block (or the decorated function), restored
-    after. Training on the CPU sums in an order that depends on the thread count, so a model trained
-    with 1 and with 2 threads differs in its last bits, and after a few hundred steps in its numbers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-class _Null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def peak_memory_mb(device: torch.device) -> dict:
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
-    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"cpu_rss": round(rss_kb / 1024, 1), "cuda": None if cuda is None else round(cuda, 1)}
-
-
-def git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=Path(__file__).parent,
-                             capture_output=True, text=True, timeout=5)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def torch_save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------- preemption
 class Preempted(SystemExit):
     """Training stopped at a safe point after a preemption signal; the checkpoint is on disk.
 

@@ -14,14 +14,13 @@ again by the job that claims it; the recovery is logged and returned as an event
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 from .config import UserError
+from .files import recovery_event, write_atomic
 from .locks import STALE_ENV, FileLock, seconds_from_env
-from .recovery import recovery_event
 
 log = logging.getLogger("promptdg.cache")
 
@@ -47,7 +46,7 @@ def compute_once(file: Path, compute: Callable[[], T], write: Callable[[T, Path]
     """(the content of ``file``, whether this process computed it).
 
     ``compute()`` makes the content, ``write(content, path)`` writes it to ``path`` (this function
-    makes the write atomic: a temporary name, then a rename), ``read(path)`` reads it back and raises
+    makes the write atomic: ``files.write_atomic``), ``read(path)`` reads it back and raises
     on a broken file. ``events``: recoveries are appended to it."""
     file = Path(file)
 
@@ -119,13 +118,5 @@ def _compute_claimed(file, compute, write, read, events):
                 events.append(ev)
             file.unlink(missing_ok=True)
     value = compute()
-    file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.tmp{os.getpid()}")
-    try:
-        write(value, tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())  # on disk before it gets its name (a crash must not leave a short file)
-        os.replace(tmp, file)  # atomic: a half-written cache file is never read
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(file, lambda tmp: write(value, tmp))  # a half-written cache file is never read
     return value
