@@ -159,16 +159,39 @@ def uda_splits(dataset_cfg, target: Optional[str], source: Optional[Sequence[str
 
 
 # --------------------------------------------------------------------- the protocols
+@dataclass(frozen=True)
+class RunSpec:
+    """What a protocol needs of a run, resolved once from the run config (:meth:`of`)."""
+
+    seed: int = 1
+    shots: Optional[int] = None
+    target: Optional[str] = None
+    source: Optional[List[str]] = None
+    trial_seed: Optional[int] = None  # DomainBed's (DG split); None: the seed
+    method: str = ""  # the method's name (for messages)
+    augment: str = NONE  # what a frozen-encoder method sees of its images per epoch (views.py)
+    aug_views: int = 0
+    augment_cache: bool = True
+    source_holdout: bool = False  # UDA: hold 20 % of the sources out
+    select: str = "last"
+
+    @classmethod
+    def of(cls, cfg) -> "RunSpec":
+        m = cfg.get("method") or {}
+        return cls(seed=int(cfg.get("seed", 1)), shots=cfg.get("shots"), target=cfg.get("target"),
+                   source=list(cfg.source) if cfg.get("source") else None, trial_seed=cfg.get("trial_seed"),
+                   method=str(m.get("name", "")), augment=str(m.get("augment", NONE)), aug_views=int(m.get("aug_views", 0) or 0),
+                   augment_cache=bool(cfg.get("augment_cache", True)), source_holdout=bool(m.get("source_holdout", False)),
+                   select=str(m.get("select", "last")))
+
+
 class Protocol:
     name = ""
 
-    def __init__(self, cfg, cache: Optional[FeatureCache] = None, backbone=None):
-        self.cfg, self.dataset, self.cache, self.backbone = cfg, cfg.dataset, cache, backbone
-        self.seed, self.shots = int(cfg.seed), cfg.get("shots")
-        # what a frozen-encoder method sees of its images per epoch (views.py); methods without the key: the plain features
-        method = cfg.get("method") or {}
-        self.augment, self.aug_views = str(method.get("augment", NONE)), int(method.get("aug_views", 0) or 0)
-        self.augment_cache = bool(cfg.get("augment_cache", True))
+    def __init__(self, dataset, spec: RunSpec, cache: Optional[FeatureCache] = None, backbone=None):
+        self.dataset, self.spec, self.cache, self.backbone = dataset, spec, cache, backbone
+        self.seed, self.shots = spec.seed, spec.shots
+        self.augment, self.aug_views, self.augment_cache = spec.augment, spec.aug_views, spec.augment_cache
 
     def attach(self, cache: FeatureCache, backbone) -> "Protocol":
         self.cache, self.backbone = cache, backbone
@@ -260,11 +283,11 @@ class DG(Protocol):
     @property
     def trial_seed(self) -> int:
         """DomainBed's trial_seed (the split); null in the config: the run's seed."""
-        t = self.cfg.get("trial_seed")
+        t = self.spec.trial_seed
         return self.seed if t is None else int(t)
 
     def splits(self) -> List[Split]:
-        return dg_splits(self.dataset, self.cfg.target, self.cfg.source)
+        return dg_splits(self.dataset, self.spec.target, self.spec.source)
 
     def train_data(self, split: Split) -> TrainData:
         return self._source(split)
@@ -302,10 +325,10 @@ class UDA(Protocol):
     name = "uda"
 
     def splits(self) -> List[Split]:
-        return uda_splits(self.dataset, self.cfg.target, self.cfg.source)
+        return uda_splits(self.dataset, self.spec.target, self.spec.source)
 
     def train_data(self, split: Split) -> TrainData:
-        data = self._source(split, holdout=bool(self.cfg.method.get("source_holdout", False)))
+        data = self._source(split, holdout=self.spec.source_holdout)
         test = self.cache.domain_features(self.backbone, self.dataset, split.target)
         data.target = unlabelled(test)
         data.target_views = self._views(data.target, split.target)
@@ -319,14 +342,14 @@ class SourceFree(Protocol):
     name = "source_free"
 
     def splits(self) -> List[Split]:
-        if self.cfg.source:
+        if self.spec.source:
             raise ConfigError(
-                f"source={list(self.cfg.source)} has no meaning for method={self.cfg.method.name}: it is source-free and "
+                f"source={self.spec.source} has no meaning for method={self.spec.method}: it is source-free and "
                 f"trains on no images. Drop source= (target= only chooses which domains are tested; default: all of "
                 f"{list(self.dataset.domains)})."
             )
-        domains = check_domains(self.dataset, self.cfg.target, None)
-        return [Split(target=SOURCE_FREE, sources=[], tests=[self.cfg.target] if self.cfg.target else domains)]
+        domains = check_domains(self.dataset, self.spec.target, None)
+        return [Split(target=SOURCE_FREE, sources=[], tests=[self.spec.target] if self.spec.target else domains)]
 
     def train_data(self, split: Split) -> TrainData:
         return TrainData()  # no image at all: the method trains before any image is read
@@ -364,8 +387,9 @@ class FewShot(Protocol):
 
 
 def protocol_for(cfg, method_cls) -> Protocol:
-    """The run's protocol: a few-shot dataset's, else the method's own (DAPL: uda; PromptStyler:
-    source-free) or the dataset's. A combination that cannot work fails here, before anything loads."""
+    """The run's protocol, given the typed parts it needs (the dataset's config and a :class:`RunSpec`):
+    a few-shot dataset's, else the method's own (DAPL: uda; PromptStyler: source-free) or the dataset's.
+    A combination that cannot work fails here, before anything loads."""
     fewshot = str(cfg.dataset.protocol) == "fewshot"
     if fewshot:
         if method_cls.protocol in ("uda", "source_free") or cfg.target or cfg.source:
@@ -374,34 +398,33 @@ def protocol_for(cfg, method_cls) -> Protocol:
                 f"method={cfg.method.name} needs domains, and target=/source= do not apply. "
                 f"Few-shot methods: zeroshot, linear_probe, coop, dapt."
             )
-        protocol: Protocol = FewShot(cfg)
+        protocol: Protocol = FewShot(cfg.dataset, RunSpec.of(cfg))
     else:
         name = method_cls.protocol or str(cfg.dataset.protocol)
-        protocol = {"dg": DG, "uda": UDA, "source_free": SourceFree}[name](cfg)
-    check_selection(cfg, protocol)
+        protocol = {"dg": DG, "uda": UDA, "source_free": SourceFree}[name](cfg.dataset, RunSpec.of(cfg))
+    check_selection(protocol)
     return protocol
 
 
-def check_selection(cfg, protocol: Protocol) -> None:
+def check_selection(protocol: Protocol) -> None:
     """Model selection and augmentation that the run's data cannot give: a clear error before anything loads."""
-    m = cfg.method
-    select, augment = str(m.get("select", "last")), str(m.get("augment", NONE))
-    if select == "val":
+    spec, dataset = protocol.spec, protocol.dataset
+    if spec.select == "val":
         why = None
-        if isinstance(protocol, FewShot) and val_is_test(cfg.dataset):
-            why = (f"dataset={cfg.dataset.name}'s val split is its test split ({cfg.dataset.split_paths.get('val')}), so it has "
+        if isinstance(protocol, FewShot) and val_is_test(dataset):
+            why = (f"dataset={dataset.name}'s val split is its test split ({dataset.split_paths.get('val')}), so it has "
                    f"no validation data: selecting on it would select on test labels. The official code keeps the last "
                    f"epoch: method.select=last")
-        elif isinstance(protocol, UDA) and not m.get("source_holdout", False):
+        elif isinstance(protocol, UDA) and not spec.source_holdout:
             why = ("the sources are used whole for training (method.source_holdout=false, as the official trainer). "
                    "method.source_holdout=true holds 20 % of each source out for validation; or method.select=last")
         elif isinstance(protocol, SourceFree):
             why = "a source-free method trains on no images: method.select=last"
         if why:
             raise ConfigError(f"method.select=val needs validation data, and this run has none: {why}")
-    if select == "target_test" and isinstance(protocol, SourceFree):
+    if spec.select == "target_test" and isinstance(protocol, SourceFree):
         raise ConfigError("method.select=target_test needs one target domain; a source-free run tests every domain")
-    if augment == "views" and not int(m.get("aug_views", 0) or 0):
+    if spec.augment == "views" and not spec.aug_views:
         raise ConfigError("method.augment=views needs method.aug_views=K (K >= 1 views per image)")
 
 

@@ -11,7 +11,7 @@ from PIL import Image
 from promptdg_cli.config import conf_dir
 from promptdg_cli.data import FeatureCache, dataset_dir
 from promptdg_cli.errors import ConfigError, DatasetNotFound
-from promptdg_cli.protocols import DG, dg_splits, train_val_indices
+from promptdg_cli.protocols import DG, RunSpec, dg_splits, train_val_indices
 from promptdg_cli.schema import DatasetConfig
 
 
@@ -62,8 +62,7 @@ def test_leave_one_domain_out_splits(world):
 
 def test_no_target_image_in_training_or_model_selection(world, clip, tmp_path):
     cache = FeatureCache(tmp_path / "cache", num_workers=0)
-    run = OmegaConf.create({"dataset": world, "seed": 1, "shots": None, "target": None, "source": None})
-    protocol = DG(run).attach(cache, clip)
+    protocol = DG(world, RunSpec(seed=1)).attach(cache, clip)
     for split in protocol.splits():
         data, (test,) = protocol.train_data(split), protocol.test_sets(split).values()
         target_paths = set(test.paths)

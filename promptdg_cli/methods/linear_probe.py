@@ -79,27 +79,36 @@ class LinearProbe(Method):
         self.bias = torch.zeros(len(classnames))  # (C,)
 
     def fit(self, data, ctx):
+        """For each C of the sweep: fit the probe on the source training features, score it on source
+        validation; keep the best C's weights (the first of equals). Which C values are fitted, in what
+        order and from which warm start is the sweep's business (:meth:`sweep`: the same optima, fewer
+        iterations)."""
         dev = self.device
-        xtr, xva = data.train.x.to(dev, DTYPE), data.val.x.to(dev, DTYPE)
-        yva = data.val.y.to(dev)
-        classes, ytr = torch.unique(data.train.y.to(dev), return_inverse=True)  # fit the classes present only
-        gtol = self.cfg.tol * start_gradient(xtr, ytr, len(classes))  # the same for every C
-        ctx.log(gradient_tol=gtol)
-
-        def fit_one(c: float, init) -> dict:
-            r = fit_logreg(xtr, ytr, len(classes), c, init=None if init is None else init.to(dev),
-                           max_iter=self.cfg.max_iter, tol=gtol)
-            pred = classes[(xva @ r.weight.T + r.bias).argmax(dim=1)]  # (N,) the first of equal scores, as sklearn's predict
-            return {"C": c, "acc": float((pred == yva).double().mean().item() * 100), "theta": r.theta.cpu(),
-                    "n_iter": r.n_iter, "converged": r.converged}
-
-        fitted = self._path(fit_one, ctx)
-        scores = fitted | self._refine(fit_one, fitted, ctx)
+        self.xtr, self.xva, self.yva = data.train.x.to(dev, DTYPE), data.val.x.to(dev, DTYPE), data.val.y.to(dev)
+        self.classes, self.ytr = torch.unique(data.train.y.to(dev), return_inverse=True)  # fit the classes present only
+        self.gtol = self.cfg.tol * start_gradient(self.xtr, self.ytr, len(self.classes))  # the same for every C
+        ctx.log(gradient_tol=self.gtol)
+        scores = self.sweep(ctx)  # {C: fit and validation accuracy}
         for r in scores.values():
             ctx.log(C=r["C"], val_acc=r["acc"], n_iter=r["n_iter"], converged=r["converged"])
         best = max(scores.values(), key=lambda r: r["acc"])  # (max keeps the first of equals: the path's order)
         ctx.log(selected_C=best["C"], val_acc=best["acc"])
-        self._set(classes.cpu(), best["theta"][:, :-1], best["theta"][:, -1])
+        self._set(self.classes.cpu(), best["theta"][:, :-1], best["theta"][:, -1])
+
+    def fit_c(self, c: float, init) -> dict:
+        """The probe at inverse regularisation ``c`` fitted on the training features (from ``init``, a
+        warm start, or the cold start), and its validation accuracy."""
+        r = fit_logreg(self.xtr, self.ytr, len(self.classes), c, init=None if init is None else init.to(self.device),
+                       max_iter=self.cfg.max_iter, tol=self.gtol)
+        pred = self.classes[(self.xva @ r.weight.T + r.bias).argmax(dim=1)]  # (N,) the first of equal scores, as sklearn's predict
+        return {"C": c, "acc": float((pred == self.yva).double().mean().item() * 100), "theta": r.theta.cpu(),
+                "n_iter": r.n_iter, "converged": r.converged}
+
+    # ----------------------------------------------------------------- the sweep's speed-ups
+    def sweep(self, ctx) -> dict:
+        """{C: result} of the C values fitted: the path, then the refinement around its best."""
+        fitted = self._path(self.fit_c, ctx)
+        return fitted | self._refine(self.fit_c, fitted, ctx)
 
     def _path(self, fit_one, ctx) -> dict:
         """The 13 path values in increasing order, each fit from the previous solution, until the
