@@ -94,7 +94,7 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one_or_restarts(run_c
     metrics = [json.loads(l) for l in (split.parent.parent / "metrics.jsonl").read_text().splitlines()]
     epochs = [m["epoch"] for m in metrics if "epoch" in m]
     assert epochs == ([0, 1, 1, 2] if broken == "latest" else [0, 1, 0, 1, 2])  # what the rerun trained again
-    assert sorted(p.name for p in split.iterdir()) == ["model.safetensors", "result.json"]  # no checkpoint left
+    assert sorted(p.name for p in split.iterdir()) == ["holdout.json", "model.safetensors", "result.json"]  # no checkpoint left
 
 
 # --------------------------------------------------------------------- feature cache
