@@ -230,7 +230,11 @@ class Protocol:
         if self.augment == NONE or not len(base):
             return Plain(base.x)
         return epoch_features(self.augment, base, self.cache, self.backbone, self.dataset.name, name, self.seed,
-                              self.aug_views, self.augment_cache)
+                              self.aug_views, self.augment_cache, root=self.root())
+
+    def root(self) -> Path:
+        """The dataset's folder (what the images' paths are relative to)."""
+        return dataset_dir(self.dataset)
 
     # the source domains' train / val parts, shots and views
     def _source(self, split: Split, holdout: bool = True) -> TrainData:
@@ -303,9 +307,13 @@ class DG(Protocol):
         _, rows_in, rows_out, _ = self._parts(domain)
         return rows_in, rows_out
 
+    def test_set(self, domain: str) -> Features:
+        """A tested domain's "in" part (DomainBed reports ``env<i>_in_acc`` of the test environment)."""
+        f, rows_in, _, _ = self._parts(domain)
+        return f.subset(rows_in)
+
     def test_sets(self, split: Split) -> Dict[str, Features]:
-        """Each tested domain's "in" part (DomainBed reports ``env<i>_in_acc`` of the test environment)."""
-        return {d: self._parts(d)[0].subset(self._parts(d)[1]) for d in split.tests}
+        return {d: self.test_set(d) for d in split.tests}
 
     def oracle_sets(self, split: Split) -> Dict[str, Features]:
         """Each tested domain's held-out part: DomainBed's test-domain validation set (the oracle rule)."""
@@ -369,6 +377,9 @@ class FewShot(Protocol):
 
     def check_data(self) -> None:
         self.classnames()
+
+    def root(self) -> Path:
+        return dataset_root(self.dataset)
 
     def train_data(self, split: Split) -> TrainData:
         s = few_shot_splits(self.dataset, self.shots, self.seed)

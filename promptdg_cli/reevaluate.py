@@ -1,7 +1,8 @@
 """``promptdg eval run_dir=...``: a finished run's saved models tested again, on its dataset or another.
 
 The method and backbone come from the finished run's config; the dataset from this command
-(``dataset=...``), which must have the same classes. Each saved split model is tested on
+(``dataset=...``), which must have the same classes. A domain is tested as the run's protocol tests
+it (DG: DomainBed's "in" part at the run's trial_seed). Each saved split model is tested on
 ``target`` when given, else on its own held-out domain when that exists in the dataset, else on
 every domain of the dataset (a run with several split models then needs ``target=``). A run trained
 on a split-file dataset (ImageNet) is tested on the test split of another with the same label space
@@ -24,6 +25,7 @@ from .errors import ConfigError
 from .evaluation import evaluate
 from .fewshot import class_subset, read_split
 from .methods import method_class
+from .protocols import DG, RunSpec
 from .record import RunRecord, Status
 from .runner import identity, prepare_backbone, run_env
 
@@ -100,11 +102,17 @@ def reevaluate(cfg: DictConfig, source_run: Path, out_dir: Path) -> RunRecord:
     if len(targets) > 1 and any(len(v) > 1 for v in plan.values()):
         raise ConfigError(f"run_dir has {len(targets)} split models ({targets}); choose the domain to test with target=<domain>")
     found = {"target_domains": [], "source_domains": {}, "accuracy": {}}
+    # the test set of a domain, as the run's protocol tests: DG, DomainBed's "in" part at the run's trial_seed
+    if str(cfg.dataset.protocol) == "dg":
+        dg = DG(cfg.dataset, RunSpec(seed=int(run_cfg.seed), trial_seed=run_cfg.get("trial_seed"))).attach(cache, backbone)
+        test_set = dg.test_set
+    else:
+        test_set = lambda d: cache.domain_features(backbone, cfg.dataset, d)  # noqa: E731
     for t, domains in plan.items():
         method = load_split_model(run_cfg, source_run, t, backbone, device)
         sources = json.loads((source_run / "splits" / t / "result.json").read_text())["sources"]
         for d in domains:
-            res = evaluate(method, cache.domain_features(backbone, cfg.dataset, d))
+            res = evaluate(method, test_set(d))
             found["target_domains"].append(d)
             found["source_domains"][d] = sources
             found["accuracy"][d] = res["top1"]

@@ -9,8 +9,9 @@ batch. ``method.augment`` chooses what an epoch sees:
 
 * ``official`` (the default; :class:`FreshViews`): every image's own view per epoch (and per pass,
   where the target loader restarts within an epoch), its random crop and flip drawn from a generator
-  seeded by (run seed, epoch, pass, the image's path), so a rerun, a resumed run and every run that
-  trains on the same image at the same seed draw the same view. With ``augment_cache`` (default
+  seeded by (run seed, epoch, pass, the image's path in its dataset folder), so a rerun, a resumed run,
+  every run that trains on the same image at the same seed, and the same run on another machine
+  or data root draw the same view. With ``augment_cache`` (default
   true) the features of a view are stored in the feature cache and shared by those runs: an
   Office-Home domain appears in 6 of the 12 UDA pairs, so a sweep encodes each view once.
 * ``views`` (promptdg's cheaper protocol; :class:`KViews`): K views per image (``method.aug_views``),
@@ -40,9 +41,13 @@ class EpochFeatures(Protocol):
         ...
 
 
-def image_key(path: str | Path) -> int:
-    """A stable number per image (its path), the part of a view's seed that names the image."""
-    return zlib.crc32(str(path).encode())
+def image_key(path: str | Path, root: Optional[Path] = None) -> int:
+    """A stable number per image, the part of a view's seed that names it: its path relative to the
+    dataset folder ``root`` (the same wherever the data lies), or as given."""
+    p = Path(path)
+    if root is not None and p.is_relative_to(root):
+        p = p.relative_to(root)
+    return zlib.crc32(p.as_posix().encode())
 
 
 def view_seed(seed: int, epoch: int, rep: int, key: int) -> int:
@@ -66,10 +71,11 @@ class FreshViews:
     """The official augmentation: a new view of every image per (epoch, pass), encoded by the frozen
     encoder (``FeatureCache.view_features``: stored and shared when ``store``)."""
 
-    def __init__(self, cache, backbone, dataset: str, name: str, paths: Sequence[str], seed: int, store: bool = True):
+    def __init__(self, cache, backbone, dataset: str, name: str, paths: Sequence[str], seed: int, store: bool = True,
+                 root: Optional[Path] = None):
         self.cache, self.backbone, self.dataset, self.name = cache, backbone, dataset, name
         self.paths, self.seed, self.store, self.n = [str(p) for p in paths], int(seed), bool(store), len(paths)
-        self.keys = [image_key(p) for p in self.paths]
+        self.keys = [image_key(p, root) for p in self.paths]
         self._last: Optional[tuple] = None  # (epoch, rep, features): the view in use
 
     def epoch(self, epoch: int, rep: int = 0) -> torch.Tensor:
@@ -98,11 +104,12 @@ class KViews:
 
 
 def epoch_features(mode: str, base, cache, backbone, dataset: str, name: str, seed: int, k: int = 0,
-                   store: bool = True) -> EpochFeatures:
-    """The epoch-by-epoch features of ``base`` (:class:`~promptdg_cli.data.Features`) for ``mode``."""
+                   store: bool = True, root: Optional[Path] = None) -> EpochFeatures:
+    """The epoch-by-epoch features of ``base`` (:class:`~promptdg_cli.data.Features`) for ``mode``;
+    ``root``: the dataset folder its paths lie in."""
     if mode == NONE:
         return Plain(base.x)
-    fresh = FreshViews(cache, backbone, dataset, name, base.paths, seed, store)
+    fresh = FreshViews(cache, backbone, dataset, name, base.paths, seed, store, root)
     return fresh if mode == OFFICIAL else KViews(fresh, k, seed)
 
 

@@ -185,7 +185,7 @@ def test_installed_cli_works_from_any_directory(tmp_path):
     r = _cli("train", "--help", cwd=tmp_path)
     assert r.returncode == 0
     method_line = next(l for l in r.stdout.splitlines() if l.startswith("method:"))
-    assert all(name in method_line for name in builtin_method_names()) and "backbone: demo_clip, rn101, rn50" in r.stdout
+    assert all(name in method_line for name in builtin_method_names()) and "backbone: demo_clip, resnet50_imagenet, rn101, rn50" in r.stdout
     assert "experiment" in r.stdout and "promptstyler_main" in r.stdout
     r = _cli("train", "method=coop", "--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0 and "n_ctx: 16" in r.stdout

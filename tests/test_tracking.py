@@ -13,7 +13,7 @@ import yaml
 from conftest import results
 
 EPOCHS, BATCH = 2, 32
-COOP = ("method=coop", f"method.epochs={EPOCHS}", "target=sketch")
+COOP = ("method=coop", f"method.epochs={EPOCHS}", "target=sketch", "method.select=val")  # (select=val: each epoch is scored)
 # CoOp's rate, by hand: one constant warm-up epoch at warmup_lr, then the cosine restarted at 0 (so the
 # second epoch runs at the full lr: 0.5 * 0.002 * (1 + cos(0)))
 LR = {0: 1e-5, 1: 0.002}
