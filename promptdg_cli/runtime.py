@@ -42,14 +42,35 @@ PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2")
 
 # --------------------------------------------------------------------- device and facts
 def select_device(name: str) -> torch.device:
-    """The run's device; under torchrun ``auto``/``cuda`` mean this rank's GPU, ``cuda:LOCAL_RANK``."""
+    """The run's device (:func:`device_for_rank` on this process: under torchrun each rank its own GPU)."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but no CUDA device is available. Valid here: auto, cpu")
-    if name == "cuda" and dist.env_world_size() > 1:
-        return torch.device("cuda", dist.local_rank())
-    return torch.device(name)
+    count = torch.cuda.device_count() if name.startswith("cuda") else 0
+    ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return torch.device(device_for_rank(name, dist.local_rank(), dist.env_world_size(), count, ranks))
+
+
+def device_for_rank(name: str, local_rank: int, world: int, cuda_count: int, local_world: int = 1) -> str:
+    """The device of the rank ``local_rank`` of a job of ``world`` ranks (``local_world`` on this node),
+    on a node with ``cuda_count`` visible GPUs. One process (``world`` 1): ``name`` as given. Under
+    torchrun ``cuda`` is ``cuda:LOCAL_RANK``, and ``cuda:N`` names the job's first GPU on the node:
+    rank r uses ``cuda:N+r`` (so ``cuda:2`` with 2 ranks a node uses GPUs 2 and 3); a GPU index past
+    the node's GPUs is a ConfigError naming what would be valid."""
+    if not name.startswith("cuda"):
+        return name
+    first = int(name.split(":")[1]) if ":" in name else 0
+    index = first + (local_rank if world > 1 else 0)
+    if index >= cuda_count:
+        if world > 1:
+            last = max(cuda_count - max(local_world, 1), 0)
+            raise ConfigError(f"device={name!r} under torchrun: rank {local_rank} of this node would use cuda:{index} (cuda:N is the "
+                              f"job's first GPU, rank r uses cuda:N+r), but {cuda_count} GPU(s) are visible. Valid with "
+                              f"{local_world} rank(s) a node: device=cuda, or cuda:N with N <= {last}")
+        raise ConfigError(f"device={name!r}: {cuda_count} GPU(s) are visible. Valid: auto, cpu, cuda, "
+                          + ", ".join(f"cuda:{i}" for i in range(cuda_count)))
+    return f"cuda:{index}" if world > 1 or ":" in name else "cuda"
 
 
 def autocast(device: torch.device, precision: str):
@@ -81,10 +102,41 @@ class _Null:
         return False
 
 
-def peak_memory_mb(device: torch.device) -> dict:
-    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+def reset_peak_memory(device: torch.device) -> bool:
+    """Start a run's peak-memory figures (a sweep runs many runs in one process): CUDA's peak counter,
+    and on Linux the process's peak resident set (``5`` written to ``/proc/self/clear_refs`` resets
+    VmHWM). False where the CPU figure cannot be reset (then the record keeps the process's peak)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _vm_hwm_kb() is not None
+    except OSError:
+        return False
+
+
+def _vm_hwm_kb() -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith("VmHWM:")), None)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def peak_memory_mb(device: torch.device, reset: bool = False) -> dict:
+    """The record's ``peak_memory_mb``. ``cpu_rss``: the run's peak resident memory (MiB) where
+    :func:`reset_peak_memory` could reset it at the run's start (``reset``), else null, and then
+    ``cpu_rss_process`` is the process's peak since it started (in a sweep in one process: the largest of
+    every run so far). ``cuda``: the peak of memory allocated on the run's GPU since the run's start."""
     cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return {"cpu_rss": round(rss_kb / 1024, 1), "cuda": None if cuda is None else round(cuda, 1)}
+    out = {"cpu_rss": None, "cuda": None if cuda is None else round(cuda, 1)}
+    hwm = _vm_hwm_kb() if reset else None
+    if hwm is not None:
+        out["cpu_rss"] = round(hwm / 1024, 1)
+    else:
+        out["cpu_rss_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # kilobytes on Linux
+    return out
 
 
 def git_revision() -> str:

@@ -1,0 +1,66 @@
+"""What a run takes from its machine: the GPU of each torchrun rank (``device=cuda:N``), per-run peak
+memory figures, the matmul precision and the data-loading workers (all shown on the CPU)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from promptdg_cli import runtime
+from promptdg_cli.errors import ConfigError
+
+from conftest import results
+
+
+# --------------------------------------------------------------------- device=cuda:N under torchrun
+@pytest.mark.parametrize("name, local_rank, world, count, local_world, want", [
+    ("cuda", 0, 1, 4, 1, "cuda"),  # one process: as given
+    ("cuda:2", 0, 1, 4, 1, "cuda:2"),
+    ("cpu", 1, 2, 0, 2, "cpu"),
+    ("cuda", 0, 4, 4, 4, "cuda:0"),  # torchrun: cuda is cuda:LOCAL_RANK
+    ("cuda", 3, 4, 4, 4, "cuda:3"),
+    ("cuda:2", 0, 2, 4, 2, "cuda:2"),  # cuda:N is the job's first GPU on the node: rank r uses N + r
+    ("cuda:2", 1, 2, 4, 2, "cuda:3"),
+    ("cuda:1", 1, 8, 4, 2, "cuda:2"),  # (several nodes: the local rank counts)
+])
+def test_each_rank_gets_its_own_gpu(name, local_rank, world, count, local_world, want):
+    assert runtime.device_for_rank(name, local_rank, world, count, local_world) == want
+
+
+def test_a_gpu_past_the_nodes_gpus_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"device='cuda:3' under torchrun: rank 1 of this node would use cuda:4.*"
+                                          r"4 GPU\(s\) are visible.*device=cuda, or cuda:N with N <= 2"):
+        runtime.device_for_rank("cuda:3", 1, 2, 4, 2)
+    with pytest.raises(ConfigError, match=r"device='cuda:5': 2 GPU\(s\) are visible. Valid: auto, cpu, cuda, cuda:0, cuda:1"):
+        runtime.device_for_rank("cuda:5", 0, 1, 2)
+
+
+# --------------------------------------------------------------------- peak memory per run
+def _touch(mb: int) -> bytearray:
+    buf = bytearray(mb * 2**20)
+    buf[:: 4096] = b"x" * len(range(0, len(buf), 4096))  # (every page resident)
+    return buf
+
+
+def _vm_hwm_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+@pytest.mark.skipif(not runtime.reset_peak_memory(torch.device("cpu")), reason="the process's peak cannot be reset here")
+def test_a_run_in_a_long_process_reports_its_own_peak_not_the_process_s(run_cli):
+    buf = _touch(1200)  # an earlier run of the same process (a sweep) that needed 1.2 GB more
+    del buf
+    process_peak = _vm_hwm_mb()
+    code, _, err, out_root = run_cli("train", "method=zeroshot", "target=sketch")
+    assert code == 0, err
+    (rec,) = results(out_root)
+    peak = rec["peak_memory_mb"]
+    assert set(peak) == {"cpu_rss", "cuda"} and peak["cuda"] is None
+    assert 0 < peak["cpu_rss"] < process_peak - 800, (peak, process_peak)  # (this run adds ~200 MB)
+
+
+def test_where_the_peak_cannot_be_reset_the_record_says_it_is_the_process_s(monkeypatch):
+    monkeypatch.setattr(runtime, "_vm_hwm_kb", lambda: None)
+    assert not runtime.reset_peak_memory(torch.device("cpu"))
+    peak = runtime.peak_memory_mb(torch.device("cpu"), reset=False)
+    assert peak["cpu_rss"] is None and peak["cpu_rss_process"] > 0 and peak["cuda"] is None
