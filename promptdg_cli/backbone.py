@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError, WeightsNotFound
+from .runtime import numerics_identity
 from .shared_prefix import PromptGroups, encode_bucketed, supports_shared_prefix
 from .weights import file_weights, has_schema, hub_revision, hub_unavailable, resolve_schema
 
@@ -123,8 +124,9 @@ class ClipBackbone(nn.Module):
 
     def identity(self) -> dict:
         """Everything about the weights and the number format that changes a feature (part of every
-        cache key: CPU (fp32) and bf16 GPU features of one model never share a cache file)."""
-        return {"model": self.model_name, "weights": self.weights_id, "precision": self.precision}
+        cache key: CPU (fp32) and bf16 GPU features of one model never share a cache file), the device kind
+        and matmul precision included (``runtime.numerics_identity``: TF32 GPU features are not CPU fp32 ones)."""
+        return {"model": self.model_name, "weights": self.weights_id, "precision": self.precision, **numerics_identity(self.device)}
 
     # ----------------------------------------------------------------- text side
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .methods import method_class
 from .methods.base import RunEnv
 from .protocols import check_domains
 from .runner import prepare_backbone
-from .runtime import select_device
+from .runtime import loader_workers, select_device
 
 
 def generate(cfg, run_dir: Path) -> dict:
@@ -42,7 +42,7 @@ def generate(cfg, run_dir: Path) -> dict:
     root = dataset_dir(cfg.dataset)
     device = select_device(cfg.device)
     backbone = prepare_backbone(cfg.backbone, device)
-    env = RunEnv(seed=int(cfg.seed), num_workers=int(cfg.num_workers), cache_root=str(cfg.cache_root), dataset=str(cfg.dataset.name))
+    env = RunEnv(seed=int(cfg.seed), num_workers=loader_workers(cfg.num_workers)[0], cache_root=str(cfg.cache_root), dataset=str(cfg.dataset.name))
     method = cls(cfg.method, backbone, class_names(cfg.dataset), device, env)
     out_root = run_dir / "images" / cfg.dataset.folder
     folders, rounds = list(cfg.dataset.classes.keys()), int(cfg.method.generate_rounds)

@@ -25,7 +25,7 @@ from .fewshot import class_subset, read_split
 from .methods import method_class
 from .record import RunRecord, Status
 from .runner import identity, prepare_backbone, run_env
-from .runtime import peak_memory_mb, select_device
+from .runtime import loader_workers, peak_memory_mb, select_device
 
 
 def _classnames(dataset_cfg) -> list:
@@ -63,7 +63,7 @@ def _reevaluate_split_dataset(cfg, run_cfg, source_run: Path, out_dir: Path) -> 
     device = select_device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone = prepare_backbone(run_cfg.backbone, device)
-    cache = FeatureCache(cfg.cache_root, num_workers=cfg.num_workers)
+    cache = FeatureCache(cfg.cache_root, num_workers=loader_workers(cfg.num_workers)[0])
     (split,) = [p.name for p in (source_run / "splits").iterdir() if (p / "result.json").is_file()]
     method = load_split_model(run_cfg, source_run, split, backbone, device)
     subset = class_subset(cfg.dataset)
@@ -90,7 +90,7 @@ def reevaluate(cfg: DictConfig, source_run: Path, out_dir: Path) -> RunRecord:
     device = select_device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone = prepare_backbone(run_cfg.backbone, device)
-    cache = FeatureCache(cfg.cache_root, num_workers=cfg.num_workers)
+    cache = FeatureCache(cfg.cache_root, num_workers=loader_workers(cfg.num_workers)[0])
     targets = sorted(p.name for p in (source_run / "splits").iterdir() if (p / "result.json").is_file())
     plan = {}
     for t in targets:

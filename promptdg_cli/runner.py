@@ -47,7 +47,7 @@ from .methods.base import RunEnv
 from .protocols import Split, protocol_for, protocol_name
 from .record import PROTOCOL_KEYS, RunRecord, Status, opt_ins_of
 from .recovery import recovery_event
-from .runtime import STOP, Preempted, chain_and_exit, git_revision, peak_memory_mb, reset_peak_memory, select_device
+from .runtime import STOP, Preempted, chain_and_exit, git_revision, loader_workers, peak_memory_mb, reset_peak_memory, select_device, set_matmul_precision
 from .shared_files import build_once
 from .training import TrainContext
 
@@ -76,7 +76,7 @@ def prepare_backbone(cfg, device: torch.device):
 
 def run_env(cfg) -> RunEnv:
     trial = cfg.get("trial_seed")
-    return RunEnv(seed=int(cfg.seed), num_workers=int(cfg.num_workers), cache_root=str(cfg.cache_root),
+    return RunEnv(seed=int(cfg.seed), num_workers=loader_workers(cfg.num_workers)[0], cache_root=str(cfg.cache_root),
                   domain_names=OmegaConf.to_container(cfg.dataset.domain_names), precision=str(cfg.backbone.precision),
                   trial_seed=int(cfg.seed if trial is None else trial), dataset=str(cfg.dataset.name))
 
@@ -206,7 +206,10 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
     torch.manual_seed(cfg.seed)
     device = select_device(cfg.device)
     memory_reset = reset_peak_memory(device)  # this run's peaks, not the process's (a sweep in one process)
-    ident = {**ident, "device": str(device), "environment": environment(device)}  # the device chosen (device=auto: cpu or cuda)
+    matmul = set_matmul_precision(str(cfg.get("matmul_precision", "auto")), device)  # (TF32 on CUDA by default: explicit)
+    workers, chosen = loader_workers(cfg.num_workers)
+    ident = {**ident, "device": str(device), "environment": environment(device), "matmul_precision": matmul,  # the device chosen
+             "data_loading": {"num_workers": workers, "chosen": chosen, "pin_memory": device.type == "cuda"}}
     if mode == "train" and not method_cls.trains:
         log.info("%s trains nothing: evaluating only", cfg.method.name)
     protocol = protocol_for(cfg, method_cls)
@@ -215,7 +218,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
         protocol.check_data()  # a missing dataset fails before any model is loaded
         names = protocol.classnames()
         backbone = prepare_backbone(cfg.backbone, device)
-    cache = FeatureCache(cfg.cache_root, num_workers=cfg.num_workers)
+    cache = FeatureCache(cfg.cache_root, num_workers=workers)
     protocol.attach(cache, backbone)
     per_class = str(cfg.dataset.metric) == "mean_per_class"
     out = {"target_domains": [], "source_domains": {}, "accuracy": {}, "mean_per_class_accuracy": {}, "val_accuracy": {},

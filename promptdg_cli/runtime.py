@@ -73,6 +73,62 @@ def device_for_rank(name: str, local_rank: int, world: int, cuda_count: int, loc
     return f"cuda:{index}" if world > 1 or ":" in name else "cuda"
 
 
+MATMUL_PRECISIONS = ("auto", "highest", "high", "medium")
+MAX_AUTO_WORKERS = 32  # num_workers=auto: past this, more JPEG decoders mostly add memory (each worker forks the run)
+
+
+def set_matmul_precision(setting: str, device: torch.device) -> str:
+    """Set float32 matmul and cuDNN convolution precision for the run, explicitly (``matmul_precision``);
+    returns what was set. ``auto``: ``high`` on CUDA (TF32 tensor cores for the fp32 matmuls and
+    convolutions that autocast leaves in fp32, PyTorch's recommendation for Ampere and later), ``highest``
+    on the CPU (plain fp32, the precision the CPU tests check). ``highest`` turns cuDNN's TF32 off too
+    (PyTorch leaves it on by default), so ``highest`` means fp32 everywhere."""
+    if setting not in MATMUL_PRECISIONS:
+        raise ConfigError(f"matmul_precision={setting!r} is not valid. Valid: {', '.join(MATMUL_PRECISIONS)}")
+    value = ("high" if device.type == "cuda" else "highest") if setting == "auto" else setting
+    torch.set_float32_matmul_precision(value)
+    torch.backends.cudnn.allow_tf32 = value != "highest"
+    return value
+
+
+def numerics_identity(device: torch.device) -> dict:
+    """What besides the weights and ``backbone.precision`` changes a feature's last bits: the device kind
+    and the float32 matmul precision (TF32 on a GPU). Empty for the CPU at full fp32 precision, so the
+    feature-cache keys of CPU runs stay those of promptdg versions before this was part of them."""
+    matmul = torch.get_float32_matmul_precision()
+    if device.type == "cpu" and matmul == "highest":
+        return {}
+    return {"device": device.type, "matmul_precision": matmul, "cudnn_tf32": bool(torch.backends.cudnn.allow_tf32)}
+
+
+def cpus_available(environ=None) -> tuple[int, str]:
+    """The CPUs this process has (this rank's share of them under torchrun) and how that was found:
+    the CPU affinity (``os.sched_getaffinity``: what a cgroup, taskset or Slurm's binding allows), at
+    most Slurm's ``SLURM_CPUS_PER_TASK``, divided by the torchrun ranks of this node
+    (``LOCAL_WORLD_SIZE``) unless each rank is a Slurm task of its own (``SLURM_NTASKS`` > 1)."""
+    env = os.environ if environ is None else environ
+    try:
+        n, how = len(os.sched_getaffinity(0)), "sched_getaffinity"
+    except AttributeError:  # (not Linux)
+        n, how = os.cpu_count() or 1, "os.cpu_count"
+    slurm = str(env.get("SLURM_CPUS_PER_TASK", ""))
+    if slurm.isdigit() and 0 < int(slurm) < n:
+        n, how = int(slurm), "SLURM_CPUS_PER_TASK"
+    ranks = int(env.get("LOCAL_WORLD_SIZE", "1") or 1)
+    if ranks > 1 and int(env.get("SLURM_NTASKS", "1") or 1) <= 1:
+        n, how = max(1, n // ranks), f"{how} / {ranks} torchrun ranks"
+    return n, how
+
+
+def loader_workers(setting, environ=None) -> tuple[int, str]:
+    """``num_workers``: a number as given, or ``auto``: one worker per CPU this process has but one (the
+    main process feeds the device), at most :data:`MAX_AUTO_WORKERS`. Returns (workers, how chosen)."""
+    if str(setting) != "auto":
+        return int(setting), "num_workers"
+    n, how = cpus_available(environ)
+    return min(max(n - 1, 0), MAX_AUTO_WORKERS), f"auto: {n} CPUs ({how}) - 1 for the main process, at most {MAX_AUTO_WORKERS}"
+
+
 def autocast(device: torch.device, precision: str):
     """The autocast context of ``backbone.precision`` on CUDA (bf16/fp16); nothing on the CPU or for fp32."""
     p = str(precision)

@@ -64,3 +64,62 @@ def test_where_the_peak_cannot_be_reset_the_record_says_it_is_the_process_s(monk
     assert not runtime.reset_peak_memory(torch.device("cpu"))
     peak = runtime.peak_memory_mb(torch.device("cpu"), reset=False)
     assert peak["cpu_rss"] is None and peak["cpu_rss_process"] > 0 and peak["cuda"] is None
+
+
+def test_the_record_says_which_matmul_precision_and_loader_workers_a_run_had(run_cli):
+    code, _, err, out_root = run_cli("train", "method=zeroshot", "target=sketch")  # (TINY: num_workers=0)
+    assert code == 0, err
+    (rec,) = results(out_root)
+    assert rec["matmul_precision"] == "highest" == torch.get_float32_matmul_precision()  # auto on the CPU: plain fp32
+    assert rec["data_loading"] == {"num_workers": 0, "chosen": "num_workers", "pin_memory": False}
+
+
+# --------------------------------------------------------------------- matmul precision and the feature-cache key
+@pytest.fixture
+def restore_matmul():
+    before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    yield
+    torch.set_float32_matmul_precision(before[0])
+    torch.backends.cudnn.allow_tf32 = before[1]
+
+
+def test_matmul_precision_is_set_explicitly(restore_matmul):
+    assert runtime.set_matmul_precision("auto", torch.device("cpu")) == "highest" and not torch.backends.cudnn.allow_tf32
+    assert runtime.set_matmul_precision("auto", torch.device("cuda")) == "high"  # TF32 on a GPU (set, not used, here)
+    assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    with pytest.raises(ConfigError, match="matmul_precision='tf32' is not valid. Valid: auto, highest, high, medium"):
+        runtime.set_matmul_precision("tf32", torch.device("cpu"))
+
+
+def test_tf32_features_and_fp32_features_never_share_a_cache_file(clip, restore_matmul):
+    from promptdg_cli.data import FeatureCache
+
+    runtime.set_matmul_precision("highest", torch.device("cpu"))
+    cpu_fp32 = clip.identity()
+    assert cpu_fp32 == {"model": "demo-clip-vit", "weights": clip.weights_id, "precision": "fp32"}  # (the keys of earlier versions)
+    runtime.set_matmul_precision("high", torch.device("cpu"))
+    tf32 = clip.identity()
+    assert tf32 == {**cpu_fp32, "device": "cpu", "matmul_precision": "high", "cudnn_tf32": True}
+    key = lambda ident: FeatureCache.key(ident, "demo_digits", "sketch", [], clip.preprocess)  # noqa: E731
+    gpu = {**cpu_fp32, "device": "cuda", "matmul_precision": "high", "cudnn_tf32": True}
+    assert len({key(cpu_fp32), key(tf32), key(gpu)}) == 3
+
+
+# --------------------------------------------------------------------- num_workers=auto
+@pytest.mark.parametrize("environ, want", [
+    ({}, (15, "auto: 16 CPUs (sched_getaffinity) - 1 for the main process, at most 32")),
+    ({"SLURM_CPUS_PER_TASK": "8"}, (7, "auto: 8 CPUs (SLURM_CPUS_PER_TASK) - 1 for the main process, at most 32")),
+    ({"LOCAL_WORLD_SIZE": "4"}, (3, "auto: 4 CPUs (sched_getaffinity / 4 torchrun ranks) - 1 for the main process, at most 32")),
+    # one Slurm task a rank (submitit's tasks_per_node): the task's CPUs are its own
+    ({"LOCAL_WORLD_SIZE": "4", "SLURM_NTASKS": "4", "SLURM_CPUS_PER_TASK": "4"}, (3, "auto: 4 CPUs (SLURM_CPUS_PER_TASK) - 1 for the main process, at most 32")),
+    ({"SLURM_CPUS_PER_TASK": "1"}, (0, "auto: 1 CPUs (SLURM_CPUS_PER_TASK) - 1 for the main process, at most 32")),
+])
+def test_auto_workers_come_from_the_cpus_the_job_has(monkeypatch, environ, want):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    assert runtime.loader_workers("auto", environ) == want
+    assert runtime.loader_workers(3, environ) == (3, "num_workers")
+
+
+def test_auto_workers_stop_at_32(monkeypatch):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(128)))
+    assert runtime.loader_workers("auto", {})[0] == 32
