@@ -20,8 +20,10 @@ check at every step boundary, model selection (``method.select``: last | val | t
 checkpoint layout (a mid-epoch checkpoint carries the step index; the resumed epoch skips the steps
 done), mixed precision (each step's ``batch_loss`` under ``runtime.autocast`` of the run's
 ``backbone.precision``: bf16/fp16 on CUDA, nothing on the CPU; parameters and their updates stay
-fp32), metrics (``metrics.jsonl`` per epoch; with ``logger=...`` also each step's loss terms and rate
-to the run's trackers, ``tracking/``) and a progress bar. Rank 0 alone writes files.
+fp32; fp16 adds loss scaling, :class:`AmpStep`, whose state is in the checkpoint), metrics
+(``metrics.jsonl`` per epoch; with ``logger=...`` also each step's loss terms and rate to the run's
+trackers, ``tracking/``; a step's values stay on the device, summed there, so a step waits on no
+``.item()``) and a progress bar. Rank 0 alone writes files.
 
 :meth:`TrainContext.units` runs a resumable sequence of small jobs (PromptStyler's styles, the
 linear probe's C values) with a checkpoint after each; :meth:`TrainContext.files` produces a list
@@ -83,6 +85,50 @@ def dassl_lr(step: int, lr: float, epochs: int, warmup_epochs: int, warmup_lr: f
     if step < warmup_epochs:
         return warmup_lr if (warmup == "constant" or step == 0) else lr * step / warmup_epochs
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup_epochs) / epochs))
+
+
+class AmpStep:
+    """An optimiser step under the run's mixed precision: the forward's autocast (bf16/fp16 on CUDA,
+    nothing on the CPU) and, for fp16, loss scaling (``torch.amp.GradScaler``): the loss is scaled up
+    before the backward (fp16 gradients would underflow: DAPT's lr 20 comes with tiny ones), the
+    gradients are unscaled after they were summed over ranks (every rank sees the same sums, so all
+    skip together) and before the step, a step whose gradients hold an inf or NaN is skipped and the
+    scale halved (doubled after 2,000 good steps). bf16 has fp32's range and needs none. On the CPU
+    fp16 means fp32 arithmetic with the scaling (which then changes no number but shows the path)."""
+
+    def __init__(self, device: torch.device, precision: str):
+        self.device, self.precision = device, str(precision)
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        self.skipped = 0  # steps skipped on an inf/NaN gradient
+        if self.scaler is not None:
+            self.scaler.scale(torch.zeros((), device=device))  # (the scale exists before a step, even one without a loss here)
+
+    def autocast(self):
+        return runtime.autocast(self.device, self.precision)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, opt: torch.optim.Optimizer) -> bool:
+        """Unscale, step unless a gradient is not finite, update the scale; whether the step was taken."""
+        if self.scaler is None:
+            opt.step()
+            return True
+        before = self.scaler.get_scale()
+        self.scaler.step(opt)
+        self.scaler.update()
+        taken = self.scaler.get_scale() >= before  # (the scale only shrinks after a skipped step)
+        self.skipped += not taken
+        return taken
+
+    def state_dict(self) -> Optional[dict]:
+        return None if self.scaler is None else {**self.scaler.state_dict(), "skipped": self.skipped}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if self.scaler is not None and state:
+            state = dict(state)
+            self.skipped = int(state.pop("skipped", 0))
+            self.scaler.load_state_dict(state)
 
 
 def order_batches(order: torch.Tensor, batch_size: int, drop_last: bool) -> List[torch.Tensor]:
@@ -180,7 +226,7 @@ class TrainContext:
         cfg = m.cfg
         params = m.parameters_to_train()
         opt = m.optimizer(params)
-        precision = str(getattr(getattr(m, "env", None), "precision", "fp32"))  # the forward's autocast (fp32 parameters)
+        amp = AmpStep(self.device, str(getattr(getattr(m, "env", None), "precision", "fp32")))  # autocast, fp16's scaling
         epochs = m.rounds()
         select = str(getattr(cfg, "select", "last"))
         best = {"acc": -1.0, "epoch": -1, "params": [p.detach().clone() for p in params]}
@@ -192,6 +238,7 @@ class TrainContext:
             opt.load_state_dict(state["optimizer"])
             best = state["best"]
             m.load_extra_state(state.get("extra"))
+            amp.load_state_dict(state.get("amp"))  # (fp16: the loss scale, so a resumed run skips where an uninterrupted one does)
             start, done = (int(state["epoch"]), int(state["step"])) if state.get("step") else (int(state["epoch"]) + 1, 0)
             resumed = dict(state.get("sums", {})) if done else {}
             self.global_step = int(state.get("global_step", 0))
@@ -199,7 +246,7 @@ class TrainContext:
 
         def snapshot(epoch, step, sums):
             return {"epoch": epoch, "step": step, "params": [p.detach() for p in params], "optimizer": opt.state_dict(),
-                    "best": best, "extra": m.extra_state(), "sums": sums, "global_step": self.global_step}
+                    "best": best, "extra": m.extra_state(), "sums": sums, "global_step": self.global_step, "amp": amp.state_dict()}
 
         for epoch in self.progress(range(start, epochs), desc=f"{cfg.name} epochs", initial=start, total=epochs):
             m.on_epoch(epoch, self)
@@ -207,7 +254,7 @@ class TrainContext:
             batches = m.epoch_batches(epoch, g)
             first = done if epoch == start else 0
             base = resumed if first else {}
-            sums: Dict[str, float] = {}  # this rank's part since (re)start, summed over steps
+            sums: Dict[str, Any] = {}  # this rank's part since (re)start, summed over steps (float64 on the device: no sync a step)
             lr = None
             items = m.load(epoch, [_shard(b) for b in batches[first:]])
             for step, (batch, item) in enumerate(zip(batches[first:], items), start=first):
@@ -215,7 +262,7 @@ class TrainContext:
                 if lr is not None:
                     for group in opt.param_groups:
                         group["lr"] = lr
-                with runtime.autocast(self.device, precision):  # backbone.precision on CUDA; nothing on the CPU
+                with amp.autocast():  # backbone.precision on CUDA; nothing on the CPU
                     terms = m.batch_loss(item, batch, StepInfo(epoch, step))
                 loss, n_any, values = None, 0, {}
                 for t in terms:
@@ -225,26 +272,27 @@ class TrainContext:
                     if t.loss is None or not t.n_local:
                         continue
                     share = t.loss * (t.n_local / n_global) if dist.world() > 1 else t.loss
-                    values[t.name] = share.item()
-                    sums[t.name] = sums.get(t.name, 0.0) + values[t.name]
+                    values[t.name] = share.detach().double()  # (the float .item() gave, summed in the same order)
+                    sums[t.name] = sums[t.name] + values[t.name]
                     loss = t.weight * share if loss is None else loss + t.weight * share
                 if n_any:  # a step with no item anywhere (all unreadable) changes nothing
                     opt.zero_grad(set_to_none=True)
                     if loss is not None and loss.requires_grad:
-                        loss.backward()
+                        amp.backward(loss)
                     dist.sync_grads(params)
-                    opt.step()
+                    amp.step(opt)
                 self.global_step += 1
                 if self.tracker.wants_step(self.global_step):  # (the same on every rank: a collective under torchrun)
                     self._track_step(terms, _all_sum({t.name: values.get(t.name, 0.0) for t in terms}), opt.param_groups[0]["lr"])
                 self.stop_point("loop", lambda: snapshot(epoch, step + 1, _add(base, _all_sum(sums))))
             total = _add(base, _all_sum(sums))
+            skipped = {} if amp.scaler is None else {"fp16_skipped_steps": amp.skipped}  # (so far: steps with an inf gradient)
             val = self._selection_score(m, select)
             val = None if val is None else dist.broadcast(val)  # every rank selects the same epoch
             if select == "last" or val is None or val > best["acc"]:
                 best = {"acc": val if val is not None else -1.0, "epoch": epoch, "params": [p.detach().clone() for p in params]}
             steps = max(len(batches), 1)
-            self.log(epoch=epoch, lr=lr, **{k: v / steps for k, v in total.items()}, **({} if val is None else {"val_acc": val}))
+            self.log(epoch=epoch, lr=lr, **{k: v / steps for k, v in total.items()}, **({} if val is None else {"val_acc": val}), **skipped)
             self._save("loop", snapshot(epoch, 0, {}))
             self.stop_point()
         for p, v in zip(params, best["params"]):
@@ -297,8 +345,9 @@ def make_files(outputs: Sequence[Path], make: Callable[[List[int]], None], batch
 
 
 def _all_sum(sums: dict) -> dict:
-    """Each value summed over ranks (one collective per name, in name order)."""
-    return {k: dist.all_sum(v) for k, v in sorted(sums.items())}
+    """Each value summed over ranks (one collective per name, in name order), as a float: a step's
+    values stay on the device until here (a metrics line, a tracker's step, a checkpoint)."""
+    return {k: float(dist.all_sum(v)) for k, v in sorted(sums.items())}
 
 
 def _add(a: dict, b: dict) -> dict:
