@@ -123,3 +123,55 @@ def test_auto_workers_come_from_the_cpus_the_job_has(monkeypatch, environ, want)
 def test_auto_workers_stop_at_32(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(128)))
     assert runtime.loader_workers("auto", {})[0] == 32
+
+
+# --------------------------------------------------------------------- loaders kept across epochs
+class _Pids(torch.utils.data.Dataset):
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        import os
+
+        return i, os.getpid()
+
+
+def _pid_collate(items):
+    return [i for i, _ in items], {p for _, p in items}
+
+
+def test_an_epoch_loader_keeps_its_workers_across_epochs_and_starts_new_ones_for_a_new_dataset():
+    from promptdg_cli.data import EpochLoader
+
+    pool = EpochLoader(torch.device("cpu"), _pid_collate)
+    batches = [[i, i + 1] for i in range(0, 12, 2)]  # 6 batches: workers (more than 4)
+    seen = []
+    for epoch in range(3):
+        order = batches[epoch:] + batches[:epoch]  # (each epoch its own order)
+        got = list(pool.epoch("a", _Pids, order, 2))
+        assert [i for b, _ in got for i in b] == [i for b in order for i in b]  # this epoch's batches, in order
+        seen.append(set().union(*(p for _, p in got)))
+    assert len(seen[0]) == 2 and seen[0] == seen[1] == seen[2]  # the same two worker processes
+    assert set().union(*(p for _, p in pool.epoch("b", _Pids, batches, 2))).isdisjoint(seen[0])  # a new dataset: new workers
+    import os
+
+    assert set().union(*(p for _, p in pool.epoch("b", _Pids, batches[:2], 2))) == {os.getpid()}  # two batches: no worker
+
+
+def test_dapt_trains_the_same_with_workers_kept_across_epochs_as_in_the_main_process(run_cli):
+    from safetensors.torch import load_file
+
+    args = ("train", "method=dapt", "shots=2", "method.epochs=2", "method.n_visual=2", "method.n_ctx=2", "method.batch_size=4",
+            "target=sketch")  # 20 images: 5 batches an epoch (workers load them)
+    code, _, err, out_root = run_cli(*args)  # (TINY: num_workers=0)
+    assert code == 0, err
+    code, _, err, _ = run_cli(*args, "num_workers=2", "force=true")
+    assert code == 0, err
+    (rec,) = results(out_root)
+    assert rec["data_loading"]["num_workers"] == 2
+    # (same config hash: the second run overwrote the first; compare with a third, in-process run)
+    first = load_file(f"{rec['run_dir']}/splits/sketch/model.safetensors")
+    code, _, err, _ = run_cli(*args, "num_workers=0", "force=true")
+    assert code == 0, err
+    second = load_file(f"{rec['run_dir']}/splits/sketch/model.safetensors")
+    assert all(torch.equal(first[k], second[k]) for k in first)

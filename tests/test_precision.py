@@ -64,6 +64,29 @@ def test_the_precision_reaches_feature_extraction_and_the_training_step(run_cli,
     assert steps == 192 // 32  # one epoch: 192 source training images (3 domains x 64), batches of 32
 
 
+# the forwards outside the loop's step, by method: the site (function) that runs each under the precision
+EVERY_FORWARD = {
+    # stage 1's iterations, each learned style's feature, the content and style-content features
+    "promptstyler": (["method.n_styles=2", "method.style_iters=2", "method.epochs=1"], {"style_step", "learn_style", "fit"}),
+    # the prototypes (augmented shots through the frozen encoder), the test images re-encoded with the prompts
+    "dapt": (["shots=2", "method.epochs=1", "method.n_visual=2", "method.n_ctx=2", "target=sketch"], {"prototypes", "features_for"}),
+    # the frozen CLIP encoder's features of the synthetic set
+    "domainfusion": (["method.train_encoder=false", "method.steps=2", "method.checkpoint_freq=2", "method.augment_every=1",
+                      "method.candidates=2", "method.img2img_steps=4", "method.synthetic_fraction=0.25", "target=sketch"], {"encode_files"}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(EVERY_FORWARD))
+def test_the_precision_reaches_every_forward_of_a_run(run_cli, autocast_calls, method, request):
+    args, sites = EVERY_FORWARD[method]
+    if method == "domainfusion":
+        args = args + [f"method.ldm={request.getfixturevalue('tiny_ldm_dir')}"]
+    code, _, err, out_root = run_cli("train", f"method={method}", *args, "backbone.precision=bf16", "device=cpu")
+    assert code == 0, err
+    seen = {site for site, _, _ in autocast_calls}
+    assert sites <= seen, seen
+    assert {p for _, _, p in autocast_calls} == {"bf16"}
+
 # --------------------------------------------------------------------- fp16: loss scaling
 import math  # noqa: E402
 from types import SimpleNamespace  # noqa: E402

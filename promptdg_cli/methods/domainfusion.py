@@ -73,6 +73,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from .. import runtime
 from ..classifier import Featurizer, augment_transform
 from ..data import image_batches
 from ..demo.ldm import ensure_demo_ldm
@@ -227,10 +228,11 @@ class DomainFusion(ERM):
     def encode_files(self, paths: Sequence[str], batch_size: int = 128) -> torch.Tensor:
         """Normalised features of image files by the frozen encoder, (N, D) on the CPU."""
         out = []
-        for _, x, bad in image_batches(paths, self.backbone.preprocess, batch_size, self.env.num_workers):
+        for _, x, bad in image_batches(paths, self.backbone.preprocess, batch_size, self.env.num_workers, device=self.device):
             if bad:
                 raise OSError(f"cannot read {paths[bad[0]]}")
-            out.append(F.normalize(self.featurizer(x.to(self.device)), dim=-1).cpu())
+            with runtime.autocast(self.device, self.env.precision):  # backbone.precision, as the feature cache
+                out.append(F.normalize(self.featurizer(x.to(self.device, non_blocking=True)).float(), dim=-1).cpu())
         return torch.cat(out)
 
     def extra_results(self):
