@@ -78,7 +78,7 @@ from ..classifier import Featurizer, augment_transform
 from ..data import image_batches
 from ..demo.ldm import ensure_demo_ldm
 from ..errors import ConfigError
-from ..ldm import load_ldm, to_ldm_pixels
+from ..ldm import check_finite, load_ldm, to_ldm_pixels
 from ..recovery import image_error, recovery_event
 from ..schema import DomainFusionConfig
 from ..training import Term, make_files
@@ -103,19 +103,20 @@ def darken(x01: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def latent_distillation_loss(ldm, p: torch.Tensor, x01: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
-                             noise: torch.Tensor, guidance: float, weighting: str = "1-alpha"):
+                             noise: torch.Tensor, guidance: float, weighting: str = "1-alpha", where: str = "latent distillation"):
     """L_LD of a batch and its latent gradient g = w(t)(ε̂ − ε).
 
     p: (B,) the classifier's probability of each image's label (differentiable); x01: (B, 3, R, R)
     pixels in [0, 1]; cond: (B, L, D) the class prompts' text states; t: (B,) timesteps; noise: the
-    ε of the forward process, shaped like the latents. Returns (loss, g) with ∂loss/∂z = g / B.
+    ε of the forward process, shaped like the latents. Returns (loss, g) with ∂loss/∂z = g / B; a g
+    that is not finite (an LDM out of fp16's range) stops the run, naming ``where``.
     """
     z = ldm.encode(to_ldm_pixels(darken(x01, p)))  # (B, c, h, w): gradient flows to p
     with torch.no_grad():
         z_t = ldm.add_noise(z.detach(), noise, t)
         eps_hat = ldm.predict_noise(z_t, t, cond, guidance)
         w = distill_weighting(ldm.alphas_cumprod(), t, weighting).view(-1, 1, 1, 1)
-        g = w * (eps_hat - noise)
+        g = check_finite(w * (eps_hat - noise), f"{where}: the latent gradient w(t)(ε̂ − ε)", ldm.dtype)
     loss = (g * z).flatten(1).sum(1).mean()
     return loss, g
 
@@ -264,23 +265,25 @@ class DomainFusion(ERM):
 
     # ----------------------------------------------------------------- online lightweight augmentation
     @torch.no_grad()
-    def augment(self, x01: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """N img2img candidates per image, fused by style/content; returns new images in [0, 1]."""
+    def augment(self, x01: torch.Tensor, y: torch.Tensor, generator: torch.Generator, what: str = "augmentation") -> torch.Tensor:
+        """N img2img candidates per image, fused by style/content; returns new images in [0, 1] (NaN or
+        inf at a step: NonFiniteError naming ``what`` and the step, never a black image)."""
         ldm, cfg = self.ldm(), self.cfg
         x = to_ldm_pixels(x01.to(ldm.device))
-        z_in = ldm.encode(x)
+        z_in = check_finite(ldm.encode(x), f"{what}: the VAE latents of the inputs", ldm.dtype)
         prompts = self.prompts(y)
         cands = torch.stack([ldm.img2img(x, prompts, cfg.strength, cfg.img2img_steps, cfg.img2img_guidance, generator)
                              for _ in range(cfg.candidates)])  # (N, B, c, h, w)
+        check_finite(cands.transpose(0, 1), f"{what}: the img2img candidates' latents", ldm.dtype)
         fused, _, _ = fuse_candidates(z_in, cands)
-        return (ldm.decode(fused) + 1) / 2
+        return check_finite((ldm.decode(fused) + 1) / 2, f"{what}: the decoded fused images", ldm.dtype)
 
     def augment_batch(self, inputs: Sequence[str], labels: Sequence[int], outputs: Sequence[Path], idx: List[int], seed: int) -> None:
         """Images ``idx`` of ``inputs`` augmented into their ``outputs`` (PNG); the batch has its own
         generator, seeded by (seed, its first index), so a resumed round is identical."""
         x01 = ldm_pixels([inputs[i] for i in idx], self.ldm_size())
         g = torch.Generator(device=self.ldm().device).manual_seed(seed * 1_000_003 + idx[0])
-        out = self.augment(x01, torch.as_tensor([labels[i] for i in idx]), g)
+        out = self.augment(x01, torch.as_tensor([labels[i] for i in idx]), g, f"augmenting {outputs[idx[0]]} ({len(idx)} images)")
         for j, i in enumerate(idx):
             save_png(out[j], Path(outputs[i]))
 
@@ -381,7 +384,8 @@ class DomainFusion(ERM):
         rows_d = rows.to(self.device)
         p = logits[rows_d].softmax(-1).gather(1, y[rows_d, None]).squeeze(1)  # p_θ(y|x)
         loss_ld, grad = latent_distillation_loss(ldm, p.to(ldm.device), x01.to(ldm.device), ldm.encode_text(self.prompts(y[rows_d])),
-                                                 torch.cat(t).to(ldm.device), torch.stack(noise).to(ldm.device), cfg.distill_guidance, cfg.weighting)
+                                                 torch.cat(t).to(ldm.device), torch.stack(noise).to(ldm.device), cfg.distill_guidance, cfg.weighting,
+                                                 where=f"latent distillation, period {info.epoch} step {info.step}")
         rms = grad.pow(2).mean().sqrt().detach()  # the surrogate's value means nothing: the size of w(t)(ε̂ − ε) is logged
         return terms + [Term("ld", loss_ld.to(self.device), len(rows), n_distilled, cfg.distill_weight),
                         Term("ld_grad_rms", rms, len(rows), n_distilled, 0.0)]
