@@ -9,6 +9,8 @@ Sections (``--only`` picks some; the step functions are in ``bench_steps.py``, t
   gradients, the speedup, and the projected wall time of each paper's full training (stored under
   ``<method>_step`` / ``promptstyler_iteration``);
 * ``features``: feature-cache extraction throughput over a folder of generated 224 px JPEGs;
+* ``loader``: images/s of the image loader alone and with the image encoder behind it, with the
+  worker count ``num_workers=auto`` chooses on the machine and with 2;
 * ``domainfusion``: SD-1.x-size img2img candidates/s and latent-distillation steps/s at 256 px;
 * ``domainfusion_count``: the images DomainFusion's DomainNet sweep generates vs 5M offline;
 * ``erm``, ``domainfusion_step`` (``bench_domainbed.py``): one step of DomainBed's ERM and of DomainFusion
@@ -27,7 +29,7 @@ level, the GPU) and its core count, which docs/speed.md prints above each machin
 
 Usage: python benchmarks/bench.py [--out benchmarks/results/cpu.json] [--device cpu|cuda] [--precision fp32|bf16]
        [--repeats 3] [--repeats-official N] [--threads 1] [--breakdown]
-       [--only coop,dapl,dapt,promptstyler,features,domainfusion,domainfusion_count,erm,domainfusion_step]
+       [--only coop,dapl,dapt,promptstyler,features,loader,domainfusion,domainfusion_count,erm,domainfusion_step]
        [--erm-batch 32] [--df-step-batch 32] [--df-distilled 8] [--df-px 512]
 """
 from __future__ import annotations
@@ -42,14 +44,15 @@ from pathlib import Path
 
 import torch
 
+from promptdg_cli.devices import loader_workers
 from promptdg_cli.environment import hardware
 
 from bench_domainbed import domainfusion_step, erm_step
-from bench_extra import domainfusion, domainfusion_count, feature_extraction, project
+from bench_extra import domainfusion, domainfusion_count, feature_extraction, loader_throughput, project
 from bench_steps import Bench, build_clip, classnames, coop_step, dapl_step, dapt_step, image_size, promptstyler_iteration
 from bench_tables import markdown_tables
 
-SECTIONS = ("coop", "dapl", "dapt", "promptstyler", "features", "domainfusion", "domainfusion_count", "erm", "domainfusion_step")
+SECTIONS = ("coop", "dapl", "dapt", "promptstyler", "features", "loader", "domainfusion", "domainfusion_count", "erm", "domainfusion_step")
 HEAVY = ("domainfusion", "domainfusion_step")  # SD-1.x-size UNets: many minutes on a CPU (--only runs them there)
 
 
@@ -113,6 +116,10 @@ def main(argv=None) -> int:
     if "features" in only:
         n = args.feature_images or (2048 if device.type == "cuda" else 64)
         result["feature_extraction"] = feature_extraction(b, n, args.workers)
+    if "loader" in only:
+        auto = loader_workers("auto")
+        counts = [(auto[1], auto[0])] + ([("the default before num_workers=auto", 2)] if auto[0] != 2 else [])
+        result["loader"] = loader_throughput(b, args.feature_images or (2048 if device.type == "cuda" else 64), counts)
     if "domainfusion" in only:
         result["domainfusion"] = domainfusion(b, args.df_batch)
     if "domainfusion_count" in only:

@@ -3,10 +3,11 @@ training times of the papers' schedules (``benchmarks/bench.py``, ``scripts/gpu_
 markdown tables are ``bench_tables.py``'s)."""
 from __future__ import annotations
 
+import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -92,25 +93,66 @@ def write_images(folder: Path, n: int, size: int = 224, seed: int = 0) -> List[P
 
 def feature_extraction(b: Bench, n: int, workers: int, batch_size: int = 128, folder: Optional[Path] = None) -> dict:
     """Images per second of the feature cache's extraction (``FeatureCache._encode``: DataLoader
-    workers decode and preprocess, the frozen image encoder under the backbone's precision)."""
+    workers decode and preprocess, the frozen image encoder under the backbone's precision). An
+    untimed extraction of the same images first (kernels, cuDNN and cuBLAS set-up at the timed batch
+    shape, the files in the page cache), then the median of ``b.repeats`` extractions, each starting
+    its workers as a real extraction does."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(folder or tmp)
         t = time.perf_counter()
         paths = write_images(root / "images", n)
         write_s = time.perf_counter() - t
         cache = FeatureCache(root / "cache", batch_size=batch_size, num_workers=workers)
-        cache._encode(b.clip, paths[: min(n, 8)], "warm-up")  # the first batch pays for the kernels' set-up
+        cache._encode(b.clip, paths, "warm-up")
         b.reset_peak()
-        b.sync()
-        t = time.perf_counter()
-        keep, x = cache._encode(b.clip, paths, "bench images")
-        b.sync()
-        s = time.perf_counter() - t
+        times = []
+        for _ in range(max(b.repeats, 1)):
+            b.sync()
+            t = time.perf_counter()
+            keep, x = cache._encode(b.clip, paths, "bench images")
+            b.sync()
+            times.append(time.perf_counter() - t)
+        s = statistics.median(times)
     out = {"images": n, "size": 224, "batch": batch_size, "workers": workers, "precision": b.clip.precision,
-           "write_jpeg_s": round(write_s, 2), "encode_s": round(s, 3), "images_per_s": round(n / s, 1),
-           "features": list(x.shape), "cuda_peak_mb": b.peak_mb()}
+           "write_jpeg_s": round(write_s, 2), "encode_s": round(s, 3), "images_per_s": round(n / s, 1), "timed_runs": len(times),
+           "warmup_runs": 1, "worker_start_included": workers > 0, "features": list(x.shape), "cuda_peak_mb": b.peak_mb()}
     print(f"feature extraction: {n} JPEGs of 224 px, {workers} workers, {b.clip.precision}: {n / s:.1f} images/s", flush=True)
     return out
+
+
+def loader_throughput(b: Bench, n: int, worker_counts: Sequence[tuple], batch_size: int = 128) -> dict:
+    """Images per second of the image loader alone (``data.image_batches``: JPEG decoding and CLIP's
+    preprocessing in DataLoader workers, batches copied to the device) and of the loader with the frozen
+    image encoder behind it (``FeatureCache._encode``), for each ``(label, workers)`` of ``worker_counts``
+    (the count ``num_workers=auto`` chooses on this machine, and 2, the default before it). An untimed
+    pass first, then the median of ``b.repeats`` passes, each starting its workers as a run does."""
+    from promptdg_cli.data import image_batches
+
+    def load_only(paths, workers):
+        for _, x, _ in image_batches(paths, b.clip.preprocess, batch_size, workers, device=b.device):
+            x.to(b.device, non_blocking=True)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        paths = write_images(root / "images", n)
+        for label, workers in worker_counts:
+            cache = FeatureCache(root / f"cache{workers}", batch_size=batch_size, num_workers=workers)
+            row = {"num_workers": workers, "chosen_by": label}
+            for key, fn in (("loader", lambda: load_only(paths, workers)), ("loader_and_encoder", lambda: cache._encode(b.clip, paths, "bench"))):
+                fn()  # (untimed: kernels, files in the page cache)
+                times = []
+                for _ in range(max(b.repeats, 1)):
+                    b.sync()
+                    t = time.perf_counter()
+                    fn()
+                    b.sync()
+                    times.append(time.perf_counter() - t)
+                row[f"{key}_images_per_s"] = round(n / statistics.median(times), 1)
+            rows.append(row)
+            print(f"loader: {workers} workers ({label}): {row['loader_images_per_s']} images/s alone, "
+                  f"{row['loader_and_encoder_images_per_s']} with the {b.clip.precision} encoder", flush=True)
+    return {"images": n, "size": 224, "batch": batch_size, "precision": b.clip.precision, "timed_runs": max(b.repeats, 1), "rows": rows}
 
 
 # --------------------------------------------------------------------- DomainFusion

@@ -76,6 +76,7 @@ class Bench:
     device: torch.device
     repeats: int = 3  # timed runs of promptdg's way (the median is kept)
     repeats_official: int = 0  # of the official way; 0: its checked run's time (see _measure)
+    warmup: bool = False  # an untimed run of each way in the timing's precision before its timed runs (the GPU check)
     precision: str = "fp32"  # autocast of both ways' forward on CUDA (bf16 / fp16)
     breakdown: bool = False  # also time promptdg's way on the plain truncated path (no prefix sharing)
     image_size: int = 224
@@ -218,7 +219,8 @@ def _compare(b: Bench, params, official: Callable[[], torch.Tensor], promptdg: C
 
 def _measure(b: Bench, name: str, params, opt, official, promptdg, heavy: bool = False) -> dict:
     """Check (in fp32), then time a whole step (forward, backward, optimiser step) of each way in the
-    bench's precision: the median of ``b.repeats`` runs after the checked one; with
+    bench's precision: the median of ``b.repeats`` runs after the checked one (and, with ``b.warmup`` or
+    a timing precision other than the check's, after an untimed run in that precision); with
     ``b.repeats_official = 0`` the official way's time is its checked run's (forward and backward; a
     step of a minute or more on a CPU), and so is promptdg's in a ``heavy`` section (DAPT: both ways
     run the prompted ViT), unless the check's precision is not the timing's (bf16 on CUDA)."""
@@ -229,6 +231,9 @@ def _measure(b: Bench, name: str, params, opt, official, promptdg, heavy: bool =
     for k, (way, fn) in enumerate((("official", official), ("promptdg", promptdg))):
         reps = b.repeats_official if way == "official" or heavy else b.repeats
         reps = reps or (0 if fp32_timing else 1)
+        if reps and (b.warmup or not fp32_timing):  # (lazy kernels and library set-up outside the timed runs)
+            fn()
+            opt.step()
         b.reset_peak()
         if reps:
             wall, cpu = b.timed(lambda fn=fn: (fn(), opt.step()), reps, cpu=True)
@@ -238,6 +243,7 @@ def _measure(b: Bench, name: str, params, opt, official, promptdg, heavy: bool =
             wall, cpu = first[k]
         out[f"{way}_s"], out[f"{way}_cpu_s"] = round(wall, 4), round(cpu, 4)
         out[f"{way}_timed_runs"] = reps or "the checked run"
+        out[f"{way}_warmup_runs"] = int(bool(reps and (b.warmup or not fp32_timing))) + 1  # (+ the checked run, in fp32)
         out[f"{way}_cuda_peak_mb"] = b.peak_mb()
     if b.breakdown:  # promptdg's way without prefix sharing: what the shared prefix adds
         b.clip.use_shared_prefix = False

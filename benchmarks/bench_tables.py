@@ -62,6 +62,14 @@ def other_tables(result: dict) -> str:
         f = result["feature_extraction"]
         lines += [f"Feature-cache extraction: **{f['images_per_s']:.1f} images/s** ({f['images']} JPEGs of {f['size']} px, "
                   f"batch {f['batch']}, {f['workers']} DataLoader workers, {f['precision']}).", ""]
+    if "loader" in result:
+        d = result["loader"]
+        lines += [f"Image loading ({d['images']} JPEGs of {d['size']} px, batch {d['batch']}, median of {d['timed_runs']} passes; "
+                  f"each pass starts its workers, as a run does):", "",
+                  "| DataLoader workers | chosen by | loader alone (images/s) | loader + image encoder (images/s) |",
+                  "|---:|---|---:|---:|"]
+        lines += [f"| {r['num_workers']} | {r['chosen_by']} | {r['loader_images_per_s']:.1f} | {r['loader_and_encoder_images_per_s']:.1f} |"
+                  for r in d["rows"]] + [""]
     if "domainfusion" in result:
         d = result["domainfusion"]
         i, s = d["img2img"], d["distillation"]

@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import numerics_identity
 from .errors import ConfigError, WeightsNotFound
 from .prompt_encoding import PromptGroups, encode_bucketed, supports_shared_prefix
 from .weights import file_weights, has_schema, hub_revision, hub_unavailable, resolve_schema
@@ -123,8 +124,9 @@ class ClipBackbone(nn.Module):
 
     def identity(self) -> dict:
         """Everything about the weights and the number format that changes a feature (part of every
-        cache key: CPU (fp32) and bf16 GPU features of one model never share a cache file)."""
-        return {"model": self.model_name, "weights": self.weights_id, "precision": self.precision}
+        cache key: CPU (fp32) and bf16 GPU features of one model never share a cache file), the device kind
+        and matmul precision included (``devices.numerics_identity``: TF32 GPU features are not CPU fp32 ones)."""
+        return {"model": self.model_name, "weights": self.weights_id, "precision": self.precision, **numerics_identity(self.device)}
 
     # ----------------------------------------------------------------- text side
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -144,15 +146,17 @@ class ClipBackbone(nn.Module):
         eot: torch.Tensor,
         normalize: bool = True,
         truncate: bool = True,
+        longest: Optional[int] = None,
     ) -> torch.Tensor:
         """Text features of prompts given as token embeddings.
 
         embeddings: (B, L, width) with L <= 77, learned vectors already spliced in.
         eot: (B,) index of each prompt's end-of-text token; its output is the feature.
         truncate: run only positions [0, max(eot)] (same result under the causal mask).
+        longest: max(eot) when the caller knows it (reading it from a GPU tensor waits for the GPU).
         """
         m = self.model
-        length = int(eot.max()) + 1 if truncate else embeddings.shape[1]
+        length = (int(eot.max()) if longest is None else int(longest)) + 1 if truncate else embeddings.shape[1]
         x = embeddings[:, :length] + m.positional_embedding[:length].to(embeddings.dtype)  # (B, L', width)
         mask = m.attn_mask[:length, :length] if m.attn_mask is not None else None
         x = m.transformer(x, attn_mask=mask)  # open_clip's text transformer is batch-first: NLD
@@ -176,7 +180,7 @@ class ClipBackbone(nn.Module):
             x = encode_bucketed(self.model, prompts)
         else:
             emb, eot = prompts.full()
-            x = self.encode_prompts(emb, eot, normalize=False).view(prompts.groups, prompts.n_prompts, -1)
+            x = self.encode_prompts(emb, eot, normalize=False, longest=prompts.facts.hi).view(prompts.groups, prompts.n_prompts, -1)
         return F.normalize(x, dim=-1) if normalize else x
 
     def group_texts(self, texts: Sequence[str]) -> PromptGroups:

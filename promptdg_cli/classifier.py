@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .devices import numerics_identity
 from .domainbed import IMAGENET_MEAN, IMAGENET_STD
 from .errors import ConfigError, WeightsNotFound
 
@@ -109,7 +110,8 @@ class ClassifierBackbone(nn.Module):
         return augment_transform(self.image_size)
 
     def identity(self) -> dict:
-        return {"model": self.model_name, "weights": self.weights_id, "precision": self.precision, "image_size": self.image_size}
+        return {"model": self.model_name, "weights": self.weights_id, "precision": self.precision, "image_size": self.image_size,
+                **numerics_identity(self.device)}  # (GPU TF32 and CPU fp32 runs never share a cache file)
 
     @property
     def weights(self) -> dict:

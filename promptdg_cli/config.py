@@ -44,8 +44,16 @@ class RunConfig:
     data_root: str = MISSING
     cache_root: str = MISSING
     out_root: str = "outputs"
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    num_workers: int = field(default=2, metadata={"range": {"ge": 0}})  # image-loading workers of the feature extractor
+    # auto | cpu | cuda | cuda:N (under torchrun cuda:N is the job's first GPU on a node: rank r uses cuda:N+r)
+    device: str = "auto"
+    # image-loading workers (feature extraction, DAPT's and ERM's image batches): a number, or auto: the CPUs
+    # the job has (CPU affinity, SLURM_CPUS_PER_TASK, shared by a node's torchrun ranks) minus one, at most 32;
+    # the record's data_loading says what was used
+    num_workers: Any = "auto"
+    # float32 matmuls and cuDNN convolutions: auto (high on CUDA: TF32 tensor cores, PyTorch's advice for
+    # Ampere and later; highest on the CPU: plain fp32), highest, high or medium; recorded, and part of the
+    # feature-cache key (GPU TF32 features and CPU fp32 features never share a file)
+    matmul_precision: str = field(default="auto", metadata={"choices": ["auto", "highest", "high", "medium"]})
     # method.augment=official: keep each epoch's augmented view features in the cache, shared by every run that
     # draws the same view (views.py); false: encode them in the run and keep nothing (results are the same)
     augment_cache: bool = True
@@ -123,6 +131,9 @@ def check_ranges(cfg: DictConfig, method_schema=None) -> None:
     check_node(cfg, RunConfig, "")
     if not _DEVICE.match(str(cfg.device)):
         raise ConfigError(f"device={cfg.device!r} is not a device. Valid: auto, cpu, cuda, cuda:N")
+    workers = cfg.get("num_workers", "auto")
+    if str(workers) != "auto" and (isinstance(workers, bool) or not re.fullmatch(r"\d+", str(workers))):
+        raise ConfigError(f"num_workers={workers!r} is not valid. Valid: auto, or an integer >= 0")
     check_node(cfg.dataset, DatasetConfig, "dataset")
     check_node(cfg.backbone, BackboneConfig, "backbone")
     schema = method_schema or METHOD_SCHEMAS.get(str(cfg.method.name))

@@ -128,9 +128,16 @@ class Features:
         return len(self.y)
 
 
+def image_seed(seed: int, position: int) -> int:
+    """The seed of a random transform of the image at ``position`` of a list seeded by ``seed``."""
+    return int(seed) * 1_000_003 + position
+
+
 class ImageFiles(torch.utils.data.Dataset):
     """Images through a transform. A random transform is seeded per image: by (seed, position) when
-    ``seed`` is a number, by ``seed[position]`` when it is a list (one seed per image)."""
+    ``seed`` is a number, by ``seed[position]`` when it is a list (one seed per image). An item may
+    also be a draw ``(position, path, seed or None)`` that carries its own file and seed (a loader
+    whose workers serve every epoch: :class:`EpochLoader`)."""
 
     def __init__(self, paths: Sequence[Path], transform, seed: Optional[int | Sequence[int]] = None):
         self.paths, self.transform, self.seed = list(paths), transform, seed
@@ -139,15 +146,19 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.paths)
 
     def _seed(self, i: int) -> int:
-        return int(self.seed[i]) if isinstance(self.seed, (list, tuple)) else int(self.seed) * 1_000_003 + i
+        return int(self.seed[i]) if isinstance(self.seed, (list, tuple)) else image_seed(self.seed, i)
 
-    def __getitem__(self, i):
+    def __getitem__(self, item):
+        if isinstance(item, tuple):
+            i, path, seed = item
+        else:
+            i, path, seed = item, self.paths[item], None if self.seed is None else self._seed(item)
         try:
-            with Image.open(self.paths[i]) as im:
-                if self.seed is None:
+            with Image.open(path) as im:
+                if seed is None:
                     return i, self.transform(im.convert("RGB"))
                 with torch.random.fork_rng(devices=[]):  # never disturbs the caller's random state
-                    torch.manual_seed(self._seed(i))
+                    torch.manual_seed(seed)
                     return i, self.transform(im.convert("RGB"))
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError):
             return i, None  # corrupt or unreadable: skipped and counted by the caller
@@ -162,24 +173,69 @@ def collate(batch):
     return torch.tensor([i for i, _ in ok]), torch.stack([x for _, x in ok]), bad
 
 
-def image_batches(paths: Sequence[Path], transform, batch_size: int, num_workers: int, seed: Optional[int | Sequence[int]] = None):
+def image_batches(paths: Sequence[Path], transform, batch_size: int, num_workers: int, seed: Optional[int | Sequence[int]] = None,
+                  device: Optional[torch.device] = None):
     """Batches ``(positions, images, unreadable positions)`` of ``paths`` in order, loaded by
-    ``num_workers`` processes (none for a handful of batches, where starting them costs more)."""
+    ``num_workers`` processes (none for a handful of batches, where starting them costs more), into
+    pinned memory when they go to a GPU (``device``; copy them with ``non_blocking=True``)."""
     return torch.utils.data.DataLoader(
         ImageFiles(paths, transform, seed),
         batch_size=batch_size,
         num_workers=num_workers if len(paths) > 4 * batch_size else 0,
         collate_fn=collate,
+        pin_memory=device is not None and torch.device(device).type == "cuda",
     )
 
 
-def image_loader(paths: Sequence[Path], transform, batches: List[List[int]], num_workers: int, seed: Optional[int] = None):
+def image_loader(paths: Sequence[Path], transform, batches: List[List[int]], num_workers: int, seed: Optional[int] = None,
+                 device: Optional[torch.device] = None, pool: Optional["EpochLoader"] = None):
     """The images of ``batches`` (lists of positions in ``paths``), batch by batch, as
     ``(positions, images or None, unreadable positions)``; a random transform is seeded by
-    (seed, position), so an image gets the same augmentation whichever process loads it."""
+    (seed, position), so an image gets the same augmentation whichever process loads it. ``pool``: an
+    :class:`EpochLoader` whose workers load every epoch's images (started once, not every epoch)."""
+    if pool is not None:
+        draws = [[(i, str(paths[i]), None if seed is None else image_seed(seed, i)) for i in b] for b in batches]
+        return pool.epoch(("files", transform), lambda: ImageFiles([], transform), draws, num_workers)
     many = sum(map(len, batches)) > 4 * max((len(b) for b in batches), default=1)
     return torch.utils.data.DataLoader(ImageFiles(paths, transform, seed), batch_sampler=batches,
-                                       num_workers=num_workers if many else 0, collate_fn=collate)
+                                       num_workers=num_workers if many else 0, collate_fn=collate,
+                                       pin_memory=device is not None and torch.device(device).type == "cuda")
+
+
+class _EpochBatches:
+    """A batch sampler whose batches are replaced every epoch (a DataLoader reads it at every ``iter``)."""
+
+    def __init__(self):
+        self.batches: list = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+class EpochLoader:
+    """One DataLoader for every epoch of a split's training: its worker processes start once and stay
+    (``persistent_workers``), each epoch hands over its batches (:meth:`epoch`); another ``key`` (a new
+    dataset, e.g. DomainFusion's next synthetic round) starts new ones. Batches go into pinned memory
+    when ``device`` is a GPU (copy them with ``non_blocking=True``). An epoch of 4 batches or fewer is
+    loaded in the main process, as starting workers would cost more."""
+
+    def __init__(self, device: torch.device, collate_fn=collate):
+        self.device, self.collate_fn = torch.device(device), collate_fn
+        self.key, self.loader, self.sampler = None, None, _EpochBatches()
+
+    def epoch(self, key, dataset, batches: list, num_workers: int):
+        """An iterator over ``batches`` (lists of dataset items); ``dataset()`` builds the dataset when ``key`` is new."""
+        workers = int(num_workers) if len(batches) > 4 else 0
+        if self.loader is None or (key, workers) != self.key:
+            self.sampler = _EpochBatches()
+            self.loader = torch.utils.data.DataLoader(dataset(), batch_sampler=self.sampler, num_workers=workers, collate_fn=self.collate_fn,
+                                                      pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+            self.key = (key, workers)
+        self.sampler.batches = list(batches)
+        return iter(self.loader)
 
 
 class FeatureCache:
@@ -272,16 +328,16 @@ class FeatureCache:
 
     @torch.no_grad()
     def _encode(self, backbone, paths: list[Path], what: str, transform=None, seed=None) -> tuple[list[int], torch.Tensor]:
-        loader = image_batches(paths, transform or backbone.preprocess, self.batch_size, self.num_workers, seed)
-        keep, feats, bad = [], [], []
         device = backbone.device
+        loader = image_batches(paths, transform or backbone.preprocess, self.batch_size, self.num_workers, seed, device=device)
+        keep, feats, bad = [], [], []
         precision = getattr(backbone, "precision", "fp32")  # backbone.precision: bf16/fp16 autocast on CUDA
         for idx, images, skipped in tqdm(loader, desc=f"encoding {what}", unit="batch", leave=False):
             bad += skipped
             if images is None:
                 continue
             with devices.autocast(device, precision):
-                f = backbone.encode_image(images.to(device), normalize=True)
+                f = backbone.encode_image(images.to(device, non_blocking=True), normalize=True)
             keep += idx.tolist()
             feats.append(f.float().cpu())
         if bad:

@@ -17,14 +17,16 @@ uneven batch: the global batch size and the learning rate stay those of the conf
 writes files; metrics are reduced (:func:`all_sum`) or gathered so every rank holds the same values
 and takes the same decisions (model selection, stopping).
 
-``PROMPTDG_DIST_TIMEOUT_MIN`` (default 60) bounds how long a rank waits in one collective, e.g. while
-rank 0 alone fills the feature cache.
+``PROMPTDG_DIST_TIMEOUT_MIN`` (default 60) bounds how long a rank waits in one collective. While rank 0
+alone fills the feature cache the others wait outside any collective (:func:`main_first` polls the
+job's store), up to ``PROMPTDG_CACHE_WAIT_S``.
 """
 from __future__ import annotations
 
 import atexit
 import datetime
 import os
+import time
 from contextlib import contextmanager
 from typing import Any, Iterable, List, Optional
 
@@ -168,25 +170,64 @@ def all_gather(obj: Any) -> List[Any]:
     return out
 
 
+_main_first_calls = 0  # main_first blocks entered by this process (every rank enters the same ones in order)
+
+
 @contextmanager
 def main_first(what: str = "preparing"):
     """Rank 0 runs the block first (fills caches, generates data), the others after it succeeded;
-    an error on rank 0 is raised on every rank instead of leaving them waiting."""
+    an error on rank 0 is raised on every rank instead of leaving them waiting. The others wait by
+    polling the job's key-value store (torchrun's rendezvous store), not in a collective: extracting
+    DomainNet's features can take longer than the collective timeout (``PROMPTDG_DIST_TIMEOUT_MIN``).
+    They wait up to ``PROMPTDG_CACHE_WAIT_S`` seconds (default 7200), as a job waits for a cache file."""
+    global _main_first_calls
     if world() == 1:
         yield
         return
+    _main_first_calls += 1
+    key, store = f"promptdg/main_first/{_main_first_calls}", _store()
     if is_main():
         try:
             yield
         except BaseException as e:
-            broadcast(f"{type(e).__name__}: {e}")
+            _tell(store, key, f"{type(e).__name__}: {e}")
             raise
-        broadcast(None)
+        _tell(store, key, None)
     else:
-        err = broadcast(None)
+        err = _await(store, key, what)
         if err is not None:
             raise RuntimeError(f"rank 0 failed while {what}: {err}")
         yield
+
+
+def _store():
+    """The process group's key-value store (None where torch does not expose it: a collective then)."""
+    try:
+        return dist.distributed_c10d._get_default_store()
+    except (AttributeError, RuntimeError, ValueError):
+        return None
+
+
+def _tell(store, key: str, err: Optional[str]) -> None:
+    if store is None:
+        broadcast(err)
+    else:
+        store.set(key, "ok" if err is None else "error:" + err)
+
+
+def _await(store, key: str, what: str) -> Optional[str]:
+    """Rank 0's outcome of the block ``key`` (None: it succeeded), polled every 0.05 to 2 s."""
+    if store is None:
+        return broadcast(None)
+    limit = float(os.environ.get("PROMPTDG_CACHE_WAIT_S", "7200") or 7200)
+    start, poll = time.monotonic(), 0.05
+    while not store.check([key]):
+        if time.monotonic() - start > limit:
+            raise TimeoutError(f"rank {rank()} waited {limit:.0f} s (PROMPTDG_CACHE_WAIT_S) for rank 0 {what}")
+        time.sleep(poll)
+        poll = min(poll * 1.5, 2.0)
+    value = store.get(key).decode()
+    return None if value == "ok" else value[len("error:"):]
 
 
 # --------------------------------------------------------------------- gradients

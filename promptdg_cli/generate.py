@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 
 from .data import class_names, dataset_dir, list_domain
-from .devices import select_device
+from .devices import loader_workers, select_device
 from .errors import ConfigError
 from .extras import require
 from .files import write_json_atomic
@@ -44,7 +44,7 @@ def generate(cfg, run_dir: Path) -> dict:
     root = dataset_dir(cfg.dataset)
     device = select_device(cfg.device)
     backbone = prepare_backbone(cfg.backbone, device)
-    env = RunEnv(seed=int(cfg.seed), num_workers=int(cfg.num_workers), cache_root=str(cfg.cache_root), dataset=str(cfg.dataset.name))
+    env = RunEnv(seed=int(cfg.seed), num_workers=loader_workers(cfg.num_workers)[0], cache_root=str(cfg.cache_root), dataset=str(cfg.dataset.name))
     method = cls(cfg.method, backbone, class_names(cfg.dataset), device, env)
     out_root = run_dir / "images" / cfg.dataset.folder
     folders, rounds = list(cfg.dataset.classes.keys()), int(cfg.method.generate_rounds)

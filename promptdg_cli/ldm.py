@@ -24,8 +24,15 @@ Sources, by ``method.ldm``:
   (``promptdg_cli/demo/ldm.py``) and conditioned on the demo CLIP's text tower.
 
 Every weight is frozen (``requires_grad_(False)``, eval mode). ``dtype`` ``auto`` is fp16 on a GPU
-(the VAE decodes in fp32 where its config asks for it) and fp32 on the CPU; ``bf16`` is available
-where the GPU supports it.
+and fp32 on the CPU; ``bf16`` is available where the GPU supports it. Numbers:
+
+* the VAE runs in fp32 where its config asks for it (``force_upcast``: diffusers' default, kept by SD
+  v1.5's config; its activations overflow fp16), and its encoder is differentiated in fp32 in any case
+  (latent distillation's backward through an fp16 encoder has no loss scale: its gradients underflow);
+* the LDM's own dtype holds inside a run's autocast: every call here runs with autocast off, so a
+  ``backbone.precision=bf16`` step does not recast the fp16 UNet to bf16;
+* values that left the floating-point range stop the run with :class:`NonFiniteError`, naming the
+  step, instead of being saved as black images or stepping the classifier with NaN.
 """
 from __future__ import annotations
 
@@ -61,6 +68,25 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return table[name]
 
 
+class NonFiniteError(FloatingPointError):
+    """An LDM step produced NaN or inf (fp16's range, a broken checkpoint)."""
+
+
+def check_finite(x: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` if every value is finite, else :class:`NonFiniteError` naming the step ``what``."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        rows = int(bad.flatten(1).any(1).sum()) if x.dim() > 1 else int(bad.sum())
+        raise NonFiniteError(f"{what}: NaN or inf in {rows} of {x.shape[0] if x.dim() > 1 else x.numel()} items (the LDM runs in "
+                             f"{str(dtype).replace('torch.', '')}). method.ldm_dtype=fp32 (or bf16, fp32's range) avoids fp16's overflow.")
+    return x
+
+
+def _no_autocast(device: torch.device):
+    """The LDM's calls keep its own dtype inside a run's autocast (bf16 would recast an fp16 UNet)."""
+    return torch.autocast(device.type, enabled=False)
+
+
 def clip_token_states(clip, prompts: Sequence[str], length: int = DEMO_TEXT_LENGTH) -> torch.Tensor:
     """Per-token text states of an open_clip text tower, (B, length, width), ``ln_final`` applied.
 
@@ -89,6 +115,8 @@ class LatentDiffusion(nn.Module):
         self.vae, self.unet, self.scheduler = vae, unet, scheduler
         self._text = text_encoder
         self.name, self.dtype = name, dtype
+        if dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
+            vae.to(torch.float32)  # (its config asks for fp32: fp16 activations overflow)
         for part in (vae, unet):
             part.requires_grad_(False)
             part.eval()
@@ -119,32 +147,43 @@ class LatentDiffusion(nn.Module):
         """(B, L, D) conditioning states; each distinct prompt is encoded once per model."""
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if missing:
-            states = self._text(missing).to(self.device, self.dtype)
+            with _no_autocast(self.device):
+                states = self._text(missing).to(self.device, self.dtype)
             for p, s in zip(missing, states):
                 self._text_cache[p] = s
         return torch.stack([self._text_cache[p] for p in prompts])
 
     # ----------------------------------------------------------------- latents
+    @property
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    def _vae_for_grad(self):
+        """The VAE whose encoder a gradient goes through: fp32 (an fp32 copy of an fp16 VAE, made once)."""
+        if self.vae_dtype != torch.float16:
+            return self.vae
+        if getattr(self, "_vae32", None) is None:
+            object.__setattr__(self, "_vae32", copy.deepcopy(self.vae).float())  # (not a registered submodule)
+        return self._vae32
+
     def encode(self, x: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Pixels in [-1, 1], (B, 3, H, W) -> scaled latents (B, c, H/f, W/f).
 
-        The posterior mean, or a sample of it when a generator is given. Differentiable w.r.t. ``x``.
+        The posterior mean, or a sample of it when a generator is given. Differentiable w.r.t. ``x``
+        (then in fp32: an fp16 encoder's backward, unscaled, would underflow).
         """
-        dist = self.vae.encode(x.to(self.dtype)).latent_dist
-        z = dist.mean if generator is None else dist.sample(generator=generator)
+        vae = self._vae_for_grad() if torch.is_grad_enabled() and x.requires_grad else self.vae
+        with _no_autocast(self.device):
+            dist = vae.encode(x.to(next(vae.parameters()).dtype)).latent_dist
+            z = dist.mean if generator is None else dist.sample(generator=generator)
         return z.float() * self.scaling_factor
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> pixels in [-1, 1]. In fp16, a VAE whose config asks for it
-        (``force_upcast``, diffusers' default, which SD v1.5's config keeps) decodes in fp32: its
-        decoder's activations overflow fp16's range; a fp32 copy of the VAE is made once."""
-        vae = self.vae
-        if self.dtype == torch.float16 and getattr(vae.config, "force_upcast", False):
-            if getattr(self, "_vae32", None) is None:
-                object.__setattr__(self, "_vae32", copy.deepcopy(vae).float())  # (not a registered submodule)
-            vae = self._vae32
-        return vae.decode((z / self.scaling_factor).to(vae.dtype)).sample.float().clamp(-1, 1)
+        """Scaled latents -> pixels in [-1, 1] (in fp32 where the VAE's config asks for it: ``force_upcast``,
+        diffusers' default, which SD v1.5's config keeps; its decoder's activations overflow fp16's range)."""
+        with _no_autocast(self.device):
+            return self.vae.decode((z / self.scaling_factor).to(self.vae_dtype)).sample.float().clamp(-1, 1)
 
     def add_noise(self, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """z_t = sqrt(ᾱ_t) z0 + sqrt(1 − ᾱ_t) ε (the forward process), differentiable w.r.t. z0."""
@@ -157,11 +196,13 @@ class LatentDiffusion(nn.Module):
         """ε̂(z_t, t, c) with classifier-free guidance: ε̂_u + g (ε̂_c − ε̂_u); g = 1 is plain conditional."""
         t = t.to(self.device).expand(z_t.shape[0]) if t.dim() == 0 else t.to(self.device)
         if guidance == 1.0:
-            return self.unet(z_t.to(self.dtype), t, encoder_hidden_states=cond).sample.float()
+            with _no_autocast(self.device):
+                return self.unet(z_t.to(self.dtype), t, encoder_hidden_states=cond.to(self.dtype)).sample.float()
         if uncond is None:
             uncond = self.encode_text([""] * z_t.shape[0])
-        eps = self.unet(torch.cat([z_t, z_t]).to(self.dtype), torch.cat([t, t]),
-                        encoder_hidden_states=torch.cat([uncond, cond])).sample.float()
+        with _no_autocast(self.device):
+            eps = self.unet(torch.cat([z_t, z_t]).to(self.dtype), torch.cat([t, t]),
+                            encoder_hidden_states=torch.cat([uncond, cond]).to(self.dtype)).sample.float()
         e_u, e_c = eps.chunk(2)
         return e_u + guidance * (e_c - e_u)
 

@@ -21,13 +21,60 @@ the plain path where it does not.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Sequence
+import weakref
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
+
+
+class EotFacts:
+    """What the encoders need to know on the host about an EOT tensor (G, C): its smallest and largest
+    position, each prompt's largest over the groups, and per prefix shape the suffix-length buckets with
+    their index tensors on the device. Reading a GPU tensor's values waits for the GPU, so they are read
+    once per prompt set (:func:`eot_facts`), not at every forward."""
+
+    def __init__(self, rows: list):
+        self.rows = rows  # (G, C) as lists
+        self.lo, self.hi = min(min(r) for r in rows), max(max(r) for r in rows)
+        self.col_max = [max(col) for col in zip(*rows)]  # (C,)
+        self._plans: dict = {}
+
+    def plan(self, prefix_len: int, prefix_cost: int, groups: int, device) -> Optional[list]:
+        """``encode_bucketed``'s buckets: [(index tensor, suffix length, the bucket's facts)] and the
+        order that puts the prompts back, or None for one bucket; built once per prefix shape and device."""
+        key = (prefix_len, prefix_cost, groups, str(device))
+        if key not in self._plans:
+            lengths = [m - prefix_len + 1 for m in self.col_max]  # (C,)
+            buckets = length_buckets(lengths, prefix_cost, groups)
+            self._plans[key] = None if len(buckets) == 1 else (
+                [(torch.tensor(idx, device=device), max(lengths[k] for k in idx), EotFacts([[r[k] for k in idx] for r in self.rows]))
+                 for idx in buckets],
+                torch.argsort(torch.tensor([k for idx in buckets for k in idx], device=device)))
+        return self._plans[key]
+
+
+_FACTS: dict = {}  # id(eot tensor) -> (weak reference, its version, EotFacts)
+
+
+def eot_facts(eot: torch.Tensor) -> EotFacts:
+    """The :class:`EotFacts` of ``eot`` ((C,) or (G, C)), read from the device once per tensor: a prompt
+    learner passes the same EOT tensor at every forward (an in-place change, a new version, reads again)."""
+    key = id(eot)
+    hit = _FACTS.get(key)
+    if hit is not None and hit[0]() is eot and hit[1] == eot._version:
+        return hit[2]
+    facts = EotFacts((eot if eot.dim() == 2 else eot.view(1, -1)).tolist())
+
+    def forget(ref, key=key):
+        if _FACTS.get(key, (None,))[0] is ref:
+            del _FACTS[key]
+
+    _FACTS[key] = (weakref.ref(eot, forget), eot._version, facts)
+    return facts
 
 
 @dataclass
@@ -48,6 +95,7 @@ class PromptGroups:
     prefix: torch.Tensor
     suffix: torch.Tensor
     eot: torch.Tensor
+    facts: Optional[EotFacts] = field(default=None, repr=False, compare=False)  # (eot_facts(eot) when not given)
 
     def __post_init__(self):
         if self.prefix.dim() != 3:
@@ -67,7 +115,8 @@ class PromptGroups:
                 f"(1, {self.n_prompts}) or ({self.groups}, {self.n_prompts})"
             )
         p, s = self.prefix_len, self.suffix.shape[2]
-        lo, hi = int(eot.min()), int(eot.max())
+        self.facts = self.facts or eot_facts(self.eot)
+        lo, hi = self.facts.lo, self.facts.hi
         if lo < p or hi >= p + s:
             raise ValueError(
                 f"PromptGroups.eot ranges over [{lo}, {hi}]; every end-of-text token must lie in the suffix, "
@@ -152,7 +201,7 @@ def supports_shared_prefix(model: nn.Module) -> bool:
 def encode_shared_prefix(model: nn.Module, prompts: PromptGroups) -> torch.Tensor:
     """(G, C, D) unnormalised text features; ``model`` must pass ``supports_shared_prefix``."""
     gp, p, w = prompts.prefix.shape
-    g, c, s = prompts.groups, prompts.n_prompts, int(prompts.eot.max()) + 1 - prompts.prefix_len
+    g, c, s = prompts.groups, prompts.n_prompts, prompts.facts.hi + 1 - prompts.prefix_len
     if p + s > model.positional_embedding.shape[0]:
         raise ValueError(f"prompts of {p + s} positions exceed the text context length {model.positional_embedding.shape[0]}")
     pos = model.positional_embedding.to(prompts.prefix.dtype)
@@ -226,15 +275,11 @@ def encode_bucketed(model: nn.Module, prompts: PromptGroups) -> torch.Tensor:
     """``encode_shared_prefix`` per bucket of suffix lengths (``length_buckets``): the same (G, C, D)
     features, without running short suffixes through the longest one's positions."""
     p = prompts.prefix_len
-    lengths = (prompts.eot.expand(prompts.groups, prompts.n_prompts).max(dim=0).values - p + 1).tolist()  # (C,)
-    buckets = length_buckets(lengths, prompts.prefix.shape[0] * p, prompts.groups)
-    if len(buckets) == 1:
+    plan = prompts.facts.plan(p, prompts.prefix.shape[0] * p, prompts.groups, prompts.suffix.device)  # (once per prompt set)
+    if plan is None:
         return encode_shared_prefix(model, prompts)
+    buckets, inverse = plan
     eot = prompts.eot
-    parts = []
-    for idx in buckets:
-        s = max(lengths[k] for k in idx)
-        at = torch.tensor(idx, device=prompts.suffix.device)
-        parts.append(encode_shared_prefix(model, PromptGroups(prompts.prefix, prompts.suffix[:, at, :s], eot[:, at])))
-    order = torch.tensor([k for idx in buckets for k in idx], device=prompts.suffix.device)
-    return torch.cat(parts, dim=1)[:, torch.argsort(order)]  # back to the prompts' order
+    parts = [encode_shared_prefix(model, PromptGroups(prompts.prefix, prompts.suffix[:, at, :s], eot[:, at], facts))
+             for at, s, facts in buckets]
+    return torch.cat(parts, dim=1)[:, inverse]  # back to the prompts' order

@@ -183,6 +183,10 @@ class RunRecord:
     shots: Optional[int] = _spec(_INT)  # k images per class; null: all
     device: Optional[str] = _spec(_STR)  # where it ran: cpu, cuda, cuda:N (requested, until the run has chosen)
     precision: Optional[str] = _spec(_STR)  # backbone.precision: fp32, or bf16/fp16 autocast on CUDA
+    # float32 matmul precision set for the run (matmul_precision: highest = fp32, high = TF32 on CUDA)
+    matmul_precision: Optional[str] = _spec(_STR)
+    # image loading: num_workers used, how it was chosen (auto: the CPUs the job has), pin_memory
+    data_loading: Optional[Dict[str, Any]] = _spec(_OBJECT)
     # ---- what exactly ran (version 3; promptdg_cli/environment.py, promptdg_cli/weights.py)
     # python, torch, torchvision, open_clip, diffusers, transformers, huggingface_hub, numpy, cuda, cudnn,
     # cpu_capability, cpu, gpu (null: not installed, not built with, not used)

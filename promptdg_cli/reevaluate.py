@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from .config import config_hash, typed_method
 from .data import FeatureCache, class_names
-from .devices import peak_memory_mb, select_device
+from .devices import loader_workers, peak_memory_mb, select_device
 from .errors import ConfigError
 from .evaluation import evaluate
 from .fewshot import class_subset, read_split
@@ -66,7 +66,7 @@ def _reevaluate_split_dataset(cfg, run_cfg, source_run: Path, out_dir: Path) -> 
     device = select_device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone = prepare_backbone(run_cfg.backbone, device)
-    cache = FeatureCache(cfg.cache_root, num_workers=cfg.num_workers)
+    cache = FeatureCache(cfg.cache_root, num_workers=loader_workers(cfg.num_workers)[0])
     (split,) = [p.name for p in (source_run / "splits").iterdir() if (p / "result.json").is_file()]
     method = load_split_model(run_cfg, source_run, split, backbone, device)
     subset = class_subset(cfg.dataset)
@@ -93,7 +93,7 @@ def reevaluate(cfg: DictConfig, source_run: Path, out_dir: Path) -> RunRecord:
     device = select_device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone = prepare_backbone(run_cfg.backbone, device)
-    cache = FeatureCache(cfg.cache_root, num_workers=cfg.num_workers)
+    cache = FeatureCache(cfg.cache_root, num_workers=loader_workers(cfg.num_workers)[0])
     targets = sorted(p.name for p in (source_run / "splits").iterdir() if (p / "result.json").is_file())
     plan = {}
     for t in targets:
@@ -102,8 +102,10 @@ def reevaluate(cfg: DictConfig, source_run: Path, out_dir: Path) -> RunRecord:
     if len(targets) > 1 and any(len(v) > 1 for v in plan.values()):
         raise ConfigError(f"run_dir has {len(targets)} split models ({targets}); choose the domain to test with target=<domain>")
     found = {"target_domains": [], "source_domains": {}, "accuracy": {}}
-    # the test set of a domain, as the run's protocol tests: DG, DomainBed's "in" part at the run's trial_seed
-    if str(cfg.dataset.protocol) == "dg":
+    # the test set of a domain, as the run's protocol tests it: DG, DomainBed's "in" part at the run's trial_seed;
+    # UDA and source-free runs (DAPL, PromptStyler) test on whole domains
+    dg_run = method_class(run_cfg.method).protocol not in ("uda", "source_free") and str(run_cfg.dataset.protocol) == "dg"
+    if dg_run and str(cfg.dataset.protocol) == "dg":
         dg = DG(cfg.dataset, RunSpec(seed=int(run_cfg.seed), trial_seed=run_cfg.get("trial_seed"))).attach(cache, backbone)
         test_set = dg.test_set
     else:

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from . import __version__, checkpoints, dist, plugins, tracking
 from .backbone import ClipBackbone
@@ -36,12 +36,12 @@ from .classifier import ClassifierBackbone
 from .compute_once import build_once
 from .config import config_hash, typed_method
 from .data import FeatureCache
-from .devices import peak_memory_mb, select_device
+from .devices import loader_workers, peak_memory_mb, reset_peak_memory, select_device, set_matmul_precision
 from .environment import environment, git_revision, source_tree
 from .errors import ConfigError
 from .evaluation import evaluate
 from .extras import require
-from .files import write_json_atomic
+from .files import recovery_event, write_json_atomic
 from .locks import RunLocked, run_lock
 from .methods import method_class
 from .methods.base import RunEnv
@@ -74,7 +74,7 @@ def prepare_backbone(cfg, device: torch.device):
 
 def run_env(cfg) -> RunEnv:
     trial = cfg.get("trial_seed")
-    return RunEnv(seed=int(cfg.seed), num_workers=int(cfg.num_workers), cache_root=str(cfg.cache_root),
+    return RunEnv(seed=int(cfg.seed), num_workers=loader_workers(cfg.num_workers)[0], cache_root=str(cfg.cache_root),
                   domain_names=OmegaConf.to_container(cfg.dataset.domain_names), precision=str(cfg.backbone.precision),
                   trial_seed=int(cfg.seed if trial is None else trial), dataset=str(cfg.dataset.name))
 
@@ -193,7 +193,11 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     device = select_device(cfg.device)
-    ident = {**ident, "device": str(device), "environment": environment(device)}  # the device chosen (device=auto: cpu or cuda)
+    memory_reset = reset_peak_memory(device)  # this run's peaks, not the process's (a sweep in one process)
+    matmul = set_matmul_precision(str(cfg.get("matmul_precision", "auto")), device)  # (TF32 on CUDA by default: explicit)
+    workers, chosen = loader_workers(cfg.num_workers)
+    ident = {**ident, "device": str(device), "environment": environment(device), "matmul_precision": matmul,  # the device chosen
+             "data_loading": {"num_workers": workers, "chosen": chosen, "pin_memory": device.type == "cuda"}}
     if mode == "train" and not method_cls.trains:
         log.info("%s trains nothing: evaluating only", cfg.method.name)
     protocol = protocol_for(cfg, method_cls)
@@ -202,7 +206,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
         protocol.check_data()  # a missing dataset fails before any model is loaded
         names = protocol.classnames()
         backbone = prepare_backbone(cfg.backbone, device)
-    cache = FeatureCache(cfg.cache_root, num_workers=cfg.num_workers)
+    cache = FeatureCache(cfg.cache_root, num_workers=workers)
     protocol.attach(cache, backbone)
     per_class = str(cfg.dataset.metric) == "mean_per_class"
     out = {"target_domains": [], "source_domains": {}, "accuracy": {}, "mean_per_class_accuracy": {}, "val_accuracy": {},
@@ -218,8 +222,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
         split_dir = run_dir / "splits" / split.dirname
         split_dir.mkdir(parents=True, exist_ok=True)
         done = split_dir / "result.json"
-        if done.is_file():
-            res = json.loads(done.read_text())
+        res = dist.broadcast(_finished_split(split_dir, recovered) if main else None)  # (rank 0 reads, every rank follows)
+        if res is not None:
             if main:
                 say(f"[promptdg] {split.target}: finished earlier, read back")
                 checkpoints.remove(split_dir / "checkpoint.pt")  # (left by a stop just after the result)
@@ -256,12 +260,35 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
     out["oracle_accuracy"] = out["oracle_accuracy"] or None
     rec = RunRecord(status=Status.FINISHED, **ident, **out, weights=backbone.weights, avg_accuracy=sum(out["accuracy"].values()) / len(out["accuracy"]),
                     source_free=method_cls.protocol == "source_free", timings=timings | {"total_s": time.time() - t0},
-                    peak_memory_mb=peak_memory_mb(device), feature_cache={"hits": cache.hits, "misses": cache.misses},
+                    peak_memory_mb=peak_memory_mb(device, memory_reset), feature_cache={"hits": cache.hits, "misses": cache.misses},
                     recovered=recovered + cache.recovered,
                     data_used={"unreadable_images": cache.unreadable, "empty_class_folders": cache.empty_classes,
                                "shots_per_class": shots, "shots_sampler": samplers, "augmented_views": cache.views})
     rec.add_counters(counters)
     return rec
+
+
+def _finished_split(split_dir: Path, events: list) -> dict | None:
+    """A finished split's ``result.json``, or None when it has none or its files do not read back (a
+    write cut short by a full disk or a flaky network file system): then the split is computed again,
+    logged and added to ``events`` (the record's ``recovered``)."""
+    done, model = split_dir / "result.json", split_dir / "model.safetensors"
+    if not done.is_file():
+        return None
+    try:
+        res = json.loads(done.read_text())
+        if not isinstance(res, dict) or not ("tests" in res or "test" in res) or not {"train_s", "eval_s"} <= set(res):
+            raise ValueError("not a split result (tests, train_s, eval_s)")
+    except (OSError, ValueError) as e:  # (json.JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        events.append(recovery_event(done, e, "computed the split again"))
+        return None
+    try:
+        if model.is_file() or res.get("saved_model"):
+            load_file(str(model))
+    except Exception as e:  # noqa: BLE001  (safetensors raises its own error kinds on a short file)
+        events.append(recovery_event(model, e, "computed the split again"))
+        return None
+    return res
 
 
 def _run_split(cfg, method_cls, backbone, protocol, names, split: Split, split_dir: Path, run_dir: Path, device) -> dict:
@@ -288,7 +315,7 @@ def _run_split(cfg, method_cls, backbone, protocol, names, split: Split, split_d
     train_s = time.time() - t
     state = {k: v.detach().cpu().contiguous() for k, v in method.state_dict().items()}
     if state and dist.is_main():
-        save_file(state, str(split_dir / "model.safetensors"))
+        save_file(state, str(split_dir / "model.safetensors"))  # (result.json says so: saved_model)
     t = time.time()
     with dist.main_first("extracting image features"):
         tests = protocol.test_sets(split)
@@ -302,4 +329,5 @@ def _run_split(cfg, method_cls, backbone, protocol, names, split: Split, split_d
             "n_target_unlabelled": len(data.target) if data is not None and data.target is not None else 0,
             "shots_per_class": data.shots_per_class(names) if cfg.get("shots") and data is not None and data.train is not None else None,
             "sampler": data.drawn["sampler"] if data is not None and data.drawn else None,
-            "extra": method.extra_results(), "recovered": ctx.recovered, "train_s": train_s, "eval_s": time.time() - t}
+            "extra": method.extra_results(), "recovered": ctx.recovered, "train_s": train_s, "eval_s": time.time() - t,
+            "saved_model": bool(state)}

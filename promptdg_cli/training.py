@@ -19,10 +19,12 @@ gradients are summed over ranks, so the update is the single-process one, uneven
 included; a rank whose part of a batch is empty adds nothing and calls no method hook), a preemption
 check at every step boundary, model selection (``method.select``: last | val | target_test), one
 checkpoint layout (a mid-epoch checkpoint carries the step index; the resumed epoch skips the steps
-done), mixed precision (each step's ``batch_loss`` under ``runtime.autocast`` of the run's
+done), mixed precision (each step's ``batch_loss`` under ``devices.autocast`` of the run's
 ``backbone.precision``: bf16/fp16 on CUDA, nothing on the CPU; parameters and their updates stay
-fp32), metrics (``metrics.jsonl`` per epoch; with ``logger=...`` also each step's loss terms and rate
-to the run's trackers, ``tracking/``) and a progress bar. Rank 0 alone writes files.
+fp32; fp16 adds loss scaling, :class:`AmpStep`, whose state is in the checkpoint), metrics
+(``metrics.jsonl`` per epoch; with ``logger=...`` also each step's loss terms and rate to the run's
+trackers, ``tracking/``; a step's values stay on the device, summed there, so a step waits on no
+``.item()``) and a progress bar. Rank 0 alone writes files.
 
 :meth:`TrainContext.units` runs a resumable sequence of small jobs (PromptStyler's styles, the
 linear probe's C values) with a checkpoint after each; :meth:`TrainContext.files` produces a list
@@ -39,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -84,6 +87,50 @@ def dassl_lr(step: int, lr: float, epochs: int, warmup_epochs: int, warmup_lr: f
     if step < warmup_epochs:
         return warmup_lr if (warmup == "constant" or step == 0) else lr * step / warmup_epochs
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warmup_epochs) / epochs))
+
+
+class AmpStep:
+    """An optimiser step under the run's mixed precision: the forward's autocast (bf16/fp16 on CUDA,
+    nothing on the CPU) and, for fp16, loss scaling (``torch.amp.GradScaler``): the loss is scaled up
+    before the backward (fp16 gradients would underflow: DAPT's lr 20 comes with tiny ones), the
+    gradients are unscaled after they were summed over ranks (every rank sees the same sums, so all
+    skip together) and before the step, a step whose gradients hold an inf or NaN is skipped and the
+    scale halved (doubled after 2,000 good steps). bf16 has fp32's range and needs none. On the CPU
+    fp16 means fp32 arithmetic with the scaling (which then changes no number but shows the path)."""
+
+    def __init__(self, device: torch.device, precision: str):
+        self.device, self.precision = device, str(precision)
+        self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
+        self.skipped = 0  # steps skipped on an inf/NaN gradient
+        if self.scaler is not None:
+            self.scaler.scale(torch.zeros((), device=device))  # (the scale exists before a step, even one without a loss here)
+
+    def autocast(self):
+        return devices.autocast(self.device, self.precision)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def step(self, opt: torch.optim.Optimizer) -> bool:
+        """Unscale, step unless a gradient is not finite, update the scale; whether the step was taken."""
+        if self.scaler is None:
+            opt.step()
+            return True
+        before = self.scaler.get_scale()
+        self.scaler.step(opt)
+        self.scaler.update()
+        taken = self.scaler.get_scale() >= before  # (the scale only shrinks after a skipped step)
+        self.skipped += not taken
+        return taken
+
+    def state_dict(self) -> Optional[dict]:
+        return None if self.scaler is None else {**self.scaler.state_dict(), "skipped": self.skipped}
+
+    def load_state_dict(self, state: Optional[dict]) -> None:
+        if self.scaler is not None and state:
+            state = dict(state)
+            self.skipped = int(state.pop("skipped", 0))
+            self.scaler.load_state_dict(state)
 
 
 def order_batches(order: torch.Tensor, batch_size: int, drop_last: bool) -> List[torch.Tensor]:
@@ -186,7 +233,7 @@ class TrainContext:
         cfg = m.cfg
         params = m.parameters_to_train()
         opt = m.optimizer(params)
-        precision = str(getattr(getattr(m, "env", None), "precision", "fp32"))  # the forward's autocast (fp32 parameters)
+        amp = AmpStep(self.device, str(getattr(getattr(m, "env", None), "precision", "fp32")))  # autocast, fp16's scaling
         epochs = m.rounds()
         select = str(getattr(cfg, "select", "last"))
         best = {"acc": -1.0, "epoch": -1, "params": [p.detach().clone() for p in params]}
@@ -198,6 +245,7 @@ class TrainContext:
             opt.load_state_dict(state["optimizer"])
             best = state["best"]
             m.load_extra_state(state.get("extra"))
+            amp.load_state_dict(state.get("amp"))  # (fp16: the loss scale, so a resumed run skips where an uninterrupted one does)
             start, done = (int(state["epoch"]), int(state["step"])) if state.get("step") else (int(state["epoch"]) + 1, 0)
             resumed = dict(state.get("sums", {})) if done else {}
             self.global_step = int(state.get("global_step", 0))
@@ -205,7 +253,7 @@ class TrainContext:
 
         def snapshot(epoch, step, sums):
             return {"epoch": epoch, "step": step, "params": [p.detach() for p in params], "optimizer": opt.state_dict(),
-                    "best": best, "extra": m.extra_state(), "sums": sums, "global_step": self.global_step}
+                    "best": best, "extra": m.extra_state(), "sums": sums, "global_step": self.global_step, "amp": amp.state_dict()}
 
         for epoch in self.progress(range(start, epochs), desc=f"{cfg.name} epochs", initial=start, total=epochs):
             m.on_epoch(epoch, self)
@@ -213,7 +261,7 @@ class TrainContext:
             batches = m.epoch_batches(epoch, g)
             first = done if epoch == start else 0
             base = resumed if first else {}
-            sums: Dict[str, float] = {n: 0.0 for n in m.loss_terms}  # this rank's part since (re)start, summed over steps
+            sums: Dict[str, Any] = {n: 0.0 for n in m.loss_terms}  # this rank's part since (re)start, summed over steps (float64 on the device: no sync a step)
             lr = None
             local = [_shard(b) for b in batches[first:]]
             items = iter(m.load(epoch, [b for b in local if not _empty(b)]))  # (a rank's empty parts are not loaded)
@@ -224,41 +272,42 @@ class TrainContext:
                         group["lr"] = lr
                 terms: Dict[str, Term] = {}
                 if not _empty(part):
-                    with devices.autocast(self.device, precision):  # backbone.precision on CUDA; nothing on the CPU
+                    with amp.autocast():  # backbone.precision on CUDA; nothing on the CPU
                         terms = {t.name: t for t in m.batch_loss(next(items), StepInfo(epoch, step))}
                     unknown = set(terms) - set(m.loss_terms)
                     if unknown:
                         raise ValueError(f"{type(m).__name__}.batch_loss returned terms {sorted(unknown)} not in its loss_terms {m.loss_terms}")
-                # every rank: the items each term covers, summed over ranks (one collective, in loss_terms' order)
+                # every rank: the items each term covers, summed over ranks (one collective, in loss_terms' order; host numbers)
                 counts = [terms[n].n if n in terms and terms[n].loss is not None else 0 for n in m.loss_terms]
-                totals = [int(v) for v in dist.all_sum(torch.tensor(counts, dtype=torch.float64)).tolist()]
-                loss, values = None, {TOTAL: 0.0}
+                totals = counts if dist.world() == 1 else [int(v) for v in dist.all_sum(np.asarray(counts, dtype=np.float64))]
+                loss, values = None, {}
                 for name, n_all in zip(m.loss_terms, totals):
                     t = terms.get(name)
                     if t is None or t.loss is None or not t.n:
                         continue
                     share = t.loss * (t.n / n_all) if dist.world() > 1 else t.loss  # its part of the batch mean
-                    values[name] = share.item()
-                    values[TOTAL] += t.weight * values[name]
-                    sums[name] = sums.get(name, 0.0) + values[name]
+                    values[name] = share.detach().double()  # (the float .item() gave, kept on the device: no read a step)
+                    values[TOTAL] = values.get(TOTAL, 0.0) + t.weight * values[name]
+                    sums[name] = sums[name] + values[name]
                     loss = t.weight * share if loss is None else loss + t.weight * share
                 if sum(totals):  # a step with no item anywhere (all unreadable) changes nothing
                     opt.zero_grad(set_to_none=True)
                     if loss is not None and loss.requires_grad:
-                        loss.backward()
+                        amp.backward(loss)
                     dist.sync_grads(params)
-                    opt.step()
+                    amp.step(opt)
                 self.global_step += 1
                 if self.tracker.wants_step(self.global_step):  # (the same on every rank: a collective under torchrun)
                     self._track_step(_all_sum({n: values.get(n, 0.0) for n in (*m.loss_terms, TOTAL)}), opt.param_groups[0]["lr"])
                 self.stop_point("loop", lambda: snapshot(epoch, step + 1, _add(base, _all_sum(sums))))
             total = _add(base, _all_sum(sums))
+            skipped = {} if amp.scaler is None else {"fp16_skipped_steps": amp.skipped}  # (so far: steps with an inf gradient)
             val = self._selection_score(m, select)
             val = None if val is None else dist.broadcast(val)  # every rank selects the same epoch
             if select == "last" or val is None or val > best["acc"]:
                 best = {"acc": val if val is not None else -1.0, "epoch": epoch, "params": [p.detach().clone() for p in params]}
             steps = max(len(batches), 1)
-            self.log(epoch=epoch, lr=lr, **{k: v / steps for k, v in total.items()}, **({} if val is None else {"val_acc": val}))
+            self.log(epoch=epoch, lr=lr, **{k: v / steps for k, v in total.items()}, **({} if val is None else {"val_acc": val}), **skipped)
             self._save("loop", snapshot(epoch, 0, {}))
             self.stop_point()
         for p, v in zip(params, best["params"]):
@@ -311,8 +360,9 @@ def make_files(outputs: Sequence[Path], make: Callable[[List[int]], None], batch
 
 
 def _all_sum(sums: dict) -> dict:
-    """Each value summed over ranks (one collective per name, in name order)."""
-    return {k: dist.all_sum(v) for k, v in sorted(sums.items())}
+    """Each value summed over ranks (one collective per name, in name order), as a float: a step's
+    values stay on the device until here (a metrics line, a tracker's step, a checkpoint)."""
+    return {k: float(dist.all_sum(v)) for k, v in sorted(sums.items())}
 
 
 def _add(a: dict, b: dict) -> dict:

@@ -48,6 +48,7 @@ from promptdg_cli.cli import main as cli_main
 from bench_extra import domainfusion, feature_extraction
 from bench_steps import Bench, build_clip, classnames, coop_step, dapl_step, dapt_step, image_size, promptstyler_iteration
 
+REPEATS = 3  # timed runs of each way and of the feature extraction (after an untimed warm-up); the median is kept
 METHODS = ("zeroshot", "linear_probe", "coop", "promptstyler", "dapl", "dapt", "domainfusion")
 PARTS = ("runs", "features", "steps", "domainfusion")
 # short settings of each method on the demo world (one held-out domain; PromptStyler trains once)
@@ -177,8 +178,10 @@ def check(args) -> int:
             result["runs"][method] = attempt(f"run {method}", lambda m=method: check_run(m, args, work, common))
     if any(p in parts for p in ("features", "steps", "domainfusion")):
         clip = build_clip(size["model"], device, args.precision)
-        b = Bench(clip, device, repeats=3 if device.type == "cuda" else 1, repeats_official=1 if device.type == "cuda" else 0,
-                  precision=args.precision, image_size=image_size(clip))
+        # both ways measured alike: an untimed warm-up in the timed precision, then the median of REPEATS synchronised runs
+        b = Bench(clip, device, repeats=REPEATS, repeats_official=REPEATS, warmup=True, precision=args.precision, image_size=image_size(clip))
+        result["repeats"] = {"official": REPEATS, "promptdg": REPEATS, "warmup_runs": 1, "statistic": "median",
+                             "timed_precision": args.precision if device.type == "cuda" else "fp32 (no autocast on the CPU)"}
         timings = result["timings"]
         if "features" in parts:
             timings["feature_extraction"] = attempt("features", lambda: feature_extraction(

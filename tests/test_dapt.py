@@ -154,6 +154,9 @@ def test_evaluation_restricted_to_a_class_subset():
     from promptdg_cli.evaluation import evaluate
 
     class Fixed:
+        def features_for(self, feats):  # (scores the cached features, as Method does)
+            return feats
+
         def logits(self, x):
             return torch.tensor([[9.0, 1.0, 0.0, 5.0], [9.0, 0.0, 3.0, 1.0]])
 

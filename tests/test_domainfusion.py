@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from promptdg_cli.ldm import LDMNotFound, load_ldm, locate, to_ldm_pixels
+from promptdg_cli import synthetic
 from promptdg_cli.methods import domainfusion as dfm
 from promptdg_cli.methods.domainfusion import darken, fuse_candidates, latent_distillation_loss, style_content
 
@@ -206,7 +207,7 @@ def test_generate_writes_a_domainbed_set_resumes_and_never_rewrites(run_cli, tin
 
     # interrupted after two batches, then resumed in the same folder
     monkeypatch.setenv("PROMPTDG_OUT", str(tmp_path / "second"))
-    real = dfm.save_png
+    real = synthetic.save_png
     calls = []
 
     def dying(x, path):
@@ -215,10 +216,10 @@ def test_generate_writes_a_domainbed_set_resumes_and_never_rewrites(run_cli, tin
         calls.append(path)
         real(x, path)
 
-    monkeypatch.setattr(dfm, "save_png", dying)
+    monkeypatch.setattr(synthetic, "save_png", dying)
     with pytest.raises(KeyboardInterrupt):
         run_cli(*args)
-    monkeypatch.setattr(dfm, "save_png", real)
+    monkeypatch.setattr(synthetic, "save_png", real)
     partial = list((tmp_path / "second").rglob("*.png"))
     assert len(partial) == 16 and not list((tmp_path / "second").rglob("generated.json"))
     mtimes = {p: p.stat().st_mtime_ns for p in partial}

@@ -15,7 +15,7 @@ from test_data import dataset_cfg
 from promptdg_cli import checkpoints
 from promptdg_cli.data import FeatureCache, dataset_dir
 from promptdg_cli.methods.domainfusion import DomainFusion
-from promptdg_cli.training import TrainContext
+from promptdg_cli.training import TrainContext, make_files
 
 from conftest import method_cfg, results
 
@@ -145,13 +145,39 @@ def test_a_truncated_png_of_an_augmentation_round_is_generated_again(clip, tiny_
     cfg = method_cfg("domainfusion", f"ldm={tiny_ldm_dir}", "candidates=2", "img2img_steps=4", "generate_batch=4", "train_encoder=false")
     method = DomainFusion(cfg, clip, [f"class {i}" for i in range(10)], torch.device("cpu"))
     outs = [tmp_path / "round1" / f"{k:06d}.png" for k in range(6)]
-    assert method.augment_files(inputs, labels, outs, seed=5, desc="round 1") == []
+    assert method.write_round(inputs, labels, outs, 5, "round 1", make_files) == []
     ref = {o: o.read_bytes() for o in outs}
     truncate(outs[5])  # batch 2 (images 4, 5) was cut short
     mtimes = {o: o.stat().st_mtime_ns for o in outs}
-    events = method.augment_files(inputs, labels, outs, seed=5, desc="round 1")
+    events = method.write_round(inputs, labels, outs, 5, "round 1", make_files)
     assert [(e["file"], e["action"]) for e in events] == [(str(outs[5]), "generated again")]
     assert "truncated" in events[0]["error"] or "broken" in events[0]["error"].lower()
     assert {o: o.read_bytes() for o in outs} == ref  # the same seeded batch: the same image
     assert all(o.stat().st_mtime_ns == mtimes[o] for o in outs[:4])  # batch 1 was not redone
     assert outs[5].stat().st_mtime_ns != mtimes[outs[5]]
+
+
+# --------------------------------------------------------------------- a finished split's files
+@pytest.mark.parametrize("damaged", ["result.json", "model.safetensors"])
+def test_a_finished_split_whose_files_do_not_read_back_is_computed_again(run_cli, damaged):
+    """A held-out domain finished, then its result (or its model) was cut short, e.g. by a full disk;
+    the run's results.json is gone: the rerun computes that split again, says so and records it."""
+    args = ("train", "method=coop", "method.epochs=1", "method.n_ctx=2", "target=sketch")
+    code, _, err, out_root = run_cli(*args)
+    assert code == 0, err
+    (reference,) = results(out_root)
+    run_dir = Path(reference["run_dir"])
+    split = run_dir / "splits" / "sketch"
+    model_before = (split / "model.safetensors").read_bytes()
+    truncate(split / damaged)
+    (run_dir / "results.json").unlink()
+    code, out, err, _ = run_cli(*args)
+    assert code == 0, err
+    (line,) = [l for l in (out + err).splitlines() if "could not be read" in l]
+    assert f"splits/sketch/{damaged}" in line and "computed the split again" in line
+    (rec,) = results(out_root)
+    assert rec["status"] == "finished" and rec["accuracy"] == reference["accuracy"]
+    (event,) = rec["recovered"]
+    assert event["file"] == str(split / damaged) and event["action"] == "computed the split again"
+    assert (split / "model.safetensors").read_bytes() == model_before  # the same seeded training, written whole again
+    assert json.loads((split / "result.json").read_text())["saved_model"] is True

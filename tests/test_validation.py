@@ -85,7 +85,17 @@ def test_run_and_dataset_ranges(override, key):
 
 
 def test_run_and_dataset_schemas_carry_their_ranges():
-    assert {f.name for f, _ in _ranged(RunConfig)} == {"shots", "num_workers", "trial_seed"}
+    assert {f.name for f, _ in _ranged(RunConfig)} == {"shots", "trial_seed"}  # (num_workers: auto or >= 0, below)
+
+
+@pytest.mark.parametrize("value, ok", [("auto", True), ("0", True), ("12", True), ("-1", False), ("many", False), ("1.5", False)])
+def test_num_workers_is_auto_or_a_count(value, ok):
+    cfg = _compose("method=coop", f"num_workers={value}")
+    if ok:
+        check_ranges(cfg)
+    else:
+        with pytest.raises(ConfigError, match=r"^num_workers=.* is not valid. Valid: auto, or an integer >= 0$"):
+            check_ranges(cfg)
     assert {f.name for f, _ in _ranged(DatasetConfig)} == {"val_fraction"}
 
 

@@ -130,7 +130,8 @@ class DomainPromptLearner(nn.Module):
         """The prompts of ``domains`` (default: all), one group per domain: [SOS][ctx][dom_d] is shared by
         the domain's classes (with class-specific context only [SOS] is, the rest is in each suffix)."""
         idx = list(range(self.n_domains)) if domains is None else list(domains)
-        dom, suffix, eot = self.dom[idx], self.suffix[idx], self.eot[idx]  # (G, M2, W), (G, C, S, W), (G, C)
+        # (G, M2, W), (G, C, S, W), (G, C); all domains: the tensors themselves (the EOT's facts are read once)
+        dom, suffix, eot = (self.dom, self.suffix, self.eot) if domains is None else (self.dom[idx], self.suffix[idx], self.eot[idx])
         if self.ctx.dim() == 3:
             dom_c = dom.unsqueeze(1).expand(-1, self.n_classes, -1, -1)  # (G, C, M2, W)
             return PromptGroups.from_parts([self.prefix], [self.ctx, dom_c, suffix], eot)

@@ -42,7 +42,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..data import Features, augmented_transform, image_batches, image_loader
+from .. import devices
+from ..data import EpochLoader, Features, augmented_transform, image_batches, image_loader
 from ..errors import ConfigError
 from ..schema import DAPTConfig
 from ..training import Term, dassl_lr, order_batches
@@ -94,12 +95,13 @@ class DAPT(Method):
                               f"(visual prompts): no view can be cached. Valid: official, none")
         self.prompt = PromptLearner(backbone, classnames, cfg.n_ctx, "", False)
         self.visual = VisualPrompts(backbone.model.visual, cfg.n_visual, cfg.deep, seed=self.env.seed).to(device)
+        self.pool = EpochLoader(device)  # the training images' loader, its workers started once
 
     def class_features(self) -> torch.Tensor:
         return self.backbone.encode_grouped(self.prompt(), normalize=False)[0]  # (C, D)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.visual(images.to(self.device))  # (B, D), unnormalised
+        return self.visual(images.to(self.device, non_blocking=True))  # (B, D), unnormalised
 
     def loss(self, images, y, prototypes):
         """L = CE + β_v · L_intra + β_t · L_inter, and its three terms."""
@@ -141,7 +143,7 @@ class DAPT(Method):
     def load(self, epoch, batches):
         paths = [self.shots.paths[i] for i in self.order]
         return image_loader(paths, self.train_transform, [b.tolist() for b in batches], self.env.num_workers,
-                            seed=self.env.seed_for("dapt-augmentation", epoch))
+                            seed=self.env.seed_for("dapt-augmentation", epoch), device=self.device, pool=self.pool)  # (workers kept across epochs)
 
     def batch_loss(self, item, info):
         pos, x, _ = item  # an unreadable image is left out of its batch
@@ -162,9 +164,11 @@ class DAPT(Method):
             feats = shots
         else:
             xs, keep = [], []
-            for pos, x, _ in image_batches(shots.paths, transform, 128, self.env.num_workers, seed=self.env.seed_for("dapt-prototypes")):
+            for pos, x, _ in image_batches(shots.paths, transform, 128, self.env.num_workers, seed=self.env.seed_for("dapt-prototypes"),
+                                           device=self.device):
                 if x is not None:
-                    xs.append(self.backbone.encode_image(x.to(self.device), normalize=True).float().cpu())
+                    with devices.autocast(self.device, self.env.precision):  # backbone.precision, as the feature cache
+                        xs.append(self.backbone.encode_image(x.to(self.device, non_blocking=True), normalize=True).float().cpu())
                     keep += pos.tolist()
             feats = Features(torch.cat(xs), shots.y[keep], [shots.domain[i] for i in keep], [shots.paths[i] for i in keep])
         return class_prototypes(feats.x, feats.y, len(self.classnames), self.cfg.renormalize_prototypes)
@@ -174,10 +178,11 @@ class DAPT(Method):
         """Re-encode the images of ``feats`` with the learned visual prompts (cached features are
         the plain encoder's)."""
         out = []
-        for _, x, bad in image_batches(feats.paths, self.backbone.preprocess, batch_size, self.env.num_workers):
+        for _, x, bad in image_batches(feats.paths, self.backbone.preprocess, batch_size, self.env.num_workers, device=self.device):
             if bad:  # the cache already left out unreadable images; one that broke since is an error
                 raise OSError(f"cannot read {feats.paths[bad[0]]} any more")
-            out.append(F.normalize(self.image_features(x), dim=-1).cpu())
+            with devices.autocast(self.device, self.env.precision):  # backbone.precision, as the feature cache
+                out.append(F.normalize(self.image_features(x).float(), dim=-1).cpu())
         return Features(torch.cat(out), feats.y, feats.domain, feats.paths)
 
     @torch.no_grad()

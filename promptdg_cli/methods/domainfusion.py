@@ -71,11 +71,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import plugins, seeds
+from .. import devices, plugins, seeds
 from ..classifier import Featurizer, augment_transform
 from ..data import image_batches
 from ..errors import ConfigError
-from ..ldm import load_ldm, to_ldm_pixels
+from ..ldm import check_finite, load_ldm, to_ldm_pixels
 from ..schema import DomainFusionConfig
 from ..synthetic import ldm_pixels, round_outputs, round_seed, write_round
 from ..training import Term
@@ -100,19 +100,20 @@ def darken(x01: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
 
 
 def latent_distillation_loss(ldm, p: torch.Tensor, x01: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
-                             noise: torch.Tensor, guidance: float, weighting: str = "1-alpha"):
+                             noise: torch.Tensor, guidance: float, weighting: str = "1-alpha", where: str = "latent distillation"):
     """L_LD of a batch and its latent gradient g = w(t)(ε̂ − ε).
 
     p: (B,) the classifier's probability of each image's label (differentiable); x01: (B, 3, R, R)
     pixels in [0, 1]; cond: (B, L, D) the class prompts' text states; t: (B,) timesteps; noise: the
-    ε of the forward process, shaped like the latents. Returns (loss, g) with ∂loss/∂z = g / B.
+    ε of the forward process, shaped like the latents. Returns (loss, g) with ∂loss/∂z = g / B; a g
+    that is not finite (an LDM out of fp16's range) stops the run, naming ``where``.
     """
     z = ldm.encode(to_ldm_pixels(darken(x01, p)))  # (B, c, h, w): gradient flows to p
     with torch.no_grad():
         z_t = ldm.add_noise(z.detach(), noise, t)
         eps_hat = ldm.predict_noise(z_t, t, cond, guidance)
         w = distill_weighting(ldm.alphas_cumprod(), t, weighting).view(-1, 1, 1, 1)
-        g = w * (eps_hat - noise)
+        g = check_finite(w * (eps_hat - noise), f"{where}: the latent gradient w(t)(ε̂ − ε)", ldm.dtype)
     loss = (g * z).flatten(1).sum(1).mean()
     return loss, g
 
@@ -205,10 +206,11 @@ class DomainFusion(ERM):
     def encode_files(self, paths: Sequence[str], batch_size: int = 128) -> torch.Tensor:
         """Normalised features of image files by the frozen encoder, (N, D) on the CPU."""
         out = []
-        for _, x, bad in image_batches(paths, self.backbone.preprocess, batch_size, self.env.num_workers):
+        for _, x, bad in image_batches(paths, self.backbone.preprocess, batch_size, self.env.num_workers, device=self.device):
             if bad:
                 raise OSError(f"cannot read {paths[bad[0]]}")
-            out.append(F.normalize(self.featurizer(x.to(self.device)), dim=-1).cpu())
+            with devices.autocast(self.device, self.env.precision):  # backbone.precision, as the feature cache
+                out.append(F.normalize(self.featurizer(x.to(self.device, non_blocking=True)).float(), dim=-1).cpu())
         return torch.cat(out)
 
     def extra_results(self):
@@ -240,20 +242,24 @@ class DomainFusion(ERM):
 
     # ----------------------------------------------------------------- online lightweight augmentation
     @torch.no_grad()
-    def augment(self, x01: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """N img2img candidates per image, fused by style/content; returns new images in [0, 1]."""
+    def augment(self, x01: torch.Tensor, y: torch.Tensor, generator: torch.Generator, what: str = "augmentation") -> torch.Tensor:
+        """N img2img candidates per image, fused by style/content; returns new images in [0, 1] (NaN or
+        inf at a step: NonFiniteError naming ``what`` and the step, never a black image)."""
         ldm, cfg = self.ldm(), self.cfg
         x = to_ldm_pixels(x01.to(ldm.device))
-        z_in = ldm.encode(x)
+        z_in = check_finite(ldm.encode(x), f"{what}: the VAE latents of the inputs", ldm.dtype)
         prompts = self.prompts(y)
         cands = torch.stack([ldm.img2img(x, prompts, cfg.strength, cfg.img2img_steps, cfg.img2img_guidance, generator)
                              for _ in range(cfg.candidates)])  # (N, B, c, h, w)
+        check_finite(cands.transpose(0, 1), f"{what}: the img2img candidates' latents", ldm.dtype)
         fused, _, _ = fuse_candidates(z_in, cands)
-        return (ldm.decode(fused) + 1) / 2
+        return check_finite((ldm.decode(fused) + 1) / 2, f"{what}: the decoded fused images", ldm.dtype)
 
     def augment_images(self, paths: List[str], labels: List[int], generator: torch.Generator) -> torch.Tensor:
-        """Image files augmented (their [0, 1] pixels at the LDM's size, (B, 3, R, R))."""
-        return self.augment(ldm_pixels(paths, self.ldm_size()), torch.as_tensor(labels), generator)
+        """Image files augmented (their [0, 1] pixels at the LDM's size, (B, 3, R, R)); NaN or inf at a step names
+        the batch by its first file."""
+        what = f"augmenting {paths[0]}" + (f" and {len(paths) - 1} more" if len(paths) > 1 else "")
+        return self.augment(ldm_pixels(paths, self.ldm_size()), torch.as_tensor(labels), generator, what)
 
     def write_round(self, inputs: Sequence[str], labels: Sequence[int], outputs: Sequence[Path], seed: int, desc: str,
                     produce) -> list:
@@ -344,6 +350,7 @@ class DomainFusion(ERM):
         rows_d = rows.to(self.device)
         p = logits[rows_d].softmax(-1).gather(1, y[rows_d, None]).squeeze(1)  # p_θ(y|x)
         loss_ld, grad = latent_distillation_loss(ldm, p.to(ldm.device), x01.to(ldm.device), ldm.encode_text(self.prompts(y[rows_d])),
-                                                 torch.cat(t).to(ldm.device), torch.stack(noise).to(ldm.device), cfg.distill_guidance, cfg.weighting)
+                                                 torch.cat(t).to(ldm.device), torch.stack(noise).to(ldm.device), cfg.distill_guidance, cfg.weighting,
+                                                 where=f"latent distillation, period {info.epoch} step {info.step}")
         rms = grad.pow(2).mean().sqrt().detach()  # the surrogate's value means nothing: the size of w(t)(ε̂ − ε) is logged
         return terms + [Term("ld", loss_ld.to(self.device), len(rows), cfg.distill_weight), Term("ld_grad_rms", rms, len(rows), 0.0)]

@@ -29,7 +29,7 @@ from PIL import Image
 from torch import nn
 
 from .. import devices
-from ..data import Features, image_batches
+from ..data import EpochLoader, Features, image_batches
 from ..domainbed import checkpoint_rounds, random_hparams
 from ..evaluation import predict
 from ..schema import ERMConfig
@@ -83,6 +83,7 @@ class ERM(Method):
         self.frozen = False  # (DomainFusion's CLIP variant may keep its encoder frozen: cached features)
         self.featurizer, self.classifier = self.build_network()
         self.dropout = nn.Dropout(float(self.hp["resnet_dropout"]))
+        self.pool = EpochLoader(device, collate)  # the training images' loader: workers started once, kept while the images stay
 
     def build_network(self):
         """DomainBed's featurizer (the backbone's ResNet, BatchNorm frozen) and ``networks.Classifier``:
@@ -108,10 +109,10 @@ class ERM(Method):
         self.featurizer.eval()
         out = []
         with torch.no_grad(), devices.autocast(self.device, self.env.precision):
-            for _, x, bad in image_batches(feats.paths, self.backbone.preprocess, batch_size, self.env.num_workers):
+            for _, x, bad in image_batches(feats.paths, self.backbone.preprocess, batch_size, self.env.num_workers, device=self.device):
                 if bad:
                     raise OSError(f"cannot read {feats.paths[bad[0]]}")
-                out.append(self.featurizer(x.to(self.device)).float().cpu())
+                out.append(self.featurizer(x.to(self.device, non_blocking=True)).float().cpu())
         self.featurizer.train()
         return Features(torch.cat(out), feats.y, feats.domain, feats.paths)
 
@@ -167,10 +168,9 @@ class ERM(Method):
     def load(self, epoch, batches):
         """Each step's (its draws, (indices, augmented images, LDM pixels)), loaded ahead by the run's workers."""
         steps = [list(zip(*(t.tolist() for t in b))) for b in batches]
-        ds = Draws(self.paths, None if self.frozen else self.train_transform(), self.ldm_size())
-        workers = self.env.num_workers if len(steps) > 4 else 0
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=steps, num_workers=workers, collate_fn=collate,
-                                             pin_memory=self.device.type == "cuda")
+        transform = None if self.frozen else self.train_transform()
+        loader = self.pool.epoch((tuple(self.paths), self.frozen), lambda: Draws(self.paths, transform, self.ldm_size()), steps,
+                                 self.env.num_workers)  # (its workers kept across epochs while the images stay)
         return zip(batches, loader)
 
     def forward(self, x: Optional[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ from torch import nn
 
 from ..prompt_encoding import PromptGroups
 from ..schema import PromptStylerConfig
-from ..training import Term, shuffled_batches
+from ..training import AmpStep, Term, shuffled_batches
 from .base import Method
 
 PLACEHOLDER = "x"  # one BPE token in CLIP's vocabulary; its embedding is replaced by S_i
@@ -144,32 +144,42 @@ class PromptStyler(Method):
         g = self.env.rng("promptstyler-style", i)
         return (torch.randn(self.backbone.text_width, generator=g) * self.cfg.style_init_std).to(self.device)
 
+    def style_step(self, s: torch.Tensor, earlier: torch.Tensor, opt, amp: AmpStep):
+        """One iteration of stage 1: the text encoder under the run's precision (``amp``), the losses in
+        fp32 on its features, one SGD step; returns (L_style, L_content)."""
+        with amp.autocast():
+            style_f, sc_f = self.encode(s)
+        l_style = style_diversity_loss(style_f.float(), earlier)
+        l_content = content_consistency_loss(sc_f.float(), self.content)
+        opt.zero_grad(set_to_none=True)
+        amp.backward(l_style + l_content)
+        amp.step(opt)
+        return l_style, l_content
+
     def learn_style(self, i: int, earlier: dict, ctx) -> dict:
         """Stage 1 for style i: L SGD steps on L_style + L_content, the earlier styles frozen."""
         cfg = self.cfg
         earlier_feats = torch.stack([earlier[j]["feature"].to(self.device) for j in range(i)]) if i else torch.zeros(0, self.backbone.embed_dim, device=self.device)
         s = nn.Parameter(self.init_style(i))
         opt = torch.optim.SGD([s], lr=cfg.style_lr, momentum=cfg.style_momentum)  # a fresh optimiser per style
+        amp = AmpStep(self.device, self.env.precision)  # (fp16: a fresh loss scale per style, as the optimiser)
         for _ in range(cfg.style_iters):
-            style_f, sc_f = self.encode(s)
-            l_style = style_diversity_loss(style_f, earlier_feats)
-            l_content = content_consistency_loss(sc_f, self.content)
-            opt.zero_grad(set_to_none=True)
-            (l_style + l_content).backward()
-            opt.step()
-        with torch.no_grad():
-            style_f = self.encode(s.detach())[0]
-        ctx.log(stage="style", style=i, l_style=l_style.item(), l_content=l_content.item())
+            l_style, l_content = self.style_step(s, earlier_feats, opt, amp)
+        with torch.no_grad(), amp.autocast():
+            style_f = self.encode(s.detach())[0].float()
+        ctx.log(stage="style", style=i, l_style=l_style.item(), l_content=l_content.item(),
+                **({"fp16_skipped_steps": amp.skipped} if amp.scaler is not None else {}))
         return {"vector": s.detach().cpu(), "feature": style_f.cpu()}
 
     def fit(self, data, ctx):
         """Source-free: no image is read (the protocol hands over none); only the class names."""
-        with torch.no_grad():
-            self.content = self.backbone.encode_text(self.classnames, normalize=True)  # T("[class_n]"), (N, D)
+        amp = AmpStep(self.device, self.env.precision)
+        with torch.no_grad(), amp.autocast():
+            self.content = self.backbone.encode_text(self.classnames, normalize=True).float()  # T("[class_n]"), (N, D)
         styles = ctx.units("styles", list(range(self.cfg.n_styles)), lambda i, done: self.learn_style(i, done, ctx), desc="promptstyler styles")
         self.styles = torch.stack([styles[i]["vector"] for i in range(self.cfg.n_styles)]).to(self.device)
-        with torch.no_grad():  # the K x N style-content features, label m (style-major)
-            self.x = torch.cat([self.encode(v)[1] for v in self.styles])  # (K*N, D), normalised
+        with torch.no_grad(), amp.autocast():  # the K x N style-content features, label m (style-major)
+            self.x = torch.cat([self.encode(v)[1].float() for v in self.styles])  # (K*N, D), normalised
         self.y = torch.arange(len(self.classnames), device=self.device).repeat(self.cfg.n_styles)
         w0 = torch.empty_like(self.classifier.weight, device="cpu")
         torch.nn.init.xavier_uniform_(w0, generator=torch.Generator().manual_seed(self.env.seed))
