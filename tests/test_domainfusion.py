@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from promptdg_cli.ldm import LDMNotFound, load_ldm, locate, to_ldm_pixels
 from promptdg_cli import synthetic
+from promptdg_cli.ldm import LDMNotFound, load_ldm, locate, to_ldm_pixels
 from promptdg_cli.methods import domainfusion as dfm
 from promptdg_cli.methods.domainfusion import darken, fuse_candidates, latent_distillation_loss, style_content
 
