@@ -95,7 +95,12 @@ def _register_launchers(cs: ConfigStore) -> None:
 
 
 # ---------------------------------------------------------------- ranges
-_OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+_OPS = {
+    "ge": (">=", lambda v, b: v >= b),
+    "gt": (">", lambda v, b: v > b),
+    "le": ("<=", lambda v, b: v <= b),
+    "lt": ("<", lambda v, b: v < b),
+}
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
@@ -152,12 +157,26 @@ _UNHASHED = {
 
 # Schema fields added after runs existed: left out of the hash while they hold their default, so
 # adding a field to a schema never renames the run directories of configs that do not use it.
-_ADDED_LATER = ("split_format", "split_file", "image_dir", "split_paths", "classnames_file", "wnids", "subset_from_folders",
-                  "domain_names")
+_ADDED_LATER = (
+    "split_format",
+    "split_file",
+    "image_dir",
+    "split_paths",
+    "classnames_file",
+    "wnids",
+    "subset_from_folders",
+    "domain_names",
+)
 _BACKBONE_ADDED_LATER = ("kind", "image_size")
 _HASHED_UNLESS_DEFAULT = {
-    "dataset": {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(DatasetConfig)).items() if k in _ADDED_LATER},
-    "backbone": {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(BackboneConfig)).items() if k in _BACKBONE_ADDED_LATER},
+    "dataset": {
+        k: v for k, v in OmegaConf.to_container(OmegaConf.structured(DatasetConfig)).items() if k in _ADDED_LATER
+    },
+    "backbone": {
+        k: v
+        for k, v in OmegaConf.to_container(OmegaConf.structured(BackboneConfig)).items()
+        if k in _BACKBONE_ADDED_LATER
+    },
 }
 
 
@@ -170,12 +189,16 @@ def hashed_view(cfg: DictConfig) -> dict:
     view = {
         "method": c["method"],
         "dataset": {
-            k: v for k, v in c["dataset"].items()
-            if k not in _UNHASHED["dataset"] and not (k in _HASHED_UNLESS_DEFAULT["dataset"] and v == _HASHED_UNLESS_DEFAULT["dataset"][k])
+            k: v
+            for k, v in c["dataset"].items()
+            if k not in _UNHASHED["dataset"]
+            and not (k in _HASHED_UNLESS_DEFAULT["dataset"] and v == _HASHED_UNLESS_DEFAULT["dataset"][k])
         },
         "backbone": {
-            k: v for k, v in c["backbone"].items()
-            if k not in _UNHASHED["backbone"] and not (k in _HASHED_UNLESS_DEFAULT["backbone"] and v == _HASHED_UNLESS_DEFAULT["backbone"][k])
+            k: v
+            for k, v in c["backbone"].items()
+            if k not in _UNHASHED["backbone"]
+            and not (k in _HASHED_UNLESS_DEFAULT["backbone"] and v == _HASHED_UNLESS_DEFAULT["backbone"][k])
         },
         "seed": c["seed"],
         "target": c["target"],

@@ -173,8 +173,14 @@ def collate(batch):
     return torch.tensor([i for i, _ in ok]), torch.stack([x for _, x in ok]), bad
 
 
-def image_batches(paths: Sequence[Path], transform, batch_size: int, num_workers: int, seed: Optional[int | Sequence[int]] = None,
-                  device: Optional[torch.device] = None):
+def image_batches(
+    paths: Sequence[Path],
+    transform,
+    batch_size: int,
+    num_workers: int,
+    seed: Optional[int | Sequence[int]] = None,
+    device: Optional[torch.device] = None,
+):
     """Batches ``(positions, images, unreadable positions)`` of ``paths`` in order, loaded by
     ``num_workers`` processes (none for a handful of batches, where starting them costs more), into
     pinned memory when they go to a GPU (``device``; copy them with ``non_blocking=True``)."""
@@ -187,8 +193,15 @@ def image_batches(paths: Sequence[Path], transform, batch_size: int, num_workers
     )
 
 
-def image_loader(paths: Sequence[Path], transform, batches: List[List[int]], num_workers: int, seed: Optional[int] = None,
-                 device: Optional[torch.device] = None, pool: Optional["EpochLoader"] = None):
+def image_loader(
+    paths: Sequence[Path],
+    transform,
+    batches: List[List[int]],
+    num_workers: int,
+    seed: Optional[int] = None,
+    device: Optional[torch.device] = None,
+    pool: Optional["EpochLoader"] = None,
+):
     """The images of ``batches`` (lists of positions in ``paths``), batch by batch, as
     ``(positions, images or None, unreadable positions)``; a random transform is seeded by
     (seed, position), so an image gets the same augmentation whichever process loads it. ``pool``: an
@@ -227,12 +240,19 @@ class EpochLoader:
         self.key, self.loader, self.sampler = None, None, _EpochBatches()
 
     def epoch(self, key, dataset, batches: list, num_workers: int):
-        """An iterator over ``batches`` (lists of dataset items); ``dataset()`` builds the dataset when ``key`` is new."""
+        """An iterator over ``batches`` (lists of dataset items); ``dataset()`` builds the dataset when
+        ``key`` is new."""
         workers = int(num_workers) if len(batches) > 4 else 0
         if self.loader is None or (key, workers) != self.key:
             self.sampler = _EpochBatches()
-            self.loader = torch.utils.data.DataLoader(dataset(), batch_sampler=self.sampler, num_workers=workers, collate_fn=self.collate_fn,
-                                                      pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+            self.loader = torch.utils.data.DataLoader(
+                dataset(),
+                batch_sampler=self.sampler,
+                num_workers=workers,
+                collate_fn=self.collate_fn,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=workers > 0,
+            )
             self.key = (key, workers)
         self.sampler.batches = list(batches)
         return iter(self.loader)
@@ -259,7 +279,13 @@ class FeatureCache:
             st = p.stat()
             files.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         blob = json.dumps(
-            {"backbone": backbone_identity, "dataset": dataset, "domain": domain, "files": files.hexdigest(), "transform": repr(transform)},
+            {
+                "backbone": backbone_identity,
+                "dataset": dataset,
+                "domain": domain,
+                "files": files.hexdigest(),
+                "transform": repr(transform),
+            },
             sort_keys=True,
         )
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
@@ -272,11 +298,15 @@ class FeatureCache:
             self.empty_classes[f"{dataset_cfg.name}/{domain}"] = empty
         return self.list_features(backbone, dataset_cfg.name, domain, paths, labels)
 
-    def list_features(self, backbone, dataset: str, name: str, paths: Sequence[Path], labels: Sequence[int]) -> Features:
+    def list_features(
+        self, backbone, dataset: str, name: str, paths: Sequence[Path], labels: Sequence[int]
+    ) -> Features:
         """Features of a list of images (a domain folder, or a split of a split-file dataset)."""
         paths = list(paths)
         transform = backbone.preprocess
-        file = self.dir / dataset / f"{name}-{self.key(backbone.identity(), dataset, name, paths, transform)}.safetensors"
+        file = (
+            self.dir / dataset / f"{name}-{self.key(backbone.identity(), dataset, name, paths, transform)}.safetensors"
+        )
         what = f"{dataset}/{name}"
         meta = {"model": backbone.model_name, "weights": backbone.weights_id, "domain": name}
         # one job computes a missing (or unreadable) file, the others wait for it (compute_once.py)
@@ -318,18 +348,30 @@ class FeatureCache:
         if not store:
             self.views["computed"] += 1
             return compute()["x"]
-        key = hashlib.sha1(f"{self.key(backbone.identity(), dataset, name, paths, transform)}-{tag}".encode()).hexdigest()[:16]
+        key = hashlib.sha1(
+            f"{self.key(backbone.identity(), dataset, name, paths, transform)}-{tag}".encode()
+        ).hexdigest()[:16]
         file = self.dir / dataset / "views" / f"{name}-{key}.safetensors"
         meta = {"model": backbone.model_name, "weights": backbone.weights_id, "domain": name, "view": tag}
-        t, computed = compute_once(file, compute, lambda t, f: save_file(t, str(f), metadata=meta), lambda f: load_file(str(f)),
-                                   f"the features of {what}", events=self.recovered)
+        t, computed = compute_once(
+            file,
+            compute,
+            lambda t, f: save_file(t, str(f), metadata=meta),
+            lambda f: load_file(str(f)),
+            f"the features of {what}",
+            events=self.recovered,
+        )
         self.views["computed" if computed else "read"] += 1
         return t["x"].float()
 
     @torch.no_grad()
-    def _encode(self, backbone, paths: list[Path], what: str, transform=None, seed=None) -> tuple[list[int], torch.Tensor]:
+    def _encode(
+        self, backbone, paths: list[Path], what: str, transform=None, seed=None
+    ) -> tuple[list[int], torch.Tensor]:
         device = backbone.device
-        loader = image_batches(paths, transform or backbone.preprocess, self.batch_size, self.num_workers, seed, device=device)
+        loader = image_batches(
+            paths, transform or backbone.preprocess, self.batch_size, self.num_workers, seed, device=device
+        )
         keep, feats, bad = [], [], []
         precision = getattr(backbone, "precision", "fp32")  # backbone.precision: bf16/fp16 autocast on CUDA
         for idx, images, skipped in tqdm(loader, desc=f"encoding {what}", unit="batch", leave=False):
@@ -355,4 +397,10 @@ def augmented_transform(preprocess):
     steps = list(preprocess.transforms)
     crop = next(i for i, t in enumerate(steps) if isinstance(t, T.CenterCrop))
     size = steps[crop].size
-    return T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(), *steps[crop + 1 :]])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            *steps[crop + 1 :],
+        ]
+    )

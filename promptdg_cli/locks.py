@@ -339,7 +339,9 @@ class FileLock:
 
     # ----------------------------------------------------------------- heartbeat
     def _start_heartbeat(self) -> None:
-        self._thread = threading.Thread(target=self._beat, name=f"promptdg-lock-heartbeat {self.path.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._beat, name=f"promptdg-lock-heartbeat {self.path.name}", daemon=True
+        )
         self._thread.start()
 
     def _beat(self) -> None:
@@ -351,7 +353,11 @@ class FileLock:
                 now = read_holder(self.path)
                 if self.lost is None and now is not None and now.token != self.token:
                     self.lost = now
-                    log.error("%s: the lock was taken over by %s (this process's heartbeat was late)", self.path, now.describe())
+                    log.error(
+                        "%s: the lock was taken over by %s (this process's heartbeat was late)",
+                        self.path,
+                        now.describe(),
+                    )
             except OSError as e:  # a file-system hiccup: the next beat tries again
                 log.warning("%s: heartbeat failed: %s", self.path, e)
 
@@ -369,8 +375,13 @@ def run_lock(run_dir: Path) -> FileLock:
     job, restart = _slurm_job()
     if job and holder.job == job and holder.restart < restart:
         wait = max(lock.stale_s - holder.age(), 0.0) + 2 * lock.heartbeat_s
-        log.warning("%s: held by %s, an earlier attempt of this requeued Slurm job; waiting up to %.0f s for its heartbeat to go stale",
-                    lock.path, holder.describe(), wait)
+        log.warning(
+            "%s: held by %s, an earlier attempt of this requeued Slurm job; "
+            "waiting up to %.0f s for its heartbeat to go stale",
+            lock.path,
+            holder.describe(),
+            wait,
+        )
         try:
             return lock.acquire(wait=wait, poll=min(lock.heartbeat_s, 10.0))
         except LockHeld as e:

@@ -106,6 +106,10 @@ def chain_and_exit(signum: int, received: int, previous: dict) -> None:
     process received (submitit's requeues and exits), then exit with 128 + signum."""
     prev = previous.get(received) if received else None
     if callable(prev):
-        log.info("handing %s on to the previous handler (%s)", signal.Signals(received).name, getattr(prev, "__qualname__", prev))
+        log.info(
+            "handing %s on to the previous handler (%s)",
+            signal.Signals(received).name,
+            getattr(prev, "__qualname__", prev),
+        )
         prev(received, None)
     raise Preempted(signum)

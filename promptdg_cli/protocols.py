@@ -5,7 +5,7 @@ Each protocol is an object built for one run: ``splits()`` lists its splits (one
 ``test_sets(split)`` the labelled sets the runner tests on. The target's labels never reach
 ``train_data``.
 
-* :class:`DG` (leave-one-domain-out), DomainBed's protocol (:func:`domainbed_parts`): every domain
+* :class:`DG` (leave-one-domain-out), DomainBed's protocol (``domainbed.domainbed_parts``): every domain
   is split by DomainBed's rule (``trial_seed``, ``dataset.val_fraction``); the sources train on their
   "in" part and select on their held-out "out" part, the target is tested on its "in" part (what
   DomainBed reports) and its "out" part is the test-domain validation set of DomainBed's oracle
@@ -34,10 +34,10 @@ import numpy as np
 import torch
 
 from .data import FeatureCache, Features, class_names, dataset_dir
-from .domainbed import split_holdout
+from .domainbed import domainbed_parts
 from .errors import ConfigError
 from .fewshot import class_subset, dataset_root, few_shot_splits, read_split, val_is_test
-from .shots import Draw, dassl_draw
+from .shots import dassl_draw, drawn_record
 from .views import NONE, EpochFeatures, Plain, epoch_features
 
 PAIR_ARROW = "→"  # as in the tables: "art→clipart"
@@ -92,7 +92,11 @@ class ConcatViews:
         self.parts, self.n = parts, sum(p.n for p in parts)
 
     def epoch(self, epoch: int, rep: int = 0) -> torch.Tensor:
-        return torch.cat([p.epoch(epoch, rep) for p in self.parts]) if len(self.parts) > 1 else self.parts[0].epoch(epoch, rep)
+        return (
+            torch.cat([p.epoch(epoch, rep) for p in self.parts])
+            if len(self.parts) > 1
+            else self.parts[0].epoch(epoch, rep)
+        )
 
 
 # --------------------------------------------------------------------- helpers
@@ -116,14 +120,6 @@ def train_val_indices(n: int, seed: int, domain: str, val_fraction: float) -> tu
 def unlabelled(f: Features) -> Features:
     """The same images without their labels (y = -1): what UDA training may see of the target."""
     return Features(f.x, torch.full_like(f.y, -1), f.domain, f.paths)
-
-
-def drawn_record(draw: Draw, train: Features, val: Optional[Features], root) -> dict:
-    """The drawn images as a run records them: paths relative to the dataset folder, in draw order."""
-    def rel(paths):
-        return [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in paths]
-
-    return {"sampler": draw.sampler, "train": rel(train.paths), "val": None if val is None else rel(val.paths)}
 
 
 def dg_splits(dataset_cfg, target: Optional[str], source: Optional[Sequence[str]]) -> List[Split]:
@@ -178,11 +174,19 @@ class RunSpec:
     @classmethod
     def of(cls, cfg) -> "RunSpec":
         m = cfg.get("method") or {}
-        return cls(seed=int(cfg.get("seed", 1)), shots=cfg.get("shots"), target=cfg.get("target"),
-                   source=list(cfg.source) if cfg.get("source") else None, trial_seed=cfg.get("trial_seed"),
-                   method=str(m.get("name", "")), augment=str(m.get("augment", NONE)), aug_views=int(m.get("aug_views", 0) or 0),
-                   augment_cache=bool(cfg.get("augment_cache", True)), source_holdout=bool(m.get("source_holdout", False)),
-                   select=str(m.get("select", "last")))
+        return cls(
+            seed=int(cfg.get("seed", 1)),
+            shots=cfg.get("shots"),
+            target=cfg.get("target"),
+            source=list(cfg.source) if cfg.get("source") else None,
+            trial_seed=cfg.get("trial_seed"),
+            method=str(m.get("name", "")),
+            augment=str(m.get("augment", NONE)),
+            aug_views=int(m.get("aug_views", 0) or 0),
+            augment_cache=bool(cfg.get("augment_cache", True)),
+            source_holdout=bool(m.get("source_holdout", False)),
+            select=str(m.get("select", "last")),
+        )
 
 
 class Protocol:
@@ -250,7 +254,9 @@ class Protocol:
             views.append((train[-1], f"{d}-train" if holdout else d))
         data = TrainData(train=Features.cat(train), val=Features.cat(val) if holdout else None)
         if self.shots:  # k shots per class of the source training data, then min(k, 4) of the validation data
-            draw = dassl_draw(data.train.y.tolist(), None if data.val is None else data.val.y.tolist(), self.shots, self.seed)
+            draw = dassl_draw(
+                data.train.y.tolist(), None if data.val is None else data.val.y.tolist(), self.shots, self.seed
+            )
             data.train = data.train.subset(draw.train)
             data.val = None if data.val is None else data.val.subset(draw.val)
             data.drawn = drawn_record(draw, data.train, data.val, dataset_dir(self.dataset))
@@ -261,24 +267,6 @@ class Protocol:
     def holdout(self, f: Features, domain: str):
         """(train rows, validation rows) of a source domain's features."""
         return train_val_indices(len(f), self.seed, domain, self.dataset.val_fraction)
-
-
-def domainbed_parts(f: Features, dataset_cfg, domain: str, trial_seed: int) -> tuple[list, list, dict]:
-    """DomainBed's split of one domain (``domainbed.split_holdout``: ImageFolder's order, the md5
-    seed of (trial_seed, environment index), ``RandomState.shuffle``, the first ``val_fraction`` held
-    out) as rows of ``f``: (in rows, out rows, the record of the split). A file ImageFolder lists
-    that ``f`` lacks (unreadable, or an extension promptdg does not read) is left out of both parts
-    and counted; a file ImageFolder does not list is in neither part."""
-    root = dataset_dir(dataset_cfg)
-    out_files, in_files = split_holdout(str(root / domain), domain, list(dataset_cfg.domains), int(trial_seed),
-                                        float(dataset_cfg.val_fraction))
-    row = {p: i for i, p in enumerate(f.paths)}
-    rows_in, rows_out = [row[p] for p in in_files if p in row], [row[p] for p in out_files if p in row]
-    record = {"out": [str(Path(p).relative_to(root)) for p in out_files if p in row], "n_in": len(rows_in),
-              "missing": len(in_files) + len(out_files) - len(rows_in) - len(rows_out)}
-    return rows_in, rows_out, record
-
-
 
 
 class DG(Protocol):
@@ -324,8 +312,13 @@ class DG(Protocol):
         source domain (``sources``: a method that trains) and tested domain."""
         domains = (split.sources if sources else []) + split.tests
         parts = {d: self._parts(d)[3] | {"role": "source" if d in split.sources else "target"} for d in domains}
-        return {"rule": "DomainBed scripts/train.py: split_dataset(env, int(len(env) * holdout_fraction), seed_hash(trial_seed, env_i))",
-                "trial_seed": self.trial_seed, "holdout_fraction": float(self.dataset.val_fraction), "domains": parts}
+        return {
+            "rule": "DomainBed scripts/train.py: "
+            "split_dataset(env, int(len(env) * holdout_fraction), seed_hash(trial_seed, env_i))",
+            "trial_seed": self.trial_seed,
+            "holdout_fraction": float(self.dataset.val_fraction),
+            "domains": parts,
+        }
 
 
 class UDA(Protocol):
@@ -386,7 +379,11 @@ class FewShot(Protocol):
         # cached per image list: the whole test split once, each k-shot draw (a few images) on its own
         tag = f"{self.shots}shot-seed{self.seed}" if self.shots else "all"
         train = self.cache.list_features(self.backbone, self.dataset.name, f"train-{tag}", *s["train"])
-        val = None if s["val"] is None else self.cache.list_features(self.backbone, self.dataset.name, f"val-{tag}", *s["val"])
+        val = (
+            None
+            if s["val"] is None
+            else self.cache.list_features(self.backbone, self.dataset.name, f"val-{tag}", *s["val"])
+        )
         data = TrainData(train=train, val=val, train_views=self._views(train, f"train-{tag}"))
         if s["draw"] is not None:
             data.drawn = drawn_record(s["draw"], train, val, dataset_root(self.dataset))
@@ -423,9 +420,11 @@ def check_selection(protocol: Protocol) -> None:
     if spec.select == "val":
         why = None
         if isinstance(protocol, FewShot) and val_is_test(dataset):
-            why = (f"dataset={dataset.name}'s val split is its test split ({dataset.split_paths.get('val')}), so it has "
-                   f"no validation data: selecting on it would select on test labels. The official code keeps the last "
-                   f"epoch: method.select=last")
+            why = (
+                f"dataset={dataset.name}'s val split is its test split ({dataset.split_paths.get('val')}), so it has "
+                f"no validation data: selecting on it would select on test labels. The official code keeps the last "
+                f"epoch: method.select=last"
+            )
         elif isinstance(protocol, UDA) and not spec.source_holdout:
             why = ("the sources are used whole for training (method.source_holdout=false, as the official trainer). "
                    "method.source_holdout=true holds 20 % of each source out for validation; or method.select=last")

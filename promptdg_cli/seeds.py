@@ -43,7 +43,9 @@ def seed(stream: str, run_seed: int, *keys: int) -> Seed:
     return STREAMS[stream](int(run_seed), *(int(k) for k in keys))
 
 
-def generator(stream: str, run_seed: int, *keys: int, device: Optional[Union[str, torch.device]] = None) -> torch.Generator:
+def generator(
+    stream: str, run_seed: int, *keys: int, device: Optional[Union[str, torch.device]] = None
+) -> torch.Generator:
     """A torch generator at the start of ``stream``."""
     return torch.Generator(device=device or "cpu").manual_seed(int(seed(stream, run_seed, *keys)))
 

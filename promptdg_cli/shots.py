@@ -24,9 +24,12 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence
 
 from .errors import DatasetNotFound
+
+if TYPE_CHECKING:
+    from .data import Features
 
 VAL_SHOTS = 4  # CoOp's validation draw: min(k, 4) images per class
 DASSL = "dassl"  # the sampler of a draw made here, by Dassl's algorithm
@@ -78,6 +81,14 @@ def dassl_draw(train_labels: Sequence[int], val_labels: Optional[Sequence[int]],
     return Draw(train, val, DASSL, short)
 
 
+def drawn_record(draw: Draw, train: Features, val: Optional[Features], root) -> dict:
+    """The drawn images as a run records them: paths relative to the dataset folder, in draw order."""
+    def rel(paths):
+        return [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in paths]
+
+    return {"sampler": draw.sampler, "train": rel(train.paths), "val": None if val is None else rel(val.paths)}
+
+
 # --------------------------------------------------------------------- the official draw files
 def official_draw_file(dataset_root: Path, k: int, seed: int) -> Path:
     """Where CoOp keeps the draw of (k, seed): ``<dataset folder>/split_fewshot/shot_{k}-seed_{seed}.pkl``."""
@@ -105,9 +116,11 @@ class _DrawUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) == DATUM:
             return _Datum
-        raise DrawFileError(f"{self.path}: an official few-shot draw file holds Dassl's Datum objects only; this one names "
-                            f"{module}.{name}, which is not loaded (nothing in a draw file is executed). Delete the file to "
-                            f"let promptdg draw the shots itself (the same algorithm).")
+        raise DrawFileError(
+            f"{self.path}: an official few-shot draw file holds Dassl's Datum objects only; this one names "
+            f"{module}.{name}, which is not loaded (nothing in a draw file is executed). Delete the file to "
+            f"let promptdg draw the shots itself (the same algorithm)."
+        )
 
 
 def _load(path: Path) -> dict:
@@ -120,7 +133,9 @@ def _load(path: Path) -> dict:
         raise DrawFileError(f"{path}: not a readable few-shot draw file ({type(e).__name__}: {e}). Delete it to let "
                             f"promptdg draw the shots itself (the same algorithm).") from None
     if not isinstance(data, dict) or not isinstance(data.get("train"), list):
-        raise DrawFileError(f"{path}: expected {{'train': [Datum, ...], 'val': [...]}} (CoOp's format), found {type(data).__name__}")
+        raise DrawFileError(
+            f"{path}: expected {{'train': [Datum, ...], 'val': [...]}} (CoOp's format), found {type(data).__name__}"
+        )
     return data
 
 
@@ -144,7 +159,9 @@ def _positions(items: list, paths: Sequence[Path], labels: Sequence[int], path: 
                                 f"(matched by its trailing path components); the file belongs to another copy or split")
         hit = cands[0]
         if int(getattr(d, "_label", -1)) != int(labels[hit]):
-            raise DrawFileError(f"{path}: the {part} image {d._impath} has label {d._label} in the file and {labels[hit]} here")
+            raise DrawFileError(
+                f"{path}: the {part} image {d._impath} has label {d._label} in the file and {labels[hit]} here"
+            )
         out.append(hit)
     return out
 

@@ -176,7 +176,9 @@ def _new_scheduler():
 def _adamw(model, lr: float, weight_decay: float):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr
+    )
 
 
 # --------------------------------------------------------------------- build
@@ -199,7 +201,9 @@ def build_demo_ldm(folder: Path, clip, recipe: dict | None = None) -> Path:
     # ---- data: pretraining renders, their (domain, digit) and the distinct captions' text states
     n_render = len(DOMAINS) * len(CLASSES) * recipe["per_class"]
     images, labels = [], []
-    for domain, digit, im in tqdm(sample_images(LDM_SEED, recipe["per_class"]), total=n_render, desc="demo LDM: data", unit="img"):
+    for domain, digit, im in tqdm(
+        sample_images(LDM_SEED, recipe["per_class"]), total=n_render, desc="demo LDM: data", unit="img"
+    ):
         images.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()))
         labels.append(DOMAINS.index(domain) * len(CLASSES) + digit)
     pixels = torch.stack(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (N, 3, 32, 32) in [-1, 1]

@@ -97,7 +97,9 @@ def pretraining_set(recipe: dict, size: int, workers: int | None = None):
     workers = workers or min(2, os.cpu_count() or 1)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            chunks = list(tqdm(pool.map(_render_chunk, jobs), total=len(jobs), desc="demo CLIP: rendering", unit="class"))
+            chunks = list(
+                tqdm(pool.map(_render_chunk, jobs), total=len(jobs), desc="demo CLIP: rendering", unit="class")
+            )
     else:
         chunks = [_render_chunk(j) for j in tqdm(jobs, desc="demo CLIP: rendering", unit="class")]
     domains = [j[0] for j in jobs for _ in range(j[3])]
@@ -147,7 +149,9 @@ def default_benchmark_root(path: Path) -> Path:
 
 
 @torch_threads(BUILD_THREADS)  # the same weights at any caller's thread count (demo/__init__.py)
-def build_demo_clip(path: Path, model_name: str, recipe: dict | None = None, benchmark_root: Path | None = None) -> Path:
+def build_demo_clip(
+    path: Path, model_name: str, recipe: dict | None = None, benchmark_root: Path | None = None
+) -> Path:
     """Train the demo CLIP, measure it (``properties.measure_demo_clip``) and write it to ``path``.
 
     safetensors, written atomically; its metadata holds the recipe, the seed and the measured

@@ -12,7 +12,8 @@ Each choice in ``conf/logger/`` adds one entry under the run config's ``logger``
   ``<split>/epoch/<name>`` (the epoch's mean losses, ``val_acc``, the selected epoch), at the
   split's step count;
 * the final record: ``test/<domain>``, ``test/avg`` (and ``test/mean_per_class/<domain>``,
-  ``val/<split>``) and the record itself (as ``record.json``: ``promptdg collect`` reads every ``results.json`` below a folder).
+  ``val/<split>``) and the record itself (as ``record.json``: ``promptdg collect`` reads every
+  ``results.json`` below a folder).
 
 ``<split>`` is the split's key (the held-out domain; a UDA pair ``src_to_tgt``; ``all`` for a
 source-free method). A tracker run is one promptdg run; runs whose configs differ only in the seed
@@ -72,7 +73,9 @@ class Trackers:
             try:
                 getattr(b, what)(*args)
             except Exception as e:
-                log.warning("logger %s failed (%s: %s); the run goes on without it", type(b).__name__, type(e).__name__, e)
+                log.warning(
+                    "logger %s failed (%s: %s); the run goes on without it", type(b).__name__, type(e).__name__, e
+                )
                 self.backends.remove(b)
 
 
@@ -122,7 +125,9 @@ def session(cfg: DictConfig, run_dir: Path, config_hash: str, main: bool = True)
     """The run's trackers while it runs (rank 0: ``main``); closed with the run's outcome:
     finished, failed, or preempted (a ``SystemExit`` from the preemption handler)."""
     specs = _specs(cfg)
-    every = min((int(s.get("every_n_steps", 1)) for s in specs.values() if int(s.get("every_n_steps", 1)) > 0), default=0)
+    every = min(
+        (int(s.get("every_n_steps", 1)) for s in specs.values() if int(s.get("every_n_steps", 1)) > 0), default=0
+    )
     if not specs or not main:
         trackers = Trackers([], every)
     else:

@@ -73,14 +73,27 @@ class WandB:
         run_id = run.resume_ids.get("wandb") or secrets.token_hex(4)  # (W&B ids: letters and digits)
         folder = Path(save_dir) if save_dir else run.run_dir
         folder.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=project, entity=entity, mode=mode, dir=str(folder), group=run.group, name=run.name,
-                              id=run_id, resume="allow", job_type=job_type, tags=list(tags or []), config=run.config,
-                              settings=wandb.Settings(console="off", silent=True))
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            mode=mode,
+            dir=str(folder),
+            group=run.group,
+            name=run.name,
+            id=run_id,
+            resume="allow",
+            job_type=job_type,
+            tags=list(tags or []),
+            config=run.config,
+            settings=wandb.Settings(console="off", silent=True),
+        )
         run.ids["wandb"] = run_id
         self.step_metrics: set = set()
 
     def log_hparams(self, hparams: Dict[str, Any], config_yaml: str) -> None:
-        self.run.config.update({"group": hparams["group"], "config_hash": hparams["config_hash"]}, allow_val_change=True)
+        self.run.config.update(
+            {"group": hparams["group"], "config_hash": hparams["config_hash"]}, allow_val_change=True
+        )
 
     def log_metrics(self, values: Dict[str, float], step: int, split: Optional[str]) -> None:
         if split is None:
@@ -96,7 +109,8 @@ class WandB:
     def log_record(self, record: Dict[str, Any], metrics: Dict[str, float]) -> None:
         self.run.summary.update(metrics)
         # (not named results.json: `promptdg collect` reads every results.json below a folder)
-        write_text_atomic(Path(self.run.dir) / "record.json", json.dumps(record, indent=2, default=str))  # synced with the run
+        # synced with the run
+        write_text_atomic(Path(self.run.dir) / "record.json", json.dumps(record, indent=2, default=str))
 
     def close(self, status: str) -> None:
         if status == "preempted" and hasattr(self.run, "mark_preempting"):
@@ -132,8 +146,12 @@ class MLflow:
         if resumed:
             self.client.update_run(self.run_id, status="RUNNING")
         else:
-            tags = {"promptdg.group": run.group, "promptdg.config_hash": run.config_hash, "promptdg.run_dir": str(run.run_dir),
-                    "promptdg.seed": str(run.seed)}
+            tags = {
+                "promptdg.group": run.group,
+                "promptdg.config_hash": run.config_hash,
+                "promptdg.run_dir": str(run.run_dir),
+                "promptdg.seed": str(run.seed),
+            }
             self.run_id = self.client.create_run(experiment_id, run_name=run.name, tags=tags).info.run_id
         run.ids["mlflow"] = self.run_id
 
