@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from . import _compat  # noqa: F401  (must precede open_clip: makes torchvision importable)
 
@@ -55,7 +55,7 @@ class ClipBackbone(nn.Module):
                  precision: str = "fp32", weights: Optional[dict] = None):
         super().__init__()
         self.precision = str(precision)  # autocast of feature extraction and the prompt path on CUDA
-        self.model = model
+        self.model: Any = model  # open_clip's CLIP: its towers and buffers are read by name (untyped)
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.model_name = model_name
@@ -199,6 +199,7 @@ class ClipBackbone(nn.Module):
             x = encode_bucketed(self.model, prompts)
         else:
             emb, eot = prompts.full()
+            assert prompts.facts is not None  # (set by PromptGroups)
             x = self.encode_prompts(emb, eot, normalize=False, longest=prompts.facts.hi).view(
                 prompts.groups, prompts.n_prompts, -1
             )

@@ -20,7 +20,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -139,14 +139,15 @@ class ImageFiles(torch.utils.data.Dataset):
     also be a draw ``(position, path, seed or None)`` that carries its own file and seed (a loader
     whose workers serve every epoch: :class:`EpochLoader`)."""
 
-    def __init__(self, paths: Sequence[Path], transform, seed: Optional[int | Sequence[int]] = None):
+    def __init__(self, paths: Sequence[str | Path], transform, seed: Optional[int | Sequence[int]] = None):
         self.paths, self.transform, self.seed = list(paths), transform, seed
 
     def __len__(self):
         return len(self.paths)
 
     def _seed(self, i: int) -> int:
-        return int(self.seed[i]) if isinstance(self.seed, (list, tuple)) else image_seed(self.seed, i)
+        # (a number here: an unseeded list never asks for a seed)
+        return int(self.seed[i]) if isinstance(self.seed, (list, tuple)) else image_seed(cast(int, self.seed), i)
 
     def __getitem__(self, item):
         if isinstance(item, tuple):
@@ -174,7 +175,7 @@ def collate(batch):
 
 
 def image_batches(
-    paths: Sequence[Path],
+    paths: Sequence[str | Path],
     transform,
     batch_size: int,
     num_workers: int,
@@ -194,7 +195,7 @@ def image_batches(
 
 
 def image_loader(
-    paths: Sequence[Path],
+    paths: Sequence[str | Path],
     transform,
     batches: List[List[int]],
     num_workers: int,
@@ -218,7 +219,7 @@ def image_loader(
 class _EpochBatches:
     """A batch sampler whose batches are replaced every epoch (a DataLoader reads it at every ``iter``)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.batches: list = []
 
     def __iter__(self):
@@ -237,7 +238,9 @@ class EpochLoader:
 
     def __init__(self, device: torch.device, collate_fn=collate):
         self.device, self.collate_fn = torch.device(device), collate_fn
-        self.key, self.loader, self.sampler = None, None, _EpochBatches()
+        self.key: Optional[tuple] = None
+        self.loader: Optional[torch.utils.data.DataLoader] = None
+        self.sampler = _EpochBatches()
 
     def epoch(self, key, dataset, batches: list, num_workers: int):
         """An iterator over ``batches`` (lists of dataset items); ``dataset()`` builds the dataset when
@@ -334,22 +337,22 @@ class FeatureCache:
         """(N, D) features of one augmented view of every image (``views.py``): image i through
         :func:`augmented_transform` seeded by ``seeds[i]``. ``tag`` names the view in the cache key;
         ``store``: kept in the cache (and computed once by jobs that ask at once), else computed here."""
-        paths = [Path(p) for p in paths]
+        files = [Path(p) for p in paths]
         transform = augmented_transform(backbone.preprocess)
         what = f"{dataset}/{name} (augmented view {tag})"
 
         def compute():
-            t = self._encode_keep(backbone, paths, what, transform, seed=list(seeds))
-            if len(t["index"]) < len(paths):
-                bad = sorted(set(range(len(paths))) - set(t["index"].tolist()))
-                raise DatasetNotFound(f"{what}: {len(bad)} image(s) can no longer be read, e.g. {paths[bad[0]]}")
+            t = self._encode_keep(backbone, files, what, transform, seed=list(seeds))
+            if len(t["index"]) < len(files):
+                bad = sorted(set(range(len(files))) - set(t["index"].tolist()))
+                raise DatasetNotFound(f"{what}: {len(bad)} image(s) can no longer be read, e.g. {files[bad[0]]}")
             return t
 
         if not store:
             self.views["computed"] += 1
             return compute()["x"]
         key = hashlib.sha1(
-            f"{self.key(backbone.identity(), dataset, name, paths, transform)}-{tag}".encode()
+            f"{self.key(backbone.identity(), dataset, name, files, transform)}-{tag}".encode()
         ).hexdigest()[:16]
         file = self.dir / dataset / "views" / f"{name}-{key}.safetensors"
         meta = {"model": backbone.model_name, "weights": backbone.weights_id, "domain": name, "view": tag}

@@ -324,5 +324,6 @@ def few_shot_splits(cfg, k: Optional[int], seed: int) -> dict:
             draw = dassl_draw(train_y, None if val is None else val[1], k, seed)
         train_p, train_y = _take(train_p, train_y, draw.train)
         if val is not None:
+            assert draw.val is not None  # (a val split is drawn from)
             val = _take(*val, draw.val)
     return {"train": (train_p, train_y), "val": val, "test": (test_p, test_y), "classnames": names, "draw": draw}

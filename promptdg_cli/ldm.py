@@ -322,7 +322,12 @@ def load_ldm(source: str, device: torch.device, dtype: str = "auto", revision: O
 
         _check_layout(folder, source, SD_PARTS)
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch_dtype).to(device).eval()
+        encoder = (
+            CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch_dtype)
+            # (PreTrainedModel.to is wrapped by functools.wraps, whose stub mypy does not bind: device reads as self)
+            .to(device)  # type: ignore[arg-type]
+            .eval()
+        )
         encoder.requires_grad_(False)
 
         def text(prompts):

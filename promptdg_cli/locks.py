@@ -45,7 +45,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from .errors import ConfigError, UserError
 
@@ -238,6 +238,7 @@ class FileLock:
     def dead_reason(self, holder: Holder) -> Optional[str]:
         """Why ``holder`` is dead; None when it is live (or may be)."""
         if holder.readable and holder.host == self.host:
+            assert holder.pid is not None  # (a readable lock file names its process)
             if _pid_alive(holder.pid, holder.pid_start):
                 return None
             return f"its process {holder.pid} on this host ({self.host}) is gone"
@@ -333,7 +334,7 @@ class FileLock:
     def __enter__(self) -> "FileLock":
         return self.acquire()
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         self.release()
         return False
 
@@ -346,6 +347,7 @@ class FileLock:
 
     def _beat(self) -> None:
         fd, stop = self._fd, self._stop
+        assert fd is not None  # (started once the lock is held)
         while not stop.wait(self.heartbeat_s):
             try:
                 os.pwrite(fd, self._record(), 0)  # the own inode: never another process's lock
@@ -385,6 +387,7 @@ def run_lock(run_dir: Path) -> FileLock:
         try:
             return lock.acquire(wait=wait, poll=min(lock.heartbeat_s, 10.0))
         except LockHeld as e:
+            assert e.holder is not None  # (acquire names the holder)
             holder = e.holder
     raise RunLocked(
         f"{run_dir} is in use by {holder.describe()}: another promptdg process is running this config. "

@@ -28,7 +28,7 @@ iterations.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -114,7 +114,7 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, n_classes: int, c: float, init:
     opt = torch.optim.LBFGS([theta], lr=1, max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=tol,
                             tolerance_change=ftol, history_size=history_size, line_search_fn="strong_wolfe")
 
-    last = {}
+    last: Dict[str, torch.Tensor] = {}  # the last point the line search evaluated: theta, f, g
 
     def closure():
         f, g = objective_and_grad(theta, x, y, c)

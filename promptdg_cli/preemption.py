@@ -45,7 +45,7 @@ class Preempted(SystemExit):
 class StopRequest:
     """The process's preemption flag and the signal handlers a run installs for its duration."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum = 0  # the first preemption signal received during this run (0: none)
         self.previous: Dict[int, Any] = {}
         self.deferring = False  # True while training: stop at the next safe point, not at once

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -209,8 +209,9 @@ def supports_shared_prefix(model: nn.Module) -> bool:
     return bool(torch.equal(torch.isneginf(mask), causal) and (mask[~causal] == 0).all())
 
 
-def encode_shared_prefix(model: nn.Module, prompts: PromptGroups) -> torch.Tensor:
-    """(G, C, D) unnormalised text features; ``model`` must pass ``supports_shared_prefix``."""
+def encode_shared_prefix(model: Any, prompts: PromptGroups) -> torch.Tensor:
+    """(G, C, D) unnormalised text features; ``model`` (open_clip's CLIP) must pass ``supports_shared_prefix``."""
+    assert prompts.facts is not None  # (set by PromptGroups)
     gp, p, w = prompts.prefix.shape
     g, c, s = prompts.groups, prompts.n_prompts, prompts.facts.hi + 1 - prompts.prefix_len
     if p + s > model.positional_embedding.shape[0]:
@@ -286,10 +287,11 @@ def length_buckets(lengths: Sequence[int], prefix_cost: int, groups: int) -> lis
     return [[k for k, n in enumerate(lengths) if lo <= n <= hi] for lo, hi in reversed(bounds)]
 
 
-def encode_bucketed(model: nn.Module, prompts: PromptGroups) -> torch.Tensor:
+def encode_bucketed(model: Any, prompts: PromptGroups) -> torch.Tensor:
     """``encode_shared_prefix`` per bucket of suffix lengths (``length_buckets``): the same (G, C, D)
     features, without running short suffixes through the longest one's positions."""
     p = prompts.prefix_len
+    assert prompts.facts is not None  # (set by PromptGroups)
     # (once per prompt set)
     plan = prompts.facts.plan(p, prompts.prefix.shape[0] * p, prompts.groups, prompts.suffix.device)
     if plan is None:

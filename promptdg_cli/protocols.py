@@ -28,7 +28,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -38,10 +38,11 @@ from .domainbed import domainbed_parts
 from .errors import ConfigError
 from .fewshot import class_subset, dataset_root, few_shot_splits, read_split, val_is_test
 from .shots import dassl_draw, drawn_record
-from .views import NONE, EpochFeatures, Plain, epoch_features
+from .views import NONE, ConcatViews, EpochFeatures, Plain, epoch_features
 
 PAIR_ARROW = "→"  # as in the tables: "art→clipart"
 SOURCE_FREE = "all"  # the split label of a model trained on no domain
+P = TypeVar("P", bound="Protocol")  # attach() returns the protocol it was given
 
 
 @dataclass
@@ -50,14 +51,14 @@ class Split:
 
     target: str
     sources: List[str]
-    tests: Optional[List[str]] = None
-    key: Optional[str] = None  # the record's column: the target (DG) or "src+src→target" (UDA)
+    tests: List[str]
+    key: str  # the record's column: the target (DG) or "src+src→target" (UDA)
 
-    def __post_init__(self):
-        if self.tests is None:
-            self.tests = [self.target]
-        if self.key is None:
-            self.key = self.target
+    # (written out, not generated: ``tests`` and ``key`` may be left out, and are set all the same)
+    def __init__(self, target: str, sources: List[str], tests: Optional[List[str]] = None, key: Optional[str] = None):
+        self.target, self.sources = target, sources
+        self.tests = [target] if tests is None else tests
+        self.key = target if key is None else key
 
     @property
     def dirname(self) -> str:
@@ -81,22 +82,9 @@ class TrainData:
 
     def shots_per_class(self, classnames: Sequence[str]) -> Dict[str, int]:
         """Training images per class as drawn (``shots=k``: k, or fewer where a class has fewer)."""
+        assert self.train is not None  # (asked of a method that trains)
         counts = torch.bincount(self.train.y, minlength=len(classnames)).tolist()
         return {name: int(n) for name, n in zip(classnames, counts)}
-
-
-class ConcatViews:
-    """Several lists' epoch features one after another (the source domains of a split)."""
-
-    def __init__(self, parts: List[EpochFeatures]):
-        self.parts, self.n = parts, sum(p.n for p in parts)
-
-    def epoch(self, epoch: int, rep: int = 0) -> torch.Tensor:
-        return (
-            torch.cat([p.epoch(epoch, rep) for p in self.parts])
-            if len(self.parts) > 1
-            else self.parts[0].epoch(epoch, rep)
-        )
 
 
 # --------------------------------------------------------------------- helpers
@@ -197,9 +185,14 @@ class Protocol:
         self.seed, self.shots = spec.seed, spec.shots
         self.augment, self.aug_views, self.augment_cache = spec.augment, spec.aug_views, spec.augment_cache
 
-    def attach(self, cache: FeatureCache, backbone) -> "Protocol":
+    def attach(self: P, cache: FeatureCache, backbone) -> P:
         self.cache, self.backbone = cache, backbone
         return self
+
+    @property
+    def features(self) -> FeatureCache:
+        assert self.cache is not None, "attach() a feature cache first"  # (the runner does, before any data)
+        return self.cache
 
     def splits(self) -> List[Split]:
         raise NotImplementedError
@@ -215,7 +208,7 @@ class Protocol:
         raise NotImplementedError
 
     def test_sets(self, split: Split) -> Dict[str, Features]:
-        return {d: self.cache.domain_features(self.backbone, self.dataset, d) for d in split.tests}
+        return {d: self.features.domain_features(self.backbone, self.dataset, d) for d in split.tests}
 
     def test_subset(self):
         """Class indices the test set covers (ImageNet-A/R: 200 of 1000), else None."""
@@ -244,7 +237,7 @@ class Protocol:
     def _source(self, split: Split, holdout: bool = True) -> TrainData:
         train, val, views = [], [], []
         for d in split.sources:
-            f = self.cache.domain_features(self.backbone, self.dataset, d)
+            f = self.features.domain_features(self.backbone, self.dataset, d)
             if holdout:
                 tr, va = self.holdout(f, d)
                 train.append(f.subset(tr))
@@ -254,6 +247,7 @@ class Protocol:
             views.append((train[-1], f"{d}-train" if holdout else d))
         data = TrainData(train=Features.cat(train), val=Features.cat(val) if holdout else None)
         if self.shots:  # k shots per class of the source training data, then min(k, 4) of the validation data
+            assert data.train is not None  # (set just above)
             draw = dassl_draw(
                 data.train.y.tolist(), None if data.val is None else data.val.y.tolist(), self.shots, self.seed
             )
@@ -271,6 +265,7 @@ class Protocol:
 
 class DG(Protocol):
     name = "dg"
+    _memo: Dict[str, tuple]  # domain -> _parts(domain), made on first use
 
     @property
     def trial_seed(self) -> int:
@@ -287,7 +282,7 @@ class DG(Protocol):
     def _parts(self, domain: str):
         """(features, in rows, out rows, record) of a domain, computed once per run."""
         if domain not in self.__dict__.setdefault("_memo", {}):
-            f = self.cache.domain_features(self.backbone, self.dataset, domain)
+            f = self.features.domain_features(self.backbone, self.dataset, domain)
             self._memo[domain] = (f, *domainbed_parts(f, self.dataset, domain, self.trial_seed))
         return self._memo[domain]
 
@@ -330,13 +325,13 @@ class UDA(Protocol):
 
     def train_data(self, split: Split) -> TrainData:
         data = self._source(split, holdout=self.spec.source_holdout)
-        test = self.cache.domain_features(self.backbone, self.dataset, split.target)
+        test = self.features.domain_features(self.backbone, self.dataset, split.target)
         data.target = unlabelled(test)
         data.target_views = self._views(data.target, split.target)
         return data
 
     def test_sets(self, split: Split) -> Dict[str, Features]:
-        return {split.key: self.cache.domain_features(self.backbone, self.dataset, split.target)}
+        return {split.key: self.features.domain_features(self.backbone, self.dataset, split.target)}
 
 
 class SourceFree(Protocol):
@@ -378,11 +373,11 @@ class FewShot(Protocol):
         s = few_shot_splits(self.dataset, self.shots, self.seed)
         # cached per image list: the whole test split once, each k-shot draw (a few images) on its own
         tag = f"{self.shots}shot-seed{self.seed}" if self.shots else "all"
-        train = self.cache.list_features(self.backbone, self.dataset.name, f"train-{tag}", *s["train"])
+        train = self.features.list_features(self.backbone, self.dataset.name, f"train-{tag}", *s["train"])
         val = (
             None
             if s["val"] is None
-            else self.cache.list_features(self.backbone, self.dataset.name, f"val-{tag}", *s["val"])
+            else self.features.list_features(self.backbone, self.dataset.name, f"val-{tag}", *s["val"])
         )
         data = TrainData(train=train, val=val, train_views=self._views(train, f"train-{tag}"))
         if s["draw"] is not None:
@@ -391,7 +386,7 @@ class FewShot(Protocol):
 
     def test_sets(self, split: Split) -> Dict[str, Features]:
         paths, labels, _ = read_split(self.dataset, "test")
-        return {split.key: self.cache.list_features(self.backbone, self.dataset.name, "test", paths, labels)}
+        return {split.key: self.features.list_features(self.backbone, self.dataset.name, "test", paths, labels)}
 
 
 def protocol_for(cfg, method_cls) -> Protocol:

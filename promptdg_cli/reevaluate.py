@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Dict, cast
 
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from .config import config_hash, typed_method
-from .data import FeatureCache, class_names
+from .data import FeatureCache, Features, class_names
 from .devices import loader_workers, peak_memory_mb, select_device
 from .errors import ConfigError
 from .evaluation import evaluate
@@ -106,7 +106,7 @@ def reevaluate(cfg: DictConfig, source_run: Path, out_dir: Path) -> RunRecord:
             f"run_dir={str(source_run)!r} is not a finished promptdg run "
             f"(needs .hydra/config.yaml and a finished results.json)"
         )
-    run_cfg = OmegaConf.load(run_cfg_file)
+    run_cfg = cast(DictConfig, OmegaConf.load(run_cfg_file))  # (a run's config is a mapping)
     if str(cfg.dataset.protocol) == "fewshot":
         return _reevaluate_split_dataset(cfg, run_cfg, source_run, out_dir)
     if list(run_cfg.dataset.classes.values()) != list(cfg.dataset.classes.values()):
@@ -134,12 +134,13 @@ def reevaluate(cfg: DictConfig, source_run: Path, out_dir: Path) -> RunRecord:
         raise ConfigError(
             f"run_dir has {len(targets)} split models ({targets}); choose the domain to test with target=<domain>"
         )
-    found = {"target_domains": [], "source_domains": {}, "accuracy": {}}
+    found: Dict[str, Any] = {"target_domains": [], "source_domains": {}, "accuracy": {}}
     # the test set of a domain, as the run's protocol tests it: DG, DomainBed's "in" part at the run's trial_seed;
     # UDA and source-free runs (DAPL, PromptStyler) test on whole domains
     dg_run = (
         method_class(run_cfg.method).protocol not in ("uda", "source_free") and str(run_cfg.dataset.protocol) == "dg"
     )
+    test_set: Callable[[str], Features]
     if dg_run and str(cfg.dataset.protocol) == "dg":
         dg = DG(cfg.dataset, RunSpec(seed=int(run_cfg.seed), trial_seed=run_cfg.get("trial_seed"))).attach(
             cache, backbone

@@ -25,16 +25,17 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Dict
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
 from . import __version__, checkpoints, dist, plugins, tracking
 from .backbone import ClipBackbone
 from .classifier import ClassifierBackbone
 from .compute_once import build_once
-from .config import config_hash, typed_method
+from .config import config_hash, plain_dict, typed_method
 from .data import FeatureCache
 from .devices import loader_workers, peak_memory_mb, reset_peak_memory, select_device, set_matmul_precision
 from .environment import environment, git_revision, source_tree
@@ -75,7 +76,7 @@ def prepare_backbone(cfg, device: torch.device):
 def run_env(cfg) -> RunEnv:
     trial = cfg.get("trial_seed")
     return RunEnv(seed=int(cfg.seed), num_workers=loader_workers(cfg.num_workers)[0], cache_root=str(cfg.cache_root),
-                  domain_names=OmegaConf.to_container(cfg.dataset.domain_names), precision=str(cfg.backbone.precision),
+                  domain_names=plain_dict(cfg.dataset.domain_names), precision=str(cfg.backbone.precision),
                   trial_seed=int(cfg.seed if trial is None else trial), dataset=str(cfg.dataset.name))
 
 
@@ -107,7 +108,7 @@ def check_method(cfg, method_cls) -> None:
 
 def identity(cfg: DictConfig, run_dir: Path, chash: str, protocol: str) -> dict:
     """The record fields that name a run, and the protocol it ran (its opt-ins out of the official one)."""
-    method = OmegaConf.to_container(cfg.method, resolve=True)
+    method = plain_dict(cfg.method, resolve=True)
     return {
         "method": cfg.method.name,
         "variant": cfg.method.get("variant", ""),
@@ -242,7 +243,7 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
     cache = FeatureCache(cfg.cache_root, num_workers=workers)
     protocol.attach(cache, backbone)
     per_class = str(cfg.dataset.metric) == "mean_per_class"
-    out = {
+    out: Dict[str, Any] = {
         "target_domains": [],
         "source_domains": {},
         "accuracy": {},

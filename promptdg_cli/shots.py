@@ -24,7 +24,7 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 from .errors import DatasetNotFound
 
@@ -72,7 +72,8 @@ def dassl_draw(train_labels: Sequence[int], val_labels: Optional[Sequence[int]],
     """CoOp's draw of a run with ``seed``: train with k, then val (None: no val split) with min(k, 4)."""
     if int(k) < 1:
         raise ValueError(f"shots={k}: the number of images per class must be >= 1")
-    rng, short = random.Random(int(seed)), []
+    rng = random.Random(int(seed))
+    short: List[str] = []  # the classes with fewer than k images, as "label (count)"
     train = draw_split(train_labels, int(k), rng, short)
     val = None if val_labels is None else draw_split(val_labels, min(int(k), VAL_SHOTS), rng)
     if short:
@@ -101,6 +102,9 @@ class DrawFileError(DatasetNotFound):
 
 class _Datum:
     """Dassl's ``Datum`` as plain data (``_impath``, ``_label``, ``_domain``, ``_classname``)."""
+
+    _impath: str  # (set by the file's state, checked where read)
+    _label: int
 
     def __setstate__(self, state):
         if not isinstance(state, dict):
@@ -139,6 +143,9 @@ def _load(path: Path) -> dict:
     return data
 
 
+Listing = Tuple[Sequence[Path], Sequence[int]]  # a split's (paths, labels)
+
+
 def _positions(items: list, paths: Sequence[Path], labels: Sequence[int], path: Path, part: str) -> List[int]:
     """Each Datum's position in this dataset's listing of the split: the one image whose trailing path
     components match the Datum's path (an absolute path on the machine that wrote the file)."""
@@ -166,7 +173,7 @@ def _positions(items: list, paths: Sequence[Path], labels: Sequence[int], path: 
     return out
 
 
-def read_official_draw(path: Path, train: tuple, val: Optional[tuple], root: Path) -> Draw:
+def read_official_draw(path: Path, train: Listing, val: Optional[Listing], root: Path) -> Draw:
     """The draw stored in CoOp's file ``path``, as positions into this dataset's ``train`` and ``val``
     listings (each ``(paths, labels)``; ``val`` None: a dataset without its own val split)."""
     data = _load(path)

@@ -195,6 +195,7 @@ class TrainContext:
 
     def _save(self, section: str, state: dict) -> None:
         self.checkpoint(section)  # (reads the file once, so the other sections are kept)
+        assert self._state is not None  # (checkpoint() has read it)
         self._state[section] = state
         if dist.is_main():
             checkpoints.save(self._state, self.ckpt)  # verified, the previous one kept until then
@@ -247,7 +248,7 @@ class TrainContext:
         amp = AmpStep(self.device, str(getattr(getattr(m, "env", None), "precision", "fp32")))
         epochs = m.rounds()
         select = str(getattr(cfg, "select", "last"))
-        best = {"acc": -1.0, "epoch": -1, "params": [p.detach().clone() for p in params]}
+        best: Dict[str, Any] = {"acc": -1.0, "epoch": -1, "params": [p.detach().clone() for p in params]}
         state = self.checkpoint("loop")
         start, done, resumed = 0, 0, {}
         if state is not None:

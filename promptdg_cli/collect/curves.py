@@ -16,7 +16,7 @@ import json
 import math
 import os
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Mapping, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 from ..extras import require
 from .records import as_mapping, backbone_label, method_label
@@ -105,7 +105,7 @@ def _panel_order(metric: str) -> Tuple[int, str]:
     return (2 if metric == "lr" else 1 if "acc" in metric else 0, metric)
 
 
-def write_curves_plot(rows: List[Mapping[str, Any]], path: os.PathLike | str) -> None:
+def write_curves_plot(rows: Sequence[Mapping[str, Any]], path: os.PathLike | str) -> None:
     require("plots", "the figure curves.png")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -121,7 +121,7 @@ def write_curves_plot(rows: List[Mapping[str, Any]], path: os.PathLike | str) ->
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
     keys = sorted({k for m in metrics for k in lines[m]})
-    handles = {}
+    handles: Dict[Tuple[str, ...], Any] = {}  # a line per key, for the figure's legend
     for ax, metric in zip(axes, metrics):
         for i, key in enumerate(keys):
             per_epoch = lines[metric].get(key)

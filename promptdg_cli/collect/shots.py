@@ -16,7 +16,7 @@ import math
 import os
 import statistics
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Mapping, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 from ..extras import require
 from .records import as_mapping, backbone_label
@@ -76,7 +76,7 @@ def render_shots_csv(points: Iterable[Mapping[str, Any]]) -> str:
     return out.getvalue()
 
 
-def write_shots_plot(points: List[Mapping[str, Any]], path: os.PathLike | str) -> None:
+def write_shots_plot(points: Sequence[Mapping[str, Any]], path: os.PathLike | str) -> None:
     require("plots", "the figure shots.png")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

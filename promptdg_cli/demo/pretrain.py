@@ -23,6 +23,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import open_clip
@@ -186,7 +187,8 @@ def build_demo_clip(
     # The token embedding (49408 x width, of which captions use ~100 rows) gets sparse gradients and
     # a lazy Adam (SparseAdam: only the rows in the batch move): dense Adam on it costs ~25 % of a step.
     model.token_embedding.sparse = True
-    decay, no_decay = [], []
+    decay: List[torch.Tensor] = []
+    no_decay: List[torch.Tensor] = []
     for name, p in model.named_parameters():
         if name not in ("logit_scale", "token_embedding.weight"):
             (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)

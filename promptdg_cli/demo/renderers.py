@@ -257,6 +257,7 @@ def _render_photo(digit: int, rng: np.random.Generator, size: int, attrs: dict):
             best, best_c = cand, contrast
         if contrast >= 75:
             break
+    assert best is not None  # (the first candidate beats -1)
     fill = best
     # Slight shading across the digit (a painted/plastic object, not flat ink).
     shade = 0.8 + 0.35 * smooth_noise(rng, C, 3)[..., None]

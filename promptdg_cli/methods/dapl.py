@@ -107,6 +107,10 @@ class DomainPromptLearner(nn.Module):
     """Prompts [SOS][ctx][dom_d] <suffix of (d, k)> for every domain d and class k. The suffix is the
     class text (with the domain's words in the official form)."""
 
+    prefix: torch.Tensor  # (buffers)
+    suffix: torch.Tensor
+    eot: torch.Tensor
+
     def __init__(self, backbone, classnames: list[str], domain_words: list[str], n_ctx: int, n_dom_ctx: int,
                  class_specific: bool, seed: int, suffix: str = SUFFIXES["official"]):
         super().__init__()
@@ -176,7 +180,7 @@ class DAPL(Method):
     protocol = "uda"
     loss_terms = ("l_src", "l_tgt")  # the source CE and the target term (its mean over the kept images)
 
-    def __init__(self, cfg, backbone, classnames, device, env=None):
+    def __init__(self, cfg, backbone, classnames, device, env=None) -> None:
         super().__init__(cfg, backbone, classnames, device, env)
         self.prompt: Optional[DomainPromptLearner] = None  # built when the run's domains are known
         self.domains: list[str] = []
@@ -195,6 +199,7 @@ class DAPL(Method):
 
     def text_features(self, domains: Optional[list[int]] = None) -> torch.Tensor:
         """(n, C, D) normalised features of the prompts of ``domains`` (default: all)."""
+        assert self.prompt is not None  # (setup() comes first)
         return self.backbone.encode_grouped(self.prompt(domains))
 
     @torch.no_grad()

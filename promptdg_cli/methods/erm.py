@@ -20,7 +20,7 @@ logged in metrics.jsonl.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import ClassVar, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
@@ -74,9 +74,11 @@ def collate(items):
 
 
 class ERM(Method):
-    Config = ERMConfig
-    backbone_kinds = ("classifier",)
-    loss_terms = ("ce",)
+    # (typed as Method's: DomainFusion overrides them)
+    Config: ClassVar[Type] = ERMConfig
+    backbone_kinds: ClassVar[tuple] = ("classifier",)
+    loss_terms: ClassVar[Tuple[str, ...]] = ("ce",)
+    feats: Optional[torch.Tensor]  # DomainFusion with a frozen encoder: the cached features of its draws
 
     def __init__(self, cfg, backbone, classnames, device, env=None):
         super().__init__(cfg, backbone, classnames, device, env)
@@ -185,7 +187,12 @@ class ERM(Method):
 
     def forward(self, x: Optional[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
         """Training logits of a step's draws: featurizer, dropout, classifier (cached features when frozen)."""
-        f = self.feats[idx].to(self.device) if self.frozen else self.featurizer(x.to(self.device, non_blocking=True))
+        if self.frozen:
+            assert self.feats is not None  # (load() encodes them first)
+            f = self.feats[idx].to(self.device)
+        else:
+            assert x is not None  # (images are loaded unless their features are cached)
+            f = self.featurizer(x.to(self.device, non_blocking=True))
         return self.head(self.dropout(f))
 
     def batch_loss(self, item, info):

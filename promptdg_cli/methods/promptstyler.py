@@ -103,6 +103,10 @@ class StylePrompts(nn.Module):
     up to the last end-of-text token).
     """
 
+    before: torch.Tensor  # (buffers)
+    after: torch.Tensor
+    suffix: torch.Tensor
+
     def __init__(self, backbone, classnames: list[str], template: str):
         super().__init__()
         style_text = template.format(PLACEHOLDER)

@@ -29,10 +29,11 @@ import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from ..config import plain_dict
 from ..errors import ConfigError
 from ..extras import require
 from ..files import write_json_atomic
@@ -48,7 +49,7 @@ class Trackers:
     """The run's trackers as one: every call goes to each backend. Empty on ranks other than 0, but
     ``every_n_steps`` is the same on every rank (the loop's per-step values are summed over ranks)."""
 
-    def __init__(self, backends: List[Any] = (), every_n_steps: int = 0):
+    def __init__(self, backends: Sequence[Any] = (), every_n_steps: int = 0):
         self.backends = list(backends)
         self.every_n_steps = int(every_n_steps)  # 0: no per-step values
 
@@ -90,7 +91,7 @@ def _specs(cfg: DictConfig) -> Dict[str, Dict[str, Any]]:
     node = cfg.get("logger")
     if node is None:
         return {}
-    specs = OmegaConf.to_container(node, resolve=True)
+    specs = plain_dict(node, resolve=True)
     for name, spec in specs.items():
         target = spec.get("_target_", "") if isinstance(spec, dict) else ""
         if not target.startswith(BACKENDS):

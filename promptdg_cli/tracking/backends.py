@@ -20,7 +20,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 from ..errors import ConfigError
 from ..files import write_text_atomic
@@ -44,7 +44,8 @@ class TensorBoard:
 
         values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
         for summary in hparams_summary(values, {}):  # experiment, session start, session end
-            self.writer.file_writer.add_summary(summary)
+            # (torch leaves file_writer typed None; SummaryWriter's __init__ opens it)
+            self.writer.file_writer.add_summary(summary)  # type: ignore[attr-defined]
         self.writer.add_text("config", _code_block(config_yaml))
 
     def log_metrics(self, values: Dict[str, float], step: int, split: Optional[str]) -> None:
@@ -64,8 +65,9 @@ class WandB:
     extra = "wandb"
     MODES = ("offline", "online", "disabled")
 
-    def __init__(self, run: RunInfo, project: str = "promptdg", entity: Optional[str] = None, mode: str = "offline",
-                 save_dir: Optional[str] = None, tags: Optional[List[str]] = None, job_type: str = "train"):
+    def __init__(self, run: RunInfo, project: str = "promptdg", entity: Optional[str] = None,
+                 mode: Literal["offline", "online", "disabled"] = "offline", save_dir: Optional[str] = None,
+                 tags: Optional[List[str]] = None, job_type: str = "train"):
         if mode not in self.MODES:
             raise ConfigError(f"logger.wandb.mode={mode!r} is not valid. Valid: {', '.join(self.MODES)}")
         import wandb
@@ -135,16 +137,18 @@ class MLflow:
             try:
                 experiment_id = self.client.create_experiment(experiment_name)
             except MlflowException:  # created by another job of the sweep meanwhile
-                experiment_id = self.client.get_experiment_by_name(experiment_name).experiment_id
+                created = self.client.get_experiment_by_name(experiment_name)
+                assert created is not None
+                experiment_id = created.experiment_id
         else:
             experiment_id = experiment.experiment_id
-        self.run_id = run.resume_ids.get("mlflow")
+        run_id = run.resume_ids.get("mlflow")
         try:
-            resumed = self.run_id is not None and self.client.get_run(self.run_id) is not None
+            resumed = run_id is not None and self.client.get_run(run_id) is not None
         except MlflowException:
             resumed = False
-        if resumed:
-            self.client.update_run(self.run_id, status="RUNNING")
+        if resumed and run_id is not None:  # (a resumed run has its id)
+            self.client.update_run(run_id, status="RUNNING")
         else:
             tags = {
                 "promptdg.group": run.group,
@@ -152,7 +156,8 @@ class MLflow:
                 "promptdg.run_dir": str(run.run_dir),
                 "promptdg.seed": str(run.seed),
             }
-            self.run_id = self.client.create_run(experiment_id, run_name=run.name, tags=tags).info.run_id
+            run_id = self.client.create_run(experiment_id, run_name=run.name, tags=tags).info.run_id
+        self.run_id: str = run_id
         run.ids["mlflow"] = self.run_id
 
     def log_hparams(self, hparams: Dict[str, Any], config_yaml: str) -> None:
