@@ -52,9 +52,10 @@ CLAIMS_JOBS ?= 2
 claims: $(STAMP)
 	$(PY) scripts/claims.py --seeds $(CLAIMS_SEEDS) --out $(CLAIMS_OUT) --jobs $(CLAIMS_JOBS)
 
-# Ruff and the test suite, CPU only and offline (slow tests excluded).
+# Ruff, mypy on promptdg_cli and the test suite, CPU only and offline (slow tests excluded).
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q --durations=10
 
 AVX2_ENV    := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2

@@ -49,10 +49,30 @@ from promptdg_cli.environment import hardware
 
 from bench_domainbed import domainfusion_step, erm_step
 from bench_extra import domainfusion, domainfusion_count, feature_extraction, loader_throughput, project
-from bench_steps import Bench, build_clip, classnames, coop_step, dapl_step, dapt_step, image_size, promptstyler_iteration
+from bench_steps import (
+    Bench,
+    build_clip,
+    classnames,
+    coop_step,
+    dapl_step,
+    dapt_step,
+    image_size,
+    promptstyler_iteration,
+)
 from bench_tables import markdown_tables
 
-SECTIONS = ("coop", "dapl", "dapt", "promptstyler", "features", "loader", "domainfusion", "domainfusion_count", "erm", "domainfusion_step")
+SECTIONS = (
+    "coop",
+    "dapl",
+    "dapt",
+    "promptstyler",
+    "features",
+    "loader",
+    "domainfusion",
+    "domainfusion_count",
+    "erm",
+    "domainfusion_step",
+)
 HEAVY = ("domainfusion", "domainfusion_step")  # SD-1.x-size UNets: many minutes on a CPU (--only runs them there)
 
 
@@ -60,26 +80,54 @@ def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="benchmarks/results/cpu.json")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast of both ways on CUDA")
-    ap.add_argument("--repeats", type=int, default=3, help="timed runs of promptdg's step after its checked (warm-up) run; the median is kept")
-    ap.add_argument("--repeats-official", type=int, default=None,
-                    help="timed runs of the official way's step; 0: the checked run's time (default: 0 on the CPU, where a step "
-                         "takes minutes, else --repeats)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (0: torch's default). One by default: on a shared CPU, torch's threads wait on each "
-                         "other at every operation, which penalises the way with many small operations")
+    ap.add_argument(
+        "--precision", default="fp32", choices=("fp32", "bf16", "fp16"), help="autocast of both ways on CUDA"
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed runs of promptdg's step after its checked (warm-up) run; the median is kept",
+    )
+    ap.add_argument(
+        "--repeats-official",
+        type=int,
+        default=None,
+        help="timed runs of the official way's step; 0: the checked run's time (default: 0 on the CPU, where a step "
+        "takes minutes, else --repeats)",
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (0: torch's default). One by default: on a shared CPU, torch's threads wait on each "
+        "other at every operation, which penalises the way with many small operations",
+    )
     ap.add_argument("--model", default="ViT-B-16-quickgelu")
-    ap.add_argument("--only", default=None, help=f"comma-separated sections: {', '.join(SECTIONS)} (default: all; on the CPU "
-                                                 f"all but {', '.join(HEAVY)}, whose SD-1.x-size UNets take many minutes there)")
+    ap.add_argument(
+        "--only",
+        default=None,
+        help=f"comma-separated sections: {', '.join(SECTIONS)} (default: all; on the CPU "
+        f"all but {', '.join(HEAVY)}, whose SD-1.x-size UNets take many minutes there)",
+    )
     ap.add_argument("--breakdown", action="store_true", help="also time promptdg's way without prefix sharing")
     ap.add_argument("--batch", type=int, default=32, help="images per step (the official batch size)")
-    ap.add_argument("--feature-images", type=int, default=None, help="images of the features section (default: 64 CPU, 2048 GPU)")
+    ap.add_argument(
+        "--feature-images", type=int, default=None, help="images of the features section (default: 64 CPU, 2048 GPU)"
+    )
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the features section")
     ap.add_argument("--df-batch", type=int, default=4, help="images per DomainFusion img2img / distillation batch")
-    ap.add_argument("--erm-batch", type=int, default=32, help="images of each of the 3 source domains in the ERM step (DomainBed's 32)")
+    ap.add_argument(
+        "--erm-batch",
+        type=int,
+        default=32,
+        help="images of each of the 3 source domains in the ERM step (DomainBed's 32)",
+    )
     ap.add_argument("--df-step-batch", type=int, default=32, help="images of each minibatch of the DomainFusion step")
     ap.add_argument("--df-distilled", type=int, default=8, help="distilled images of the DomainFusion step")
-    ap.add_argument("--df-px", type=int, default=512, help="the LDM's resolution in the DomainFusion step (SD v1.5's 512)")
+    ap.add_argument(
+        "--df-px", type=int, default=512, help="the LDM's resolution in the DomainFusion step (SD v1.5's 512)"
+    )
     args = ap.parse_args(argv)
     cpu = not args.device.startswith("cuda")
     only = [s for s in (args.only or ",".join(s for s in SECTIONS if not (cpu and s in HEAVY))).split(",") if s]
@@ -96,13 +144,25 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     t0 = time.time()
     clip = build_clip(args.model, device, args.precision)
-    reps_official = args.repeats_official if args.repeats_official is not None else (0 if device.type == "cpu" else args.repeats)
+    reps_official = (
+        args.repeats_official if args.repeats_official is not None else (0 if device.type == "cpu" else args.repeats)
+    )
     b = Bench(clip, device, repeats=args.repeats, repeats_official=reps_official, precision=args.precision,
               breakdown=args.breakdown, image_size=image_size(clip))
-    result = {"model": args.model, "weights": "random", "device": str(device), "precision": args.precision,
-              "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "cores": os.cpu_count(), **hardware(device), "host": platform.node(), "repeats": args.repeats,
-              "repeats_official": reps_official}
+    result = {
+        "model": args.model,
+        "weights": "random",
+        "device": str(device),
+        "precision": args.precision,
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cores": os.cpu_count(),
+        **hardware(device),
+        "host": platform.node(),
+        "repeats": args.repeats,
+        "repeats_official": reps_official,
+    }
     officehome, domainnet = classnames("officehome"), classnames("domainnet")
     if "coop" in only:
         result["coop_step"] = coop_step(b, officehome, args.batch)

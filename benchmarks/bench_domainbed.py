@@ -43,14 +43,17 @@ def resnet50(device: torch.device, seed: int = 0) -> ClassifierBackbone:
 
 
 class DomainBedERM(nn.Module):
-    """DomainBed's ERM and ResNet featurizer as its code builds them (written from algorithms.ERM and networks.ResNet)."""
+    """DomainBed's ERM and ResNet featurizer as its code builds them (written from algorithms.ERM and
+    networks.ResNet)."""
 
     def __init__(self, network: nn.Module, head: nn.Linear, hparams: dict):
         super().__init__()
         self.featurizer = network  # torchvision resnet50, fc = identity
         self.classifier = head
         self.network = nn.Sequential(self.featurizer, self.classifier)
-        self.optimizer = torch.optim.Adam(self.network.parameters(), lr=hparams["lr"], weight_decay=hparams["weight_decay"])
+        self.optimizer = torch.optim.Adam(
+            self.network.parameters(), lr=hparams["lr"], weight_decay=hparams["weight_decay"]
+        )
         self.train()
 
     def train(self, mode: bool = True):  # networks.ResNet.train: freeze_bn after every mode change
@@ -91,10 +94,20 @@ def _check_and_time(b: Bench, name: str, ways: List[tuple]) -> dict:
     scale = max(float(g.abs().max()) for g in grads[0].values())
     grad_diff = max(float((grads[0][k] - grads[1][k]).abs().max()) for k in grads[0])
     loss_diff = abs(losses[0] - losses[1])
-    check = {"loss_official": losses[0], "loss_promptdg": losses[1], "loss_abs_diff": loss_diff, "grad_max_abs_diff": grad_diff,
-             "grad_max_abs": scale, "precision": "fp32", "parameters_compared": len(grads[0]),
-             "equal": bool(grads[0].keys() == grads[1].keys() and loss_diff <= TOLERANCE[0] * max(1.0, abs(losses[0]))
-                           and grad_diff <= TOLERANCE[1] * scale)}
+    check = {
+        "loss_official": losses[0],
+        "loss_promptdg": losses[1],
+        "loss_abs_diff": loss_diff,
+        "grad_max_abs_diff": grad_diff,
+        "grad_max_abs": scale,
+        "precision": "fp32",
+        "parameters_compared": len(grads[0]),
+        "equal": bool(
+            grads[0].keys() == grads[1].keys()
+            and loss_diff <= TOLERANCE[0] * max(1.0, abs(losses[0]))
+            and grad_diff <= TOLERANCE[1] * scale
+        ),
+    }
     out = {"check": check}
     for k, (label, _, fn, opt_step) in enumerate(ways):
         # on the CPU a step takes minutes: promptdg's way is timed on its checked run, which ran second (the
@@ -102,19 +115,28 @@ def _check_and_time(b: Bench, name: str, ways: List[tuple]) -> dict:
         reps = b.repeats if b.device.type == "cuda" else int(k == 0)
         b.reset_peak()
         wall, cpu = b.timed(lambda fn=fn: (fn(), opt_step()), reps, cpu=True) if reps else first[k]
-        out[f"{label}_s"], out[f"{label}_cpu_s"], out[f"{label}_cuda_peak_mb"] = round(wall, 4), round(cpu, 4), b.peak_mb()
+        out[f"{label}_s"], out[f"{label}_cpu_s"], out[f"{label}_cuda_peak_mb"] = (
+            round(wall, 4),
+            round(cpu, 4),
+            b.peak_mb(),
+        )
         out[f"{label}_timed_runs"] = reps or "the checked run"
     out["speedup"] = round(out["official_s"] / out["promptdg_s"], 2)
     out["speedup_cpu_time"] = round(out["official_cpu_s"] / out["promptdg_cpu_s"], 2)
-    print(f"{name}: plain/official {out['official_s']:.3f} s, promptdg {out['promptdg_s']:.3f} s -> {out['speedup']:.2f}x "
-          f"(CPU time {out['speedup_cpu_time']:.2f}x); loss "
-          f"{losses[0]:.6f} vs {losses[1]:.6f}, max |grad diff| {grad_diff:.2e} (max |grad| {scale:.2e}): "
-          f"{'equal' if check['equal'] else 'NOT EQUAL'}", flush=True)
+    print(
+        f"{name}: plain/official {out['official_s']:.3f} s, promptdg {out['promptdg_s']:.3f} s -> "
+        f"{out['speedup']:.2f}x (CPU time {out['speedup_cpu_time']:.2f}x); loss "
+        f"{losses[0]:.6f} vs {losses[1]:.6f}, max |grad diff| {grad_diff:.2e} (max |grad| {scale:.2e}): "
+        f"{'equal' if check['equal'] else 'NOT EQUAL'}",
+        flush=True,
+    )
     return out
 
 
 def _named(m) -> dict:
-    return {f"featurizer.{k}": p for k, p in m.featurizer.named_parameters()} | {f"classifier.{k}": p for k, p in m.classifier.named_parameters()}
+    return {f"featurizer.{k}": p for k, p in m.featurizer.named_parameters()} | {
+        f"classifier.{k}": p for k, p in m.classifier.named_parameters()
+    }
 
 
 # --------------------------------------------------------------------- ERM
@@ -122,7 +144,9 @@ def erm_step(b: Bench, batch: int = 32, domains: int = 3) -> dict:
     """One ERM step on ``domains`` minibatches of ``batch`` 224-px images (PACS's 7 classes)."""
     dev, names = b.device, classnames("pacs")
     backbone = resnet50(dev)
-    m = ERM(method_config("erm", "pacs", f"batch_size={batch}"), backbone, names, dev, RunEnv(seed=0, precision=b.precision))
+    m = ERM(
+        method_config("erm", "pacs", f"batch_size={batch}"), backbone, names, dev, RunEnv(seed=0, precision=b.precision)
+    )
     n = batch * domains
     g = torch.Generator().manual_seed(5)
     x, y = torch.randn(n, 3, 224, 224, generator=g).to(dev), torch.randint(len(names), (n,), generator=g).to(dev)
@@ -137,8 +161,13 @@ def erm_step(b: Bench, batch: int = 32, domains: int = 3) -> dict:
     out = _check_and_time(b, f"ERM step ({domains} x {batch} images of 224 px, ResNet-50)", [
         ("official", ref_named, lambda: ref.update(minibatches, step=False), ref.optimizer.step),
         ("promptdg", _named(m), lambda: _loop_step(b, m, opt, item), opt.step)])
-    return {"architecture": "torchvision resnet50 (random weights), 224 px", "domains": domains, "batch_per_domain": batch,
-            "official": "DomainBed algorithms.ERM.update, written out", **out}
+    return {
+        "architecture": "torchvision resnet50 (random weights), 224 px",
+        "domains": domains,
+        "batch_per_domain": batch,
+        "official": "DomainBed algorithms.ERM.update, written out",
+        **out,
+    }
 
 
 # --------------------------------------------------------------------- DomainFusion
@@ -168,18 +197,35 @@ def domainfusion_step(b: Bench, batch: int = 32, distilled: int = 8, domains: in
     from promptdg_cli.ldm import LatentDiffusion, resolve_dtype
 
     dev, names = b.device, classnames("pacs")
-    cfg = method_config("domainfusion", "pacs", f"batch_size={batch}", f"distill_per_step={distilled}", f"ldm_resolution={px}")
+    cfg = method_config(
+        "domainfusion", "pacs", f"batch_size={batch}", f"distill_per_step={distilled}", f"ldm_resolution={px}"
+    )
     vae, unet, sched = sd15(dev, torch.float32, px)
     text = _text_states(dev)
     ldm32 = LatentDiffusion(vae, unet, sched, text, "sd15-random", torch.float32)
     fast_dtype = resolve_dtype(str(cfg.ldm_dtype), dev)
-    ldm_fast = ldm32 if fast_dtype == torch.float32 else LatentDiffusion(copy.deepcopy(vae).to(dtype=fast_dtype),
-                                                                         copy.deepcopy(unet).to(dtype=fast_dtype), sched, text, "sd15-random", fast_dtype)
+    ldm_fast = (
+        ldm32
+        if fast_dtype == torch.float32
+        else LatentDiffusion(
+            copy.deepcopy(vae).to(dtype=fast_dtype),
+            copy.deepcopy(unet).to(dtype=fast_dtype),
+            sched,
+            text,
+            "sd15-random",
+            fast_dtype,
+        )
+    )
     m = DomainFusion(cfg, resnet50(dev), names, dev, RunEnv(seed=0, precision=b.precision))
     n = batch * (domains + 1)
     g = torch.Generator().manual_seed(6)
     x, y = torch.randn(n, 3, 224, 224, generator=g).to(dev), torch.randint(len(names), (n,), generator=g).to(dev)
-    m.labels, m.rows, m.periods, m.n_source = y, [torch.arange(i * batch, (i + 1) * batch) for i in range(domains)], [1], domains * batch
+    m.labels, m.rows, m.periods, m.n_source = (
+        y,
+        [torch.arange(i * batch, (i + 1) * batch) for i in range(domains)],
+        [1],
+        domains * batch,
+    )
     m.syn_src, m.lo, m.hi = torch.arange(batch), int(0.02 * 999), int(0.98 * 999)
     m.draw = lambda gen: torch.arange(n)  # (this batch's draws: every image once)
     (step_batch,) = m.epoch_batches(0, torch.Generator().manual_seed(0))
@@ -217,8 +263,18 @@ def domainfusion_step(b: Bench, batch: int = 32, distilled: int = 8, domains: in
         m._ldm = ldm32 if b.precision == "fp32" else ldm_fast  # (the check: fp32)
         return _loop_step(b, m, opt, item)
 
-    out = _check_and_time(b, f"DomainFusion step ({domains + 1} x {batch} images, {int(mask.sum())} distilled through SD v1.5 at {px} px)", [
-        ("official", _named(plain), plain_step, plain_opt.step), ("promptdg", _named(m), promptdg_step, opt.step)])
-    return {"architecture": f"torchvision resnet50 + SD v1.5 VAE and UNet (random weights), {px} px", "batch_per_domain": batch,
-            "domains": domains, "distilled": int(mask.sum()), "ldm_dtype_promptdg": str(fast_dtype),
-            "official": "a plain implementation (fp32 LDM, UNet outside no_grad, two UNet calls, prompts encoded every call)", **out}
+    out = _check_and_time(
+        b,
+        f"DomainFusion step ({domains + 1} x {batch} images, {int(mask.sum())} distilled through SD v1.5 at {px} px)",
+        [("official", _named(plain), plain_step, plain_opt.step), ("promptdg", _named(m), promptdg_step, opt.step)],
+    )
+    return {
+        "architecture": f"torchvision resnet50 + SD v1.5 VAE and UNet (random weights), {px} px",
+        "batch_per_domain": batch,
+        "domains": domains,
+        "distilled": int(mask.sum()),
+        "ldm_dtype_promptdg": str(fast_dtype),
+        "official": "a plain implementation (fp32 LDM, UNet outside no_grad, two UNet calls, "
+        "prompts encoded every call)",
+        **out,
+    }

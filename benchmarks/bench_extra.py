@@ -49,14 +49,25 @@ def project(result: dict, b: Bench, shots: int = 16) -> None:
         r = result["dapl_step"]
         epochs = int(method_config("dapl", "officehome").epochs)
         steps = epochs * float(np.mean([n // r["source_batch"] for n in OFFICEHOME_SIZES.values()]))
-        images = float(np.mean([OFFICEHOME_SIZES[s] + OFFICEHOME_SIZES[t] for s in OFFICEHOME_SIZES for t in OFFICEHOME_SIZES if s != t]))
+        images = float(
+            np.mean(
+                [
+                    OFFICEHOME_SIZES[s] + OFFICEHOME_SIZES[t]
+                    for s in OFFICEHOME_SIZES
+                    for t in OFFICEHOME_SIZES
+                    if s != t
+                ]
+            )
+        )
         r["projected_training"] = {
-            "schedule": f"Office-Home, one source->target pair (mean of the 12): {epochs} epochs x floor(source images / "
-                        f"{r['source_batch']}) steps (the official loop counts source batches)",
-            "steps": round(steps, 1), "official_h": hours(steps * r["official_s"]),
+            "schedule": f"Office-Home, one source->target pair (mean of the 12): {epochs} epochs x "
+            f"floor(source images / {r['source_batch']}) steps (the official loop counts source batches)",
+            "steps": round(steps, 1),
+            "official_h": hours(steps * r["official_s"]),
             "promptdg_h": hours(steps * r.get("promptdg_augmented_s", r["promptdg_s"]) + r["promptdg_setup_s"]),
             "promptdg_cheaper_h": hours(steps * r["promptdg_s"] + images * per_image + r["promptdg_setup_s"]),
-            "paper": PAPER_TIME["dapl"]}
+            "paper": PAPER_TIME["dapl"],
+        }
     for key, name, choice in (("coop_step", "coop", "coop"), ("dapt_step", "dapt", "dapt")):
         if key not in result:
             continue
@@ -113,10 +124,25 @@ def feature_extraction(b: Bench, n: int, workers: int, batch_size: int = 128, fo
             b.sync()
             times.append(time.perf_counter() - t)
         s = statistics.median(times)
-    out = {"images": n, "size": 224, "batch": batch_size, "workers": workers, "precision": b.clip.precision,
-           "write_jpeg_s": round(write_s, 2), "encode_s": round(s, 3), "images_per_s": round(n / s, 1), "timed_runs": len(times),
-           "warmup_runs": 1, "worker_start_included": workers > 0, "features": list(x.shape), "cuda_peak_mb": b.peak_mb()}
-    print(f"feature extraction: {n} JPEGs of 224 px, {workers} workers, {b.clip.precision}: {n / s:.1f} images/s", flush=True)
+    out = {
+        "images": n,
+        "size": 224,
+        "batch": batch_size,
+        "workers": workers,
+        "precision": b.clip.precision,
+        "write_jpeg_s": round(write_s, 2),
+        "encode_s": round(s, 3),
+        "images_per_s": round(n / s, 1),
+        "timed_runs": len(times),
+        "warmup_runs": 1,
+        "worker_start_included": workers > 0,
+        "features": list(x.shape),
+        "cuda_peak_mb": b.peak_mb(),
+    }
+    print(
+        f"feature extraction: {n} JPEGs of 224 px, {workers} workers, {b.clip.precision}: {n / s:.1f} images/s",
+        flush=True,
+    )
     return out
 
 
@@ -139,7 +165,10 @@ def loader_throughput(b: Bench, n: int, worker_counts: Sequence[tuple], batch_si
         for label, workers in worker_counts:
             cache = FeatureCache(root / f"cache{workers}", batch_size=batch_size, num_workers=workers)
             row = {"num_workers": workers, "chosen_by": label}
-            for key, fn in (("loader", lambda: load_only(paths, workers)), ("loader_and_encoder", lambda: cache._encode(b.clip, paths, "bench"))):
+            for key, fn in (
+                ("loader", lambda: load_only(paths, workers)),
+                ("loader_and_encoder", lambda: cache._encode(b.clip, paths, "bench")),
+            ):
                 fn()  # (untimed: kernels, files in the page cache)
                 times = []
                 for _ in range(max(b.repeats, 1)):
@@ -152,7 +181,14 @@ def loader_throughput(b: Bench, n: int, worker_counts: Sequence[tuple], batch_si
             rows.append(row)
             print(f"loader: {workers} workers ({label}): {row['loader_images_per_s']} images/s alone, "
                   f"{row['loader_and_encoder_images_per_s']} with the {b.clip.precision} encoder", flush=True)
-    return {"images": n, "size": 224, "batch": batch_size, "precision": b.clip.precision, "timed_runs": max(b.repeats, 1), "rows": rows}
+    return {
+        "images": n,
+        "size": 224,
+        "batch": batch_size,
+        "precision": b.clip.precision,
+        "timed_runs": max(b.repeats, 1),
+        "rows": rows,
+    }
 
 
 # --------------------------------------------------------------------- DomainFusion
@@ -163,16 +199,39 @@ def sd_architecture(size: str, device: torch.device, dtype: torch.dtype):
 
     torch.manual_seed(0)
     if size == "real":
-        vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                            block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=256)
+        vae = AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=256,
+        )
         unet, width, px = UNet2DConditionModel(sample_size=32, cross_attention_dim=768), 768, 256
     else:
-        vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
-                            up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 16), layers_per_block=1,
-                            latent_channels=4, norm_num_groups=4, sample_size=32)
-        unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), block_out_channels=(16, 32),
-                                    layers_per_block=1, cross_attention_dim=128, attention_head_dim=4, norm_num_groups=4)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3,
+            block_out_channels=(8, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=32,
+        )
+        unet = UNet2DConditionModel(
+            sample_size=8,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            cross_attention_dim=128,
+            attention_head_dim=4,
+            norm_num_groups=4,
+        )
         width, px = 128, 32
     sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     return vae.to(device, dtype), unet.to(device, dtype), sched, width, px
@@ -188,7 +247,9 @@ def domainfusion(b: Bench, batch: int, size: str = "real") -> dict:
     cfg, dev = method_config("domainfusion"), b.device
     dtype = resolve_dtype(str(cfg.ldm_dtype), dev)
     vae, unet, sched, width, px = sd_architecture(size, dev, dtype)
-    ldm = LatentDiffusion(vae, unet, sched, lambda prompts: torch.randn(len(prompts), 77, width), f"sd1-{size}-random", dtype)
+    ldm = LatentDiffusion(
+        vae, unet, sched, lambda prompts: torch.randn(len(prompts), 77, width), f"sd1-{size}-random", dtype
+    )
     x01 = torch.rand(batch, 3, px, px, device=dev)
     prompts = [f"a photo of a class{i}" for i in range(batch)]
     g = torch.Generator(device=dev).manual_seed(0)
@@ -203,25 +264,46 @@ def domainfusion(b: Bench, batch: int, size: str = "real") -> dict:
     def distill():
         p = head(feats).softmax(-1)[:, 0]
         t = torch.randint(20, 980, (batch,), device=dev)
-        loss, _ = latent_distillation_loss(ldm, p, x01, cond, t, torch.randn(batch, 4, lat, lat, device=dev), cfg.distill_guidance)
+        loss, _ = latent_distillation_loss(
+            ldm, p, x01, cond, t, torch.randn(batch, 4, lat, lat, device=dev), cfg.distill_guidance
+        )
         loss.backward()
 
     distill()
     dist_s = b.timed(distill, 1)
-    out = {"architecture": f"SD-1.x VAE + UNet (random weights), {px} px, latents 4x{lat}x{lat}" if size == "real" else
-           f"tiny LDM, {px} px", "dtype": str(dtype), "batch": batch,
-           "img2img": {"strength": cfg.strength, "ddim_steps": cfg.img2img_steps, "unet_calls": round(cfg.img2img_steps * cfg.strength),
-                       "guidance": cfg.img2img_guidance, "batch_s": round(i2i, 3), "candidates_per_s": round(batch / i2i, 4)},
-           "distillation": {"images_per_step": batch, "step_s": round(dist_s, 3), "steps_per_s": round(1 / dist_s, 4)},
-           "cuda_peak_mb": b.peak_mb()}
+    out = {
+        "architecture": f"SD-1.x VAE + UNet (random weights), {px} px, latents 4x{lat}x{lat}"
+        if size == "real"
+        else f"tiny LDM, {px} px",
+        "dtype": str(dtype),
+        "batch": batch,
+        "img2img": {
+            "strength": cfg.strength,
+            "ddim_steps": cfg.img2img_steps,
+            "unet_calls": round(cfg.img2img_steps * cfg.strength),
+            "guidance": cfg.img2img_guidance,
+            "batch_s": round(i2i, 3),
+            "candidates_per_s": round(batch / i2i, 4),
+        },
+        "distillation": {"images_per_step": batch, "step_s": round(dist_s, 3), "steps_per_s": round(1 / dist_s, 4)},
+        "cuda_peak_mb": b.peak_mb(),
+    }
     print(f"DomainFusion ({out['architecture']}, {dtype}): img2img {batch / i2i:.3f} candidates/s; "
           f"latent distillation {1 / dist_s:.3f} steps/s ({batch} images a step)", flush=True)
     return out
 
 
 # DomainNet's domain sizes (DomainBed's full DomainNet: 586,575 images)
-DOMAINNET_SIZES = {"clipart": 48129, "infograph": 51605, "painting": 72266, "quickdraw": 172500, "real": 172947, "sketch": 69128}
-OFFLINE_AUGMENTATION = 5_000_000  # images generated offline for DomainNet by the diffusion-based DG methods the paper compares to
+DOMAINNET_SIZES = {
+    "clipart": 48129,
+    "infograph": 51605,
+    "painting": 72266,
+    "quickdraw": 172500,
+    "real": 172947,
+    "sketch": 69128,
+}
+# images generated offline for DomainNet by the diffusion-based DG methods the paper compares to
+OFFLINE_AUGMENTATION = 5_000_000
 
 
 def domainfusion_count() -> dict:
@@ -240,14 +322,30 @@ def domainfusion_count() -> dict:
     for target in DOMAINNET_SIZES:
         n_train = sum(n - int(n * val) for d, n in DOMAINNET_SIZES.items() if d != target)  # DomainBed's "in" parts
         synthetic = max(1, int(round(frac * n_train)))
-        per_target[target] = {"source_train": n_train, "synthetic_set": synthetic, "candidates": rounds * synthetic * method.candidates}
+        per_target[target] = {
+            "source_train": n_train,
+            "synthetic_set": synthetic,
+            "candidates": rounds * synthetic * method.candidates,
+        }
     one_seed = sum(v["candidates"] for v in per_target.values())
     seeds = len(str(exp.hydra.sweeper.params.seed).split(","))
-    out = {"synthetic_fraction": frac, "rounds": rounds, "candidates_per_image": method.candidates, "per_target": per_target,
-           "one_seed_all_targets": one_seed, "all_seeds": one_seed * seeds, "offline": OFFLINE_AUGMENTATION,
-           "reduction_one_run_pct": round(100 * (1 - max(v["candidates"] for v in per_target.values()) / OFFLINE_AUGMENTATION), 2),
-           "reduction_one_seed_pct": round(100 * (1 - one_seed / OFFLINE_AUGMENTATION), 2),
-           "reduction_all_seeds_pct": round(100 * (1 - one_seed * seeds / OFFLINE_AUGMENTATION), 2)}
-    print(f"DomainFusion DomainNet sweep: {max(v['candidates'] for v in per_target.values()):,} images per run at most, "
-          f"{one_seed:,} for the 6 held-out domains of one seed ({out['reduction_one_seed_pct']}% fewer than 5M)", flush=True)
+    out = {
+        "synthetic_fraction": frac,
+        "rounds": rounds,
+        "candidates_per_image": method.candidates,
+        "per_target": per_target,
+        "one_seed_all_targets": one_seed,
+        "all_seeds": one_seed * seeds,
+        "offline": OFFLINE_AUGMENTATION,
+        "reduction_one_run_pct": round(
+            100 * (1 - max(v["candidates"] for v in per_target.values()) / OFFLINE_AUGMENTATION), 2
+        ),
+        "reduction_one_seed_pct": round(100 * (1 - one_seed / OFFLINE_AUGMENTATION), 2),
+        "reduction_all_seeds_pct": round(100 * (1 - one_seed * seeds / OFFLINE_AUGMENTATION), 2),
+    }
+    print(
+        f"DomainFusion DomainNet sweep: {max(v['candidates'] for v in per_target.values()):,} images per run at most, "
+        f"{one_seed:,} for the 6 held-out domains of one seed ({out['reduction_one_seed_pct']}% fewer than 5M)",
+        flush=True,
+    )
     return out

@@ -84,14 +84,21 @@ def sklearn_sweep(data: TrainData, cfg, tol: float = 1e-4) -> dict:
 def torch_sweep(data: TrainData, cfg, device: torch.device) -> dict:
     """``LinearProbe.fit`` as a run calls it (checkpoints in a temporary folder)."""
     n_classes = int(max(data.train.y.max(), data.val.y.max())) + 1
-    probe = LinearProbe(cfg, SimpleNamespace(embed_dim=data.train.x.shape[1]), [str(i) for i in range(n_classes)], device)
+    probe = LinearProbe(
+        cfg, SimpleNamespace(embed_dim=data.train.x.shape[1]), [str(i) for i in range(n_classes)], device
+    )
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "split").mkdir()
         probe.fit(data, TrainContext(Path(tmp), Path(tmp) / "split", "bench", 0, device))
         lines = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     fits = [line for line in lines if "n_iter" in line]
-    return {"C": lines[-1]["selected_C"], "val_acc": lines[-1]["val_acc"], "iterations": sum(f["n_iter"] for f in fits),
-            "at_max_iter": sum(f["n_iter"] >= cfg.max_iter for f in fits), "not_converged": sum(not f["converged"] for f in fits)}
+    return {
+        "C": lines[-1]["selected_C"],
+        "val_acc": lines[-1]["val_acc"],
+        "iterations": sum(f["n_iter"] for f in fits),
+        "at_max_iter": sum(f["n_iter"] >= cfg.max_iter for f in fits),
+        "not_converged": sum(not f["converged"] for f in fits),
+    }
 
 
 def problem(k: int, d: int, n_train: int, n_val: int, signal: float, seed: int = 0) -> TrainData:
@@ -121,7 +128,9 @@ def demo_world_problem(cache: Path, target: str, seed: int = 1) -> TrainData:
     bb.cache_root = str(cache)  # (the YAML's ${cache_root})
     weights = Path(bb.pretrained)
     if not weights.is_file():
-        raise SystemExit(f"--demo-cache {cache}: no demo CLIP at {weights} (run make demo with PROMPTDG_CACHE={cache} first)")
+        raise SystemExit(
+            f"--demo-cache {cache}: no demo CLIP at {weights} (run make demo with PROMPTDG_CACHE={cache} first)"
+        )
     backbone = ClipBackbone.from_config(SimpleNamespace(model=bb.model, pretrained=str(weights), builder=None,
                                                         cache_dir=None, arch=bb.arch))
     features = FeatureCache(cache)
@@ -144,24 +153,40 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="the torch sweep's device")
     ap.add_argument("--demo-cache", default=None, help="a promptdg cache that make demo filled: adds the demo world's "
                     "leave-one-domain-out problem of each target from its cached features")
-    ap.add_argument("--no-same-rule", action="store_true", help="leave out the scikit-learn sweep at promptdg's stopping "
-                    "rule (at 345 classes its converged fits take many minutes)")
+    ap.add_argument(
+        "--no-same-rule",
+        action="store_true",
+        help="leave out the scikit-learn sweep at promptdg's stopping "
+        "rule (at 345 classes its converged fits take many minutes)",
+    )
     args = ap.parse_args(argv)
     values = OmegaConf.load(conf_dir() / "method" / "linear_probe.yaml")
     values.pop("defaults")
-    cfg = OmegaConf.merge(OmegaConf.structured(LinearProbeConfig), values)  # the probe's defaults, as a run composes them
+    # the probe's defaults, as a run composes them
+    cfg = OmegaConf.merge(OmegaConf.structured(LinearProbeConfig), values)
     device = torch.device(args.device)
-    result = {"device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "host": platform.node(),
-              "sweep": {k: cfg[k] for k in ("c_min", "c_max", "patience", "refine_steps", "max_iter", "tol")}, "shapes": {}}
+    result = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "host": platform.node(),
+        "sweep": {k: cfg[k] for k in ("c_min", "c_max", "patience", "refine_steps", "max_iter", "tol")},
+        "shapes": {},
+    }
     problems = []
     for spec in filter(None, args.shapes.split(",")):
         name, dims = spec.split(":")
         k, d, n_train, n_val = (int(v) for v in dims.split("x"))
-        problems.append((name, lambda k=k, d=d, n_train=n_train, n_val=n_val: problem(k, d, n_train, n_val, args.signal)))
+        problems.append(
+            (name, lambda k=k, d=d, n_train=n_train, n_val=n_val: problem(k, d, n_train, n_val, args.signal))
+        )
     if args.demo_cache:
         for target in OmegaConf.load(conf_dir() / "dataset" / "demo_digits.yaml").domains:
-            problems.append((f"demo_world_{target}", lambda target=target: demo_world_problem(Path(args.demo_cache), target)))
-    warm = problem(4, 8, 64, 32, args.signal, seed=1)  # one-time costs (library loading, thread pools) before any timing
+            problems.append(
+                (f"demo_world_{target}", lambda target=target: demo_world_problem(Path(args.demo_cache), target))
+            )
+    # one-time costs (library loading, thread pools) before any timing
+    warm = problem(4, 8, 64, 32, args.signal, seed=1)
     sklearn_sweep(warm, cfg), torch_sweep(warm, cfg, device)
     for name, make in problems:
         data = make()

@@ -243,7 +243,8 @@ def _measure(b: Bench, name: str, params, opt, official, promptdg, heavy: bool =
             wall, cpu = first[k]
         out[f"{way}_s"], out[f"{way}_cpu_s"] = round(wall, 4), round(cpu, 4)
         out[f"{way}_timed_runs"] = reps or "the checked run"
-        out[f"{way}_warmup_runs"] = int(bool(reps and (b.warmup or not fp32_timing))) + 1  # (+ the checked run, in fp32)
+        # (+ the checked run, in fp32)
+        out[f"{way}_warmup_runs"] = int(bool(reps and (b.warmup or not fp32_timing))) + 1
         out[f"{way}_cuda_peak_mb"] = b.peak_mb()
     if b.breakdown:  # promptdg's way without prefix sharing: what the shared prefix adds
         b.clip.use_shared_prefix = False
@@ -253,10 +254,16 @@ def _measure(b: Bench, name: str, params, opt, official, promptdg, heavy: bool =
         finally:
             del b.clip.use_shared_prefix
     out["speedup"] = round(out["official_s"] / out["promptdg_s"], 2)
-    out["speedup_cpu_time"] = round(out["official_cpu_s"] / out["promptdg_cpu_s"], 2) if out["promptdg_cpu_s"] > 0 else None
-    print(f"{name}: official way {out['official_s']:.3f} s, promptdg {out['promptdg_s']:.3f} s -> {out['speedup']:.1f}x; "
-          f"loss {check['loss_official']:.6f} vs {check['loss_promptdg']:.6f}, max |grad diff| {check['grad_max_abs_diff']:.2e} "
-          f"(max |grad| {check['grad_max_abs']:.2e}): {'equal' if check['equal'] else 'NOT EQUAL'}", flush=True)
+    out["speedup_cpu_time"] = (
+        round(out["official_cpu_s"] / out["promptdg_cpu_s"], 2) if out["promptdg_cpu_s"] > 0 else None
+    )
+    print(
+        f"{name}: official way {out['official_s']:.3f} s, promptdg {out['promptdg_s']:.3f} s -> {out['speedup']:.1f}x; "
+        f"loss {check['loss_official']:.6f} vs {check['loss_promptdg']:.6f}, "
+        f"max |grad diff| {check['grad_max_abs_diff']:.2e} (max |grad| {check['grad_max_abs']:.2e}): "
+        f"{'equal' if check['equal'] else 'NOT EQUAL'}",
+        flush=True,
+    )
     return out
 
 
@@ -264,7 +271,10 @@ def _measure(b: Bench, name: str, params, opt, official, promptdg, heavy: bool =
 def coop_step(b: Bench, names: List[str], batch: int = 32, dataset: str = "demo_digits") -> dict:
     clip, dev = b.clip, b.device
     cfg = method_config("coop", dataset)
-    images, y = b.images(batch, 1), torch.randint(len(names), (batch,), generator=torch.Generator().manual_seed(1)).to(dev)
+    images, y = (
+        b.images(batch, 1),
+        torch.randint(len(names), (batch,), generator=torch.Generator().manual_seed(1)).to(dev),
+    )
     m = CoOp(cfg, clip, names, dev, RunEnv(seed=0, precision=b.precision))
     x = b.encode_images(images)
     m.fit(TrainData(train=_features(x, y, "source"), val=_empty(clip.embed_dim), train_views=Plain(x)), _Ctx())
@@ -305,9 +315,12 @@ def _augmented(b: Bench, out: dict, batches: List[torch.Tensor], step: Callable[
     if share > 1:
         res |= {"view_share": share, "promptdg_augmented_sweep_s": round(step_s + view_s / share, 4),
                 "speedup_augmented_sweep": round(out["official_s"] / (step_s + view_s / share), 2)}
-    print(f"  in the official protocol (a fresh view per image and epoch): promptdg {res['promptdg_augmented_s']:.3f} s -> "
-          f"{res['speedup_augmented']:.1f}x" + (f"; views shared by {share} runs of a sweep: {res['speedup_augmented_sweep']:.1f}x"
-                                                 if share > 1 else ""), flush=True)
+    print(
+        f"  in the official protocol (a fresh view per image and epoch): "
+        f"promptdg {res['promptdg_augmented_s']:.3f} s -> {res['speedup_augmented']:.1f}x"
+        + (f"; views shared by {share} runs of a sweep: {res['speedup_augmented_sweep']:.1f}x" if share > 1 else ""),
+        flush=True,
+    )
     step()
     return res
 
@@ -380,14 +393,30 @@ def dapl_step(b: Bench, names: List[str], batch: int = 32, dataset: str = "offic
         (cfg.U * loss_u).backward()
         return (loss_x + cfg.U * loss_u).detach()
 
-    out = _measure(b, f"DAPL step ({batch}+{batch} images, {c} classes x {n_dom} domains + {c} naive prompts)", params, opt,
-                   official, lambda: _loop_step(b, m, opt, item))
+    out = _measure(
+        b,
+        f"DAPL step ({batch}+{batch} images, {c} classes x {n_dom} domains + {c} naive prompts)",
+        params,
+        opt,
+        official,
+        lambda: _loop_step(b, m, opt, item),
+    )
     # official protocol: both batches' fresh views; an Office-Home domain takes part in 6 of the 12 pairs
     out |= _augmented(b, out, [src, tgt], lambda: (_loop_step(b, m, opt, item), opt.step()), share=6)
     kept = int(m.keep.sum())
-    return {"classes": c, "domains": n_dom, "source_batch": batch, "target_batch": batch,
-            "prompts_official_per_call": (n_dom + 1) * c, "calls_official": 2, "positions_official": clip.context_length,
-            "tau_used": round(cfg.tau, 6), "target_kept": kept, "promptdg_setup_s": round(setup_s, 4), **out}
+    return {
+        "classes": c,
+        "domains": n_dom,
+        "source_batch": batch,
+        "target_batch": batch,
+        "prompts_official_per_call": (n_dom + 1) * c,
+        "calls_official": 2,
+        "positions_official": clip.context_length,
+        "tau_used": round(cfg.tau, 6),
+        "target_kept": kept,
+        "promptdg_setup_s": round(setup_s, 4),
+        **out,
+    }
 
 
 # --------------------------------------------------------------------- DAPT
@@ -419,12 +448,26 @@ def dapt_step(b: Bench, names: List[str], batch: int = 32, dataset: str = "offic
         loss.backward()
         return loss.detach()
 
-    out = _measure(b, f"DAPT step ({batch} images through the prompted ViT, {len(names)} classes)", params, opt, official,
-                   lambda: _loop_step(b, m, opt, item), heavy=True)
-    return {"classes": len(names), "batch": batch, "visual_prompts": cfg.n_visual, "n_ctx": cfg.n_ctx,
-            "positions_official": clip.context_length, "positions_promptdg": int(m.prompt.eot.max()) + 1,
-            "note": "both ways run the image side through the prompted ViT (forward and backward); only the text side differs",
-            **out}
+    out = _measure(
+        b,
+        f"DAPT step ({batch} images through the prompted ViT, {len(names)} classes)",
+        params,
+        opt,
+        official,
+        lambda: _loop_step(b, m, opt, item),
+        heavy=True,
+    )
+    return {
+        "classes": len(names),
+        "batch": batch,
+        "visual_prompts": cfg.n_visual,
+        "n_ctx": cfg.n_ctx,
+        "positions_official": clip.context_length,
+        "positions_promptdg": int(m.prompt.eot.max()) + 1,
+        "note": "both ways run the image side through the prompted ViT (forward and backward); "
+        "only the text side differs",
+        **out,
+    }
 
 
 # --------------------------------------------------------------------- PromptStyler
@@ -435,9 +478,17 @@ def promptstyler_iteration(b: Bench, names: List[str], i: int = 40, dataset: str
     m = PromptStyler(cfg, clip, names, dev, RunEnv(seed=0, precision=b.precision))
     with torch.no_grad():
         m.content = clip.encode_text(names, normalize=True)  # T("[class]"), once per run (fit)
-        earlier_words = torch.stack([torch.randn(clip.text_width, generator=torch.Generator().manual_seed(7 + j)) * cfg.style_init_std
-                                     for j in range(i - 1)]).to(dev)  # (i-1, W): styles learned before
-        earlier = torch.stack([m.encode(w)[0] for w in earlier_words]) if i > 1 else torch.zeros(0, clip.embed_dim, device=dev)
+        earlier_words = torch.stack(
+            [
+                torch.randn(clip.text_width, generator=torch.Generator().manual_seed(7 + j)) * cfg.style_init_std
+                for j in range(i - 1)
+            ]
+        ).to(dev)  # (i-1, W): styles learned before
+        earlier = (
+            torch.stack([m.encode(w)[0] for w in earlier_words])
+            if i > 1
+            else torch.zeros(0, clip.embed_dim, device=dev)
+        )
         content77 = clip.encode_text(names, normalize=True, truncate=False)  # the official way's, also once
     s = torch.nn.Parameter(m.init_style(i - 1))
     opt = torch.optim.SGD([s], lr=cfg.style_lr, momentum=cfg.style_momentum)
@@ -450,7 +501,14 @@ def promptstyler_iteration(b: Bench, names: List[str], i: int = 40, dataset: str
             rows = torch.cat([emb[:, :at], s.view(1, 1, -1).expand(len(emb), 1, -1), emb[:, at + 1 :]], dim=1)
             f = F.normalize(clip.encode_prompts(rows, eot, truncate=False), dim=-1)
             with torch.no_grad():  # the earlier style prompts, re-encoded every iteration
-                prev_rows = torch.cat([emb[:1, :at].expand(i - 1, -1, -1), earlier_words[:, None], emb[:1, at + 1 :].expand(i - 1, -1, -1)], dim=1)
+                prev_rows = torch.cat(
+                    [
+                        emb[:1, :at].expand(i - 1, -1, -1),
+                        earlier_words[:, None],
+                        emb[:1, at + 1 :].expand(i - 1, -1, -1),
+                    ],
+                    dim=1,
+                )
                 prev = F.normalize(clip.encode_prompts(prev_rows, eot[:1].expand(i - 1), truncate=False), dim=-1)
             l_style = (prev @ f[0]).abs().mean() if i > 1 else f[0].sum() * 0
             z = f[1:] @ content77.T  # cos(style-content m, content n)
@@ -475,4 +533,9 @@ def promptstyler_iteration(b: Bench, names: List[str], i: int = 40, dataset: str
             "positions_promptdg": int(m.prompts.eot.max()) + 1, "prefix_positions_promptdg": m.prompts.shared, **out}
 
 
-STEPS: Dict[str, Callable] = {"coop": coop_step, "dapl": dapl_step, "dapt": dapt_step, "promptstyler": promptstyler_iteration}
+STEPS: Dict[str, Callable] = {
+    "coop": coop_step,
+    "dapl": dapl_step,
+    "dapt": dapt_step,
+    "promptstyler": promptstyler_iteration,
+}

@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from . import _compat  # noqa: F401  (must precede open_clip: makes torchvision importable)
 
@@ -55,7 +55,7 @@ class ClipBackbone(nn.Module):
                  precision: str = "fp32", weights: Optional[dict] = None):
         super().__init__()
         self.precision = str(precision)  # autocast of feature extraction and the prompt path on CUDA
-        self.model = model
+        self.model: Any = model  # open_clip's CLIP: its towers and buffers are read by name (untyped)
         self.tokenizer = tokenizer
         self.preprocess = preprocess
         self.model_name = model_name
@@ -76,14 +76,19 @@ class ClipBackbone(nn.Module):
         if has_schema(model_name):  # hf-hub:org/repo[@rev] or local-dir:/path: config and weights from there
             load_name, weights = resolve_schema(model_name, cfg.cache_dir)
             if pretrained.lower() not in ("", "none", "null", "random"):
-                log.warning("backbone.pretrained=%s is ignored: backbone.model=%s names its weights (as open_clip does)", pretrained, model_name)
+                log.warning(
+                    "backbone.pretrained=%s is ignored: backbone.model=%s names its weights (as open_clip does)",
+                    pretrained,
+                    model_name,
+                )
             checkpoint, preprocess_cfg = None, None
         else:
             if open_clip.get_model_config(model_name) is None:
                 clip_like = [m for m in open_clip.list_models() if m.startswith(("RN", "ViT-B", "ViT-L", "demo"))]
                 raise ConfigError(
                     f"backbone.model={model_name!r} is not an open_clip model config. CLIP-architecture "
-                    f"names include: {', '.join(clip_like)} (all: open_clip.list_models()); or hf-hub:org/repo, local-dir:/path."
+                    f"names include: {', '.join(clip_like)} (all: open_clip.list_models()); "
+                    f"or hf-hub:org/repo, local-dir:/path."
                 )
             checkpoint, preprocess_cfg, weights_id = resolve_weights(model_name, pretrained, cfg.cache_dir)
             load_name, weights = model_name, describe_weights(pretrained, checkpoint, weights_id)
@@ -98,7 +103,16 @@ class ClipBackbone(nn.Module):
             weights_only=True,  # never execute code from a checkpoint
         )
         tokenizer = open_clip.get_tokenizer(load_name)
-        return cls(model, tokenizer, preprocess, model_name, weights["id"], str(cfg.arch), str(getattr(cfg, "precision", "fp32")), weights)
+        return cls(
+            model,
+            tokenizer,
+            preprocess,
+            model_name,
+            weights["id"],
+            str(cfg.arch),
+            str(getattr(cfg, "precision", "fp32")),
+            weights,
+        )
 
     # ----------------------------------------------------------------- properties
     @property
@@ -126,7 +140,12 @@ class ClipBackbone(nn.Module):
         """Everything about the weights and the number format that changes a feature (part of every
         cache key: CPU (fp32) and bf16 GPU features of one model never share a cache file), the device kind
         and matmul precision included (``devices.numerics_identity``: TF32 GPU features are not CPU fp32 ones)."""
-        return {"model": self.model_name, "weights": self.weights_id, "precision": self.precision, **numerics_identity(self.device)}
+        return {
+            "model": self.model_name,
+            "weights": self.weights_id,
+            "precision": self.precision,
+            **numerics_identity(self.device),
+        }
 
     # ----------------------------------------------------------------- text side
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
@@ -180,7 +199,10 @@ class ClipBackbone(nn.Module):
             x = encode_bucketed(self.model, prompts)
         else:
             emb, eot = prompts.full()
-            x = self.encode_prompts(emb, eot, normalize=False, longest=prompts.facts.hi).view(prompts.groups, prompts.n_prompts, -1)
+            assert prompts.facts is not None  # (set by PromptGroups)
+            x = self.encode_prompts(emb, eot, normalize=False, longest=prompts.facts.hi).view(
+                prompts.groups, prompts.n_prompts, -1
+            )
         return F.normalize(x, dim=-1) if normalize else x
 
     def group_texts(self, texts: Sequence[str]) -> PromptGroups:
@@ -248,7 +270,14 @@ def describe_weights(pretrained: str, checkpoint: Optional[str], weights_id: str
     if weights_id.startswith("file:"):
         return {**file_weights("file", Path(checkpoint)), "id": weights_id}
     repo, commit = hub_revision(Path(checkpoint))  # a tag's file in the Hugging Face cache: its repository and commit
-    return {"kind": "open_clip-tag", "id": weights_id, "tag": pretrained, "file": os.path.basename(checkpoint), "repo": repo, "revision": commit}
+    return {
+        "kind": "open_clip-tag",
+        "id": weights_id,
+        "tag": pretrained,
+        "file": os.path.basename(checkpoint),
+        "repo": repo,
+        "revision": commit,
+    }
 
 
 def _hf_repo_and_files(tag_cfg: dict):
@@ -288,8 +317,9 @@ def _download_tag(model_name: str, tag: str, tag_cfg: dict, cache_dir: Optional[
     why = hub_unavailable()
     if why:
         raise WeightsNotFound(
-            f"Pretrained weights {model_name} / {tag!r} are not on this machine and {why}. Put them into {where}; or download the checkpoint "
-            f"file anywhere and pass its path: backbone.pretrained=/path/to/checkpoint. "
+            f"Pretrained weights {model_name} / {tag!r} are not on this machine and {why}. Put them into "
+            f"{where}; or download the checkpoint file anywhere and pass its path: "
+            f"backbone.pretrained=/path/to/checkpoint. "
             f"To run without real weights, use the demo backbone: backbone=demo_clip."
         )
     try:

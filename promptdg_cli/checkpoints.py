@@ -41,11 +41,17 @@ def save(state: dict, path: Path) -> None:
     """Write, verify, then replace: ``path`` is the new checkpoint, its previous version ``.prev``."""
     path = Path(path)
     try:
-        write_atomic(path, lambda tmp: torch.save(state, tmp), verify=lambda tmp: torch.load(tmp, map_location="cpu", weights_only=True),
-                     keep_previous=previous_path(path))
+        write_atomic(
+            path,
+            lambda tmp: torch.save(state, tmp),
+            verify=lambda tmp: torch.load(tmp, map_location="cpu", weights_only=True),
+            keep_previous=previous_path(path),
+        )
     except Exception as e:
-        raise CheckpointError(f"the checkpoint for {path} could not be written and read back ({type(e).__name__}: {e}); "
-                              f"the previous checkpoint is kept") from e
+        raise CheckpointError(
+            f"the checkpoint for {path} could not be written and read back ({type(e).__name__}: {e}); "
+            f"the previous checkpoint is kept"
+        ) from e
 
 
 def load(path: Path, map_location=None, repair: bool = True) -> tuple[Optional[dict], list]:
@@ -65,8 +71,13 @@ def load(path: Path, map_location=None, repair: bool = True) -> tuple[Optional[d
         break
     if not unreadable:
         return state, []
-    action = f"resumed from {used.name}" if used is not None else "restarted the split from scratch (no readable checkpoint)"
-    events = [recovery_event(f, e, action + (f"; set aside as {corrupt_path(f).name}" if repair else "")) for f, e in unreadable]
+    action = (
+        f"resumed from {used.name}" if used is not None else "restarted the split from scratch (no readable checkpoint)"
+    )
+    events = [
+        recovery_event(f, e, action + (f"; set aside as {corrupt_path(f).name}" if repair else ""))
+        for f, e in unreadable
+    ]
     if repair:
         for f, _ in unreadable:
             move(f, corrupt_path(f))  # never the "previous" checkpoint of the next save

@@ -52,8 +52,16 @@ def augment_transform(size: int, normalize=None):
     ColorJitter(0.3, 0.3, 0.3, 0.3), RandomGrayscale, ToTensor and ``normalize`` (ImageNet's)."""
     from torchvision import transforms as T
 
-    return T.Compose([T.RandomResizedCrop(size, scale=(0.7, 1.0)), T.RandomHorizontalFlip(), T.ColorJitter(0.3, 0.3, 0.3, 0.3),
-                      T.RandomGrayscale(), T.ToTensor(), normalize or T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.7, 1.0)),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(0.3, 0.3, 0.3, 0.3),
+            T.RandomGrayscale(),
+            T.ToTensor(),
+            normalize or T.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ]
+    )
 
 
 class Featurizer(nn.Module):
@@ -91,7 +99,8 @@ class ClassifierBackbone(nn.Module):
 
     @classmethod
     def from_config(cls, cfg, device: str | torch.device = "cpu") -> "ClassifierBackbone":
-        path, weights_id = resolve_weights(str(cfg.model), str(cfg.pretrained), cfg.get("cache_dir"))  # (fails before a build)
+        # (fails before a build)
+        path, weights_id = resolve_weights(str(cfg.model), str(cfg.pretrained), cfg.get("cache_dir"))
         network, n_outputs = build_network(str(cfg.model))
         if path is not None:
             load_weights(network, path)
@@ -110,8 +119,13 @@ class ClassifierBackbone(nn.Module):
         return augment_transform(self.image_size)
 
     def identity(self) -> dict:
-        return {"model": self.model_name, "weights": self.weights_id, "precision": self.precision, "image_size": self.image_size,
-                **numerics_identity(self.device)}  # (GPU TF32 and CPU fp32 runs never share a cache file)
+        return {
+            "model": self.model_name,
+            "weights": self.weights_id,
+            "precision": self.precision,
+            "image_size": self.image_size,
+            **numerics_identity(self.device),
+        }  # (GPU TF32 and CPU fp32 runs never share a cache file)
 
     @property
     def weights(self) -> dict:
@@ -145,7 +159,9 @@ def build_network(name: str):
 
     valid = sorted(m for m in models.list_models(module=models) if m.startswith(("resnet", "resnext", "wide_resnet")))
     if name not in valid:
-        raise ConfigError(f"backbone.model={name!r} is not a torchvision classifier promptdg can use. Valid: {', '.join(valid)}")
+        raise ConfigError(
+            f"backbone.model={name!r} is not a torchvision classifier promptdg can use. Valid: {', '.join(valid)}"
+        )
     network = models.get_model(name, weights=None)
     n_outputs = network.fc.in_features
     network.fc = nn.Identity()
@@ -170,8 +186,10 @@ def resolve_weights(model: str, pretrained: str, cache_dir: Optional[str]):
     if looks_like_path or Path(pretrained).exists():
         path = Path(pretrained).expanduser()
         if not path.is_file():
-            raise WeightsNotFound(f"backbone.pretrained={pretrained!r}: no file there. Put a torchvision state dict of {model} "
-                                  f"at that path, or use backbone.pretrained=IMAGENET1K_V1 (read from {hub_checkpoints()}).")
+            raise WeightsNotFound(
+                f"backbone.pretrained={pretrained!r}: no file there. Put a torchvision state dict of {model} "
+                f"at that path, or use backbone.pretrained=IMAGENET1K_V1 (read from {hub_checkpoints()})."
+            )
         st = path.stat()
         return path, f"file:{path.resolve()}:{st.st_size}:{int(st.st_mtime)}"
     weights = _weights_enum(model, pretrained)
@@ -199,11 +217,16 @@ def _online(host: str = "download.pytorch.org", timeout: float = 3.0) -> bool:
 
 
 def _download(weights, name: str, folder: Path, model: str, tag: str) -> Path:
-    where = (f"{folder / name} (torch.hub's folder: $TORCH_HOME/hub/checkpoints), e.g. on a machine with network: "
-             f"`curl -L --create-dirs -o {folder / name} {weights.url}`; or pass any local copy: backbone.pretrained=/path/to/{name}")
+    where = (
+        f"{folder / name} (torch.hub's folder: $TORCH_HOME/hub/checkpoints), e.g. on a machine with network: "
+        f"`curl -L --create-dirs -o {folder / name} {weights.url}`; or pass any local copy: "
+        f"backbone.pretrained=/path/to/{name}"
+    )
     if not _online():
-        raise WeightsNotFound(f"The ImageNet weights {model} / {tag} are not on this machine and the network cannot be reached "
-                              f"(offline or HF_HUB_OFFLINE=1). Put them at {where}. To run without them: backbone.pretrained=random.")
+        raise WeightsNotFound(
+            f"The ImageNet weights {model} / {tag} are not on this machine and the network cannot be reached "
+            f"(offline or HF_HUB_OFFLINE=1). Put them at {where}. To run without them: backbone.pretrained=random."
+        )
     try:
         weights.get_state_dict(progress=True, check_hash=True)  # torch.hub downloads into its folder, hash-checked
     except Exception as e:  # noqa: BLE001 - network errors, a bad hash, ...

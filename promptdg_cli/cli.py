@@ -138,7 +138,11 @@ def _completion(args: list[str]) -> int:
         from .collect import FILTER_KEYS, build_parser
 
         options = [o for a in build_parser()._actions for o in a.option_strings] if word.startswith("-") else []
-        keys = [f"{k}=" for k in FILTER_KEYS] if word and not word.startswith(("-", ".", "/", "~")) and "=" not in word else []
+        keys = (
+            [f"{k}=" for k in FILTER_KEYS]
+            if word and not word.startswith(("-", ".", "/", "~")) and "=" not in word
+            else []
+        )
         print(sep.join(c for c in options + keys if c.startswith(word)))  # nothing: the shell completes a folder
     return 0
 

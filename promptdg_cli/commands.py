@@ -283,7 +283,11 @@ def eval(cfg: DictConfig) -> float:  # noqa: A001 - the subcommand's name
 
         src = Path(c.run_dir).resolve()
         # one folder per evaluated run: re-evaluating several runs on one dataset never collides
-        out = _run_dir() / "evaluated" / "-".join(p.name for p in (src.parent.parent.parent, src.parent.parent, src.parent, src))
+        out = (
+            _run_dir()
+            / "evaluated"
+            / "-".join(p.name for p in (src.parent.parent.parent, src.parent.parent, src.parent, src))
+        )
         return reevaluate(c, src, out).avg_accuracy
 
     return _guard(_eval, cfg, record_failure=not cfg.run_dir)

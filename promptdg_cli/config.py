@@ -14,7 +14,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, cast
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
@@ -95,7 +95,12 @@ def _register_launchers(cs: ConfigStore) -> None:
 
 
 # ---------------------------------------------------------------- ranges
-_OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b), "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+_OPS = {
+    "ge": (">=", lambda v, b: v >= b),
+    "gt": (">", lambda v, b: v > b),
+    "le": ("<=", lambda v, b: v <= b),
+    "lt": ("<", lambda v, b: v < b),
+}
 _DEVICE = re.compile(r"^(auto|cpu|cuda|cuda:\d+|mps)$")
 
 
@@ -142,6 +147,12 @@ def check_ranges(cfg: DictConfig, method_schema=None) -> None:
 
 
 # ---------------------------------------------------------------- identity of a run
+def plain_dict(node: Any, **kwargs: Any) -> Dict[str, Any]:
+    """``OmegaConf.to_container(node, **kwargs)`` of a mapping node, typed as the dict it returns
+    (omegaconf annotates any container or None)."""
+    return cast(Dict[str, Any], OmegaConf.to_container(node, **kwargs))
+
+
 # Keys that never change a result: paths, prose, logging and hardware choices.
 _UNHASHED = {
     # method_defaults: read by the method configs through interpolation, hashed there as values
@@ -152,30 +163,44 @@ _UNHASHED = {
 
 # Schema fields added after runs existed: left out of the hash while they hold their default, so
 # adding a field to a schema never renames the run directories of configs that do not use it.
-_ADDED_LATER = ("split_format", "split_file", "image_dir", "split_paths", "classnames_file", "wnids", "subset_from_folders",
-                  "domain_names")
+_ADDED_LATER = (
+    "split_format",
+    "split_file",
+    "image_dir",
+    "split_paths",
+    "classnames_file",
+    "wnids",
+    "subset_from_folders",
+    "domain_names",
+)
 _BACKBONE_ADDED_LATER = ("kind", "image_size")
 _HASHED_UNLESS_DEFAULT = {
-    "dataset": {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(DatasetConfig)).items() if k in _ADDED_LATER},
-    "backbone": {k: v for k, v in OmegaConf.to_container(OmegaConf.structured(BackboneConfig)).items() if k in _BACKBONE_ADDED_LATER},
+    "dataset": {k: v for k, v in plain_dict(OmegaConf.structured(DatasetConfig)).items() if k in _ADDED_LATER},
+    "backbone": {
+        k: v for k, v in plain_dict(OmegaConf.structured(BackboneConfig)).items() if k in _BACKBONE_ADDED_LATER
+    },
 }
 
 
 def hashed_view(cfg: DictConfig) -> dict:
     """The part of a run config that determines its results (its identity for skip/resume)."""
-    c = {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("method", "dataset", "backbone")}
+    c: Dict[str, Any] = {k: plain_dict(cfg[k], resolve=True) for k in ("method", "dataset", "backbone")}
     c["method"].pop("_target_", None)  # where the class lives, not what it computes
     c.update(seed=cfg.seed, target=cfg.target, source=OmegaConf.to_container(cfg.source) if cfg.source else None)
     shots = cfg.get("shots")
-    view = {
+    view: Dict[str, Any] = {
         "method": c["method"],
         "dataset": {
-            k: v for k, v in c["dataset"].items()
-            if k not in _UNHASHED["dataset"] and not (k in _HASHED_UNLESS_DEFAULT["dataset"] and v == _HASHED_UNLESS_DEFAULT["dataset"][k])
+            k: v
+            for k, v in c["dataset"].items()
+            if k not in _UNHASHED["dataset"]
+            and not (k in _HASHED_UNLESS_DEFAULT["dataset"] and v == _HASHED_UNLESS_DEFAULT["dataset"][k])
         },
         "backbone": {
-            k: v for k, v in c["backbone"].items()
-            if k not in _UNHASHED["backbone"] and not (k in _HASHED_UNLESS_DEFAULT["backbone"] and v == _HASHED_UNLESS_DEFAULT["backbone"][k])
+            k: v
+            for k, v in c["backbone"].items()
+            if k not in _UNHASHED["backbone"]
+            and not (k in _HASHED_UNLESS_DEFAULT["backbone"] and v == _HASHED_UNLESS_DEFAULT["backbone"][k])
         },
         "seed": c["seed"],
         "target": c["target"],
@@ -269,11 +294,11 @@ def typed_method(method, schema: Optional[type] = None) -> DictConfig:
     misspelled key or a wrong type is an error naming the key; a key the YAML leaves out takes the
     schema's default). ``schema``: the schema, when known (default: :func:`method_schema_of`)."""
     schema = schema or method_schema_of(method)
-    plain = OmegaConf.to_container(method, resolve=True)
+    plain = plain_dict(method, resolve=True)
     if schema is None:
         return OmegaConf.create(plain)
     try:
-        return OmegaConf.merge(OmegaConf.structured(schema), plain)
+        return cast(DictConfig, OmegaConf.merge(OmegaConf.structured(schema), plain))  # (a mapping onto a mapping)
     except Exception as e:  # omegaconf's validation errors name the key
         raise ConfigError(f"method={plain.get('name')} ({plain.get('_target_')}): {e}".splitlines()[0]) from None
 

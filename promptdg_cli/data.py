@@ -20,7 +20,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, cast
 
 import numpy as np
 import torch
@@ -139,14 +139,15 @@ class ImageFiles(torch.utils.data.Dataset):
     also be a draw ``(position, path, seed or None)`` that carries its own file and seed (a loader
     whose workers serve every epoch: :class:`EpochLoader`)."""
 
-    def __init__(self, paths: Sequence[Path], transform, seed: Optional[int | Sequence[int]] = None):
+    def __init__(self, paths: Sequence[str | Path], transform, seed: Optional[int | Sequence[int]] = None):
         self.paths, self.transform, self.seed = list(paths), transform, seed
 
     def __len__(self):
         return len(self.paths)
 
     def _seed(self, i: int) -> int:
-        return int(self.seed[i]) if isinstance(self.seed, (list, tuple)) else image_seed(self.seed, i)
+        # (a number here: an unseeded list never asks for a seed)
+        return int(self.seed[i]) if isinstance(self.seed, (list, tuple)) else image_seed(cast(int, self.seed), i)
 
     def __getitem__(self, item):
         if isinstance(item, tuple):
@@ -173,8 +174,14 @@ def collate(batch):
     return torch.tensor([i for i, _ in ok]), torch.stack([x for _, x in ok]), bad
 
 
-def image_batches(paths: Sequence[Path], transform, batch_size: int, num_workers: int, seed: Optional[int | Sequence[int]] = None,
-                  device: Optional[torch.device] = None):
+def image_batches(
+    paths: Sequence[str | Path],
+    transform,
+    batch_size: int,
+    num_workers: int,
+    seed: Optional[int | Sequence[int]] = None,
+    device: Optional[torch.device] = None,
+):
     """Batches ``(positions, images, unreadable positions)`` of ``paths`` in order, loaded by
     ``num_workers`` processes (none for a handful of batches, where starting them costs more), into
     pinned memory when they go to a GPU (``device``; copy them with ``non_blocking=True``)."""
@@ -187,8 +194,15 @@ def image_batches(paths: Sequence[Path], transform, batch_size: int, num_workers
     )
 
 
-def image_loader(paths: Sequence[Path], transform, batches: List[List[int]], num_workers: int, seed: Optional[int] = None,
-                 device: Optional[torch.device] = None, pool: Optional["EpochLoader"] = None):
+def image_loader(
+    paths: Sequence[str | Path],
+    transform,
+    batches: List[List[int]],
+    num_workers: int,
+    seed: Optional[int] = None,
+    device: Optional[torch.device] = None,
+    pool: Optional["EpochLoader"] = None,
+):
     """The images of ``batches`` (lists of positions in ``paths``), batch by batch, as
     ``(positions, images or None, unreadable positions)``; a random transform is seeded by
     (seed, position), so an image gets the same augmentation whichever process loads it. ``pool``: an
@@ -205,7 +219,7 @@ def image_loader(paths: Sequence[Path], transform, batches: List[List[int]], num
 class _EpochBatches:
     """A batch sampler whose batches are replaced every epoch (a DataLoader reads it at every ``iter``)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.batches: list = []
 
     def __iter__(self):
@@ -224,15 +238,24 @@ class EpochLoader:
 
     def __init__(self, device: torch.device, collate_fn=collate):
         self.device, self.collate_fn = torch.device(device), collate_fn
-        self.key, self.loader, self.sampler = None, None, _EpochBatches()
+        self.key: Optional[tuple] = None
+        self.loader: Optional[torch.utils.data.DataLoader] = None
+        self.sampler = _EpochBatches()
 
     def epoch(self, key, dataset, batches: list, num_workers: int):
-        """An iterator over ``batches`` (lists of dataset items); ``dataset()`` builds the dataset when ``key`` is new."""
+        """An iterator over ``batches`` (lists of dataset items); ``dataset()`` builds the dataset when
+        ``key`` is new."""
         workers = int(num_workers) if len(batches) > 4 else 0
         if self.loader is None or (key, workers) != self.key:
             self.sampler = _EpochBatches()
-            self.loader = torch.utils.data.DataLoader(dataset(), batch_sampler=self.sampler, num_workers=workers, collate_fn=self.collate_fn,
-                                                      pin_memory=self.device.type == "cuda", persistent_workers=workers > 0)
+            self.loader = torch.utils.data.DataLoader(
+                dataset(),
+                batch_sampler=self.sampler,
+                num_workers=workers,
+                collate_fn=self.collate_fn,
+                pin_memory=self.device.type == "cuda",
+                persistent_workers=workers > 0,
+            )
             self.key = (key, workers)
         self.sampler.batches = list(batches)
         return iter(self.loader)
@@ -259,7 +282,13 @@ class FeatureCache:
             st = p.stat()
             files.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         blob = json.dumps(
-            {"backbone": backbone_identity, "dataset": dataset, "domain": domain, "files": files.hexdigest(), "transform": repr(transform)},
+            {
+                "backbone": backbone_identity,
+                "dataset": dataset,
+                "domain": domain,
+                "files": files.hexdigest(),
+                "transform": repr(transform),
+            },
             sort_keys=True,
         )
         return hashlib.sha1(blob.encode()).hexdigest()[:16]
@@ -272,11 +301,15 @@ class FeatureCache:
             self.empty_classes[f"{dataset_cfg.name}/{domain}"] = empty
         return self.list_features(backbone, dataset_cfg.name, domain, paths, labels)
 
-    def list_features(self, backbone, dataset: str, name: str, paths: Sequence[Path], labels: Sequence[int]) -> Features:
+    def list_features(
+        self, backbone, dataset: str, name: str, paths: Sequence[Path], labels: Sequence[int]
+    ) -> Features:
         """Features of a list of images (a domain folder, or a split of a split-file dataset)."""
         paths = list(paths)
         transform = backbone.preprocess
-        file = self.dir / dataset / f"{name}-{self.key(backbone.identity(), dataset, name, paths, transform)}.safetensors"
+        file = (
+            self.dir / dataset / f"{name}-{self.key(backbone.identity(), dataset, name, paths, transform)}.safetensors"
+        )
         what = f"{dataset}/{name}"
         meta = {"model": backbone.model_name, "weights": backbone.weights_id, "domain": name}
         # one job computes a missing (or unreadable) file, the others wait for it (compute_once.py)
@@ -304,32 +337,44 @@ class FeatureCache:
         """(N, D) features of one augmented view of every image (``views.py``): image i through
         :func:`augmented_transform` seeded by ``seeds[i]``. ``tag`` names the view in the cache key;
         ``store``: kept in the cache (and computed once by jobs that ask at once), else computed here."""
-        paths = [Path(p) for p in paths]
+        files = [Path(p) for p in paths]
         transform = augmented_transform(backbone.preprocess)
         what = f"{dataset}/{name} (augmented view {tag})"
 
         def compute():
-            t = self._encode_keep(backbone, paths, what, transform, seed=list(seeds))
-            if len(t["index"]) < len(paths):
-                bad = sorted(set(range(len(paths))) - set(t["index"].tolist()))
-                raise DatasetNotFound(f"{what}: {len(bad)} image(s) can no longer be read, e.g. {paths[bad[0]]}")
+            t = self._encode_keep(backbone, files, what, transform, seed=list(seeds))
+            if len(t["index"]) < len(files):
+                bad = sorted(set(range(len(files))) - set(t["index"].tolist()))
+                raise DatasetNotFound(f"{what}: {len(bad)} image(s) can no longer be read, e.g. {files[bad[0]]}")
             return t
 
         if not store:
             self.views["computed"] += 1
             return compute()["x"]
-        key = hashlib.sha1(f"{self.key(backbone.identity(), dataset, name, paths, transform)}-{tag}".encode()).hexdigest()[:16]
+        key = hashlib.sha1(
+            f"{self.key(backbone.identity(), dataset, name, files, transform)}-{tag}".encode()
+        ).hexdigest()[:16]
         file = self.dir / dataset / "views" / f"{name}-{key}.safetensors"
         meta = {"model": backbone.model_name, "weights": backbone.weights_id, "domain": name, "view": tag}
-        t, computed = compute_once(file, compute, lambda t, f: save_file(t, str(f), metadata=meta), lambda f: load_file(str(f)),
-                                   f"the features of {what}", events=self.recovered)
+        t, computed = compute_once(
+            file,
+            compute,
+            lambda t, f: save_file(t, str(f), metadata=meta),
+            lambda f: load_file(str(f)),
+            f"the features of {what}",
+            events=self.recovered,
+        )
         self.views["computed" if computed else "read"] += 1
         return t["x"].float()
 
     @torch.no_grad()
-    def _encode(self, backbone, paths: list[Path], what: str, transform=None, seed=None) -> tuple[list[int], torch.Tensor]:
+    def _encode(
+        self, backbone, paths: list[Path], what: str, transform=None, seed=None
+    ) -> tuple[list[int], torch.Tensor]:
         device = backbone.device
-        loader = image_batches(paths, transform or backbone.preprocess, self.batch_size, self.num_workers, seed, device=device)
+        loader = image_batches(
+            paths, transform or backbone.preprocess, self.batch_size, self.num_workers, seed, device=device
+        )
         keep, feats, bad = [], [], []
         precision = getattr(backbone, "precision", "fp32")  # backbone.precision: bf16/fp16 autocast on CUDA
         for idx, images, skipped in tqdm(loader, desc=f"encoding {what}", unit="batch", leave=False):
@@ -355,4 +400,10 @@ def augmented_transform(preprocess):
     steps = list(preprocess.transforms)
     crop = next(i for i, t in enumerate(steps) if isinstance(t, T.CenterCrop))
     size = steps[crop].size
-    return T.Compose([T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC), T.RandomHorizontalFlip(), *steps[crop + 1 :]])
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, interpolation=T.InterpolationMode.BICUBIC),
+            T.RandomHorizontalFlip(),
+            *steps[crop + 1 :],
+        ]
+    )

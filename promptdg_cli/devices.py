@@ -37,9 +37,11 @@ def device_for_rank(name: str, local_rank: int, world: int, cuda_count: int, loc
     if index >= cuda_count:
         if world > 1:
             last = max(cuda_count - max(local_world, 1), 0)
-            raise ConfigError(f"device={name!r} under torchrun: rank {local_rank} of this node would use cuda:{index} (cuda:N is the "
-                              f"job's first GPU, rank r uses cuda:N+r), but {cuda_count} GPU(s) are visible. Valid with "
-                              f"{local_world} rank(s) a node: device=cuda, or cuda:N with N <= {last}")
+            raise ConfigError(
+                f"device={name!r} under torchrun: rank {local_rank} of this node would use cuda:{index} (cuda:N is the "
+                f"job's first GPU, rank r uses cuda:N+r), but {cuda_count} GPU(s) are visible. Valid with "
+                f"{local_world} rank(s) a node: device=cuda, or cuda:N with N <= {last}"
+            )
         raise ConfigError(f"device={name!r}: {cuda_count} GPU(s) are visible. Valid: auto, cpu, cuda, "
                           + ", ".join(f"cuda:{i}" for i in range(cuda_count)))
     return f"cuda:{index}" if world > 1 or ":" in name else "cuda"
@@ -98,7 +100,9 @@ def loader_workers(setting, environ=None) -> tuple[int, str]:
     if str(setting) != "auto":
         return int(setting), "num_workers"
     n, how = cpus_available(environ)
-    return min(max(n - 1, 0), MAX_AUTO_WORKERS), f"auto: {n} CPUs ({how}) - 1 for the main process, at most {MAX_AUTO_WORKERS}"
+    return min(
+        max(n - 1, 0), MAX_AUTO_WORKERS
+    ), f"auto: {n} CPUs ({how}) - 1 for the main process, at most {MAX_AUTO_WORKERS}"
 
 
 def autocast(device: torch.device, precision: str):
@@ -163,5 +167,6 @@ def peak_memory_mb(device: torch.device, reset: bool = False) -> dict:
     if hwm is not None:
         out["cpu_rss"] = round(hwm / 1024, 1)
     else:
-        out["cpu_rss_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # kilobytes on Linux
+        # kilobytes on Linux
+        out["cpu_rss_process"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     return out

@@ -28,7 +28,7 @@ import datetime
 import os
 import time
 from contextlib import contextmanager
-from typing import Any, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -74,7 +74,8 @@ def init(device: torch.device) -> bool:
     if cuda:
         torch.cuda.set_device(device)
     timeout = datetime.timedelta(minutes=float(os.environ.get("PROMPTDG_DIST_TIMEOUT_MIN", "60")))
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, **({"device_id": device} if cuda else {}))
+    bound: Dict[str, Any] = {"device_id": device} if cuda else {}
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timeout, **bound)
     _device = device if cuda else torch.device("cpu")
     atexit.register(_shutdown)
     return True
@@ -273,7 +274,7 @@ def ddp(module: torch.nn.Module) -> torch.nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
-    kw = {"device_ids": [_dev().index]} if _dev().type == "cuda" else {}
+    kw: Dict[str, Any] = {"device_ids": [_dev().index]} if _dev().type == "cuda" else {}
     try:  # buffers (prompt token embeddings) are equal on every rank: no sync at each forward
         wrapped = DistributedDataParallel(module, forward_sync_buffers=False, **kw)
     except TypeError:  # torch before forward_sync_buffers

@@ -10,6 +10,7 @@ ERM++ made an AugMix ResNet-50 the default). Written from the algorithms, not co
   ``ImageFolder`` over one domain folder (``datasets.py``: ``MultipleEnvironmentImageFolder``), and
   the environments are the dataset's domain folders sorted by name, so ``env_i`` is a domain's
   position in that order and the keys index ImageFolder's file order (``imagefolder_files``);
+  ``domainbed_parts`` is that split as rows of a domain's features;
 * the transforms (``datasets.py``): ``augment_transform`` for training domains, ``transform`` for
   every evaluation;
 * the schedule (``scripts/train.py``): an evaluation after step 0, every ``CHECKPOINT_FREQ`` steps
@@ -22,9 +23,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, List, Sequence, Tuple
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .data import Features
 
 # torchvision.datasets.folder.IMG_EXTENSIONS: the files ImageFolder lists (case-insensitive)
 IMAGEFOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -63,6 +68,24 @@ def split_holdout(domain_dir: str, domain: str, domains: Sequence[str], trial_se
     np.random.RandomState(seed_hash(trial_seed, env_index(domain, domains))).shuffle(keys)
     n_out = int(len(files) * holdout_fraction)
     return [files[k] for k in keys[:n_out]], [files[k] for k in keys[n_out:]]
+
+
+def domainbed_parts(f: Features, dataset_cfg, domain: str, trial_seed: int) -> tuple[list, list, dict]:
+    """DomainBed's split of one domain (``split_holdout``: ImageFolder's order, the md5
+    seed of (trial_seed, environment index), ``RandomState.shuffle``, the first ``val_fraction`` held
+    out) as rows of ``f``: (in rows, out rows, the record of the split). A file ImageFolder lists
+    that ``f`` lacks (unreadable, or an extension promptdg does not read) is left out of both parts
+    and counted; a file ImageFolder does not list is in neither part."""
+    from .data import dataset_dir  # (data imports torch; this module stays torch-free)
+
+    root = dataset_dir(dataset_cfg)
+    out_files, in_files = split_holdout(str(root / domain), domain, list(dataset_cfg.domains), int(trial_seed),
+                                        float(dataset_cfg.val_fraction))
+    row = {p: i for i, p in enumerate(f.paths)}
+    rows_in, rows_out = [row[p] for p in in_files if p in row], [row[p] for p in out_files if p in row]
+    record = {"out": [str(Path(p).relative_to(root)) for p in out_files if p in row], "n_in": len(rows_in),
+              "missing": len(in_files) + len(out_files) - len(rows_in) - len(rows_out)}
+    return rows_in, rows_out, record
 
 
 def checkpoint_rounds(steps: int, freq: int) -> List[int]:

@@ -16,7 +16,11 @@ def evaluate(method, feats, chunk: int = 8192, subset=None) -> dict:
     y = feats.y
     correct = (predict(method, feats, chunk, subset) == y).float()
     per_class = [correct[y == c].mean().item() for c in torch.unique(y)]
-    return {"top1": round(100 * correct.mean().item(), 4), "mean_per_class": round(100 * sum(per_class) / len(per_class), 4), "n": len(y)}
+    return {
+        "top1": round(100 * correct.mean().item(), 4),
+        "mean_per_class": round(100 * sum(per_class) / len(per_class), 4),
+        "n": len(y),
+    }
 
 
 @torch.no_grad()

@@ -56,7 +56,8 @@ def expected_layout(cfg) -> str:
     if fmt == "json":
         images = f"{cfg.image_dir}/<relpath>" if cfg.image_dir else "<relpath>"
         return top + (
-            f"    {cfg.split_file}    {{\"train\": [[relpath, label, classname], ...], \"val\": [...], \"test\": [...]}}\n"
+            f"    {cfg.split_file}    {{\"train\": [[relpath, label, classname], ...], "
+            f"\"val\": [...], \"test\": [...]}}\n"
             f"    {images}    (every image the split file lists)"
         )
     if fmt == "txt":
@@ -66,7 +67,11 @@ def expected_layout(cfg) -> str:
         )
     child = "<wnid, e.g. n01440764>" if fmt == "wnid_folders" else "<class index 0, 1, ..., 999>"
     folders = "".join(f"    {p}/    ({s})\n        {child}/<image files>\n" for s, p in cfg.split_paths.items())
-    return top + folders + f"{_data_root(cfg)}/{cfg.classnames_file}    lines \"<wnid> <class name>\" (CoOp's classnames.txt)"
+    return (
+        top
+        + folders
+        + f"{_data_root(cfg)}/{cfg.classnames_file}    lines \"<wnid> <class name>\" (CoOp's classnames.txt)"
+    )
 
 
 def _not_found(cfg, key: str, value, path: Path, what: str) -> DatasetNotFound:
@@ -74,7 +79,8 @@ def _not_found(cfg, key: str, value, path: Path, what: str) -> DatasetNotFound:
     return DatasetNotFound(
         f"dataset={cfg.name}: {what} {path} does not exist (dataset.{key}={value!r}; "
         f"data root: dataset.root / $PROMPTDG_DATA).\n"
-        f"Expected layout:\n{expected_layout(cfg)}\n" + (f"How to get it:\n{cfg.prepare.strip()}" if cfg.prepare else "")
+        f"Expected layout:\n{expected_layout(cfg)}\n"
+        + (f"How to get it:\n{cfg.prepare.strip()}" if cfg.prepare else "")
     )
 
 
@@ -84,9 +90,13 @@ def _bad_data(cfg, msg: str) -> DatasetNotFound:
 
 def _check_config(cfg) -> None:
     if cfg.protocol != PROTOCOL:
-        raise ConfigError(f"dataset={cfg.name} has protocol={cfg.protocol!r}; few-shot splits need protocol={PROTOCOL!r}")
+        raise ConfigError(
+            f"dataset={cfg.name} has protocol={cfg.protocol!r}; few-shot splits need protocol={PROTOCOL!r}"
+        )
     if cfg.split_format not in FORMATS:
-        raise ConfigError(f"dataset.split_format={cfg.split_format!r} (dataset={cfg.name}) is not valid. Valid: {', '.join(FORMATS)}")
+        raise ConfigError(
+            f"dataset.split_format={cfg.split_format!r} (dataset={cfg.name}) is not valid. Valid: {', '.join(FORMATS)}"
+        )
 
 
 def available_splits(cfg) -> List[str]:
@@ -99,8 +109,13 @@ def _split_key(cfg, split: str) -> str:
     """The value of ``split_paths[split]``, or a ConfigError listing the splits there are."""
     if split not in cfg.split_paths:
         raise ConfigError(
-            f"dataset={cfg.name} has no {split!r} split (dataset.split_paths has: {', '.join(cfg.split_paths) or 'none'})"
-            + ("; it is a test-only set: train on another dataset and test on it" if list(cfg.split_paths) == ["test"] else "")
+            f"dataset={cfg.name} has no {split!r} split "
+            f"(dataset.split_paths has: {', '.join(cfg.split_paths) or 'none'})"
+            + (
+                "; it is a test-only set: train on another dataset and test on it"
+                if list(cfg.split_paths) == ["test"]
+                else ""
+            )
         )
     return str(cfg.split_paths[split])
 
@@ -265,7 +280,9 @@ def class_subset(cfg) -> Optional[List[int]]:
         index = {w: i for i, w in enumerate(read_wnid_classnames(cfg))}
         unknown = [w for w in cfg.wnids if w not in index]
         if unknown:
-            raise ConfigError(f"dataset.wnids of dataset={cfg.name} has ids not in {cfg.classnames_file}: {unknown[:5]}")
+            raise ConfigError(
+                f"dataset.wnids of dataset={cfg.name} has ids not in {cfg.classnames_file}: {unknown[:5]}"
+            )
         return sorted(index[w] for w in cfg.wnids)
     if cfg.subset_from_folders:
         return sorted(_folder_labels(cfg, "test").values())
@@ -307,5 +324,6 @@ def few_shot_splits(cfg, k: Optional[int], seed: int) -> dict:
             draw = dassl_draw(train_y, None if val is None else val[1], k, seed)
         train_p, train_y = _take(train_p, train_y, draw.train)
         if val is not None:
+            assert draw.val is not None  # (a val split is drawn from)
             val = _take(*val, draw.val)
     return {"train": (train_p, train_y), "val": val, "test": (test_p, test_y), "classnames": names, "draw": draw}

@@ -36,7 +36,10 @@ def generate(cfg, run_dir: Path) -> dict:
     done = run_dir / "generated.json"
     if done.is_file():
         info = json.loads(done.read_text())
-        print(f"[promptdg] {run_dir}/images is finished ({info['images']} images); not rewriting it. Remove the folder to generate again.")
+        print(
+            f"[promptdg] {run_dir}/images is finished ({info['images']} images); not rewriting it. "
+            f"Remove the folder to generate again."
+        )
         return info
     sources = check_domains(cfg.dataset, cfg.target, cfg.source)
     if cfg.target:
@@ -44,7 +47,12 @@ def generate(cfg, run_dir: Path) -> dict:
     root = dataset_dir(cfg.dataset)
     device = select_device(cfg.device)
     backbone = prepare_backbone(cfg.backbone, device)
-    env = RunEnv(seed=int(cfg.seed), num_workers=loader_workers(cfg.num_workers)[0], cache_root=str(cfg.cache_root), dataset=str(cfg.dataset.name))
+    env = RunEnv(
+        seed=int(cfg.seed),
+        num_workers=loader_workers(cfg.num_workers)[0],
+        cache_root=str(cfg.cache_root),
+        dataset=str(cfg.dataset.name),
+    )
     method = cls(cfg.method, backbone, class_names(cfg.dataset), device, env)
     out_root = run_dir / "images" / cfg.dataset.folder
     folders, rounds = list(cfg.dataset.classes.keys()), int(cfg.method.generate_rounds)
@@ -53,9 +61,15 @@ def generate(cfg, run_dir: Path) -> dict:
         paths, labels = list_domain(cfg.dataset, domain)
         current = [str(p) for p in paths]
         for r in range(1, rounds + 1):
-            outs = [(out_root / domain / folders[c] / f"{Path(p).stem}.png") if r == rounds else (run_dir / "rounds" / f"round{r}" / domain / f"{k:06d}.png")
-                    for k, (p, c) in enumerate(zip(paths, labels))]
-            recovered += method.write_round(current, labels, outs, round_seed(int(cfg.seed), r), f"generate {domain} round {r}", make_files)
+            outs = [
+                (out_root / domain / folders[c] / f"{Path(p).stem}.png")
+                if r == rounds
+                else (run_dir / "rounds" / f"round{r}" / domain / f"{k:06d}.png")
+                for k, (p, c) in enumerate(zip(paths, labels))
+            ]
+            recovered += method.write_round(
+                current, labels, outs, round_seed(int(cfg.seed), r), f"generate {domain} round {r}", make_files
+            )
             current = [str(o) for o in outs]
         total += len(paths)
     if cfg.target:
@@ -63,10 +77,20 @@ def generate(cfg, run_dir: Path) -> dict:
         if not link.exists():
             link.parent.mkdir(parents=True, exist_ok=True)
             os.symlink((root / cfg.target).resolve(), link, target_is_directory=True)
-    info = {"images": total, "sources": sources, "target": cfg.target, "rounds": rounds,
-            "generated_images": total * cfg.method.candidates * rounds, "ldm": method.generator_name(), "dataset_root": str(run_dir / "images"),
-            "recovered": recovered}
+    info = {
+        "images": total,
+        "sources": sources,
+        "target": cfg.target,
+        "rounds": rounds,
+        "generated_images": total * cfg.method.candidates * rounds,
+        "ldm": method.generator_name(),
+        "dataset_root": str(run_dir / "images"),
+        "recovered": recovered,
+    }
     write_json_atomic(done, info)
-    print(f"[promptdg] wrote {total} augmented images of {', '.join(sources)} to {out_root} "
-          f"({info['generated_images']} img2img candidates). Use it as a dataset: data_root={run_dir / 'images'} dataset={cfg.dataset.name}")
+    print(
+        f"[promptdg] wrote {total} augmented images of {', '.join(sources)} to {out_root} "
+        f"({info['generated_images']} img2img candidates). Use it as a dataset: "
+        f"data_root={run_dir / 'images'} dataset={cfg.dataset.name}"
+    )
     return info

@@ -64,7 +64,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in table:
         raise ConfigError(f"method.ldm_dtype={name!r} is not a dtype. Valid: auto, fp32, fp16, bf16")
     if name == "fp16" and device.type != "cuda":
-        raise ConfigError("method.ldm_dtype=fp16 needs a GPU (fp16 convolutions are slow or missing on the CPU); use auto or fp32")
+        raise ConfigError(
+            "method.ldm_dtype=fp16 needs a GPU (fp16 convolutions are slow or missing on the CPU); use auto or fp32"
+        )
     return table[name]
 
 
@@ -77,8 +79,11 @@ def check_finite(x: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor
     bad = ~torch.isfinite(x)
     if bool(bad.any()):
         rows = int(bad.flatten(1).any(1).sum()) if x.dim() > 1 else int(bad.sum())
-        raise NonFiniteError(f"{what}: NaN or inf in {rows} of {x.shape[0] if x.dim() > 1 else x.numel()} items (the LDM runs in "
-                             f"{str(dtype).replace('torch.', '')}). method.ldm_dtype=fp32 (or bf16, fp32's range) avoids fp16's overflow.")
+        raise NonFiniteError(
+            f"{what}: NaN or inf in {rows} of {x.shape[0] if x.dim() > 1 else x.numel()} items (the LDM runs in "
+            f"{str(dtype).replace('torch.', '')}). "
+            f"method.ldm_dtype=fp32 (or bf16, fp32's range) avoids fp16's overflow."
+        )
     return x
 
 
@@ -100,7 +105,9 @@ def clip_token_states(clip, prompts: Sequence[str], length: int = DEMO_TEXT_LENG
     tokens = clip.tokenize(prompts)
     longest = int(clip.eot_positions(tokens).max()) + 1
     if longest > length:
-        raise ConfigError(f"a prompt of {longest} tokens is longer than the demo LDM's text length {length}: {list(prompts)[:3]}")
+        raise ConfigError(
+            f"a prompt of {longest} tokens is longer than the demo LDM's text length {length}: {list(prompts)[:3]}"
+        )
     x = clip.token_embedding(tokens[:, :length]) + m.positional_embedding[:length]
     mask = m.attn_mask[:length, :length] if m.attn_mask is not None else None
     x = m.transformer(x, attn_mask=mask)
@@ -110,7 +117,15 @@ def clip_token_states(clip, prompts: Sequence[str], length: int = DEMO_TEXT_LENG
 class LatentDiffusion(nn.Module):
     """A frozen LDM. ``text_encoder``: a callable ``list[str] -> (B, L, D)`` hidden states."""
 
-    def __init__(self, vae, unet, scheduler, text_encoder: Callable[[Sequence[str]], torch.Tensor], name: str, dtype=torch.float32):
+    def __init__(
+        self,
+        vae,
+        unet,
+        scheduler,
+        text_encoder: Callable[[Sequence[str]], torch.Tensor],
+        name: str,
+        dtype=torch.float32,
+    ):
         super().__init__()
         self.vae, self.unet, self.scheduler = vae, unet, scheduler
         self._text = text_encoder
@@ -291,10 +306,15 @@ def load_ldm(source: str, device: torch.device, dtype: str = "auto", revision: O
     if marker.is_file():
         info = json.loads(marker.read_text())
         if clip is None or info.get("clip_model") != clip.model_name:
-            raise ConfigError(f"{folder} is conditioned on the text tower of {info.get('clip_model')}; use it with that backbone")
+            raise ConfigError(
+                f"{folder} is conditioned on the text tower of {info.get('clip_model')}; use it with that backbone"
+            )
         if info.get("clip_weights") not in (None, clip.identity()["weights"]):
-            raise ConfigError(f"{folder} is conditioned on the text tower of the CLIP weights {info['clip_weights']}, not on "
-                              f"{clip.identity()['weights']}; build the demo LDM for these weights (method.ldm=demo) or load the CLIP it was built on")
+            raise ConfigError(
+                f"{folder} is conditioned on the text tower of the CLIP weights {info['clip_weights']}, not on "
+                f"{clip.identity()['weights']}; build the demo LDM for these weights (method.ldm=demo) "
+                f"or load the CLIP it was built on"
+            )
         _check_layout(folder, source, ("vae", "unet", "scheduler"))
         text = lambda prompts: clip_token_states(clip, prompts)  # noqa: E731
     else:
@@ -302,7 +322,12 @@ def load_ldm(source: str, device: torch.device, dtype: str = "auto", revision: O
 
         _check_layout(folder, source, SD_PARTS)
         tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-        encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch_dtype).to(device).eval()
+        encoder = (
+            CLIPTextModel.from_pretrained(folder / "text_encoder", torch_dtype=torch_dtype)
+            # (PreTrainedModel.to is wrapped by functools.wraps, whose stub mypy does not bind: device reads as self)
+            .to(device)  # type: ignore[arg-type]
+            .eval()
+        )
         encoder.requires_grad_(False)
 
         def text(prompts):
@@ -311,7 +336,9 @@ def load_ldm(source: str, device: torch.device, dtype: str = "auto", revision: O
             return encoder(ids).last_hidden_state
 
     vae = AutoencoderKL.from_pretrained(folder / "vae", torch_dtype=torch_dtype, low_cpu_mem_usage=False).to(device)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype, low_cpu_mem_usage=False).to(device)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", torch_dtype=torch_dtype, low_cpu_mem_usage=False).to(
+        device
+    )
     scheduler = DDPMScheduler.from_pretrained(folder / "scheduler")
     return LatentDiffusion(vae, unet, scheduler, text, name=source, dtype=torch_dtype)
 
@@ -322,4 +349,8 @@ def to_ldm_pixels(x01: torch.Tensor) -> torch.Tensor:
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    return x if x.shape[-1] == size and x.shape[-2] == size else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (
+        x
+        if x.shape[-1] == size and x.shape[-2] == size
+        else F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    )

@@ -45,7 +45,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from .errors import ConfigError, UserError
 
@@ -238,6 +238,7 @@ class FileLock:
     def dead_reason(self, holder: Holder) -> Optional[str]:
         """Why ``holder`` is dead; None when it is live (or may be)."""
         if holder.readable and holder.host == self.host:
+            assert holder.pid is not None  # (a readable lock file names its process)
             if _pid_alive(holder.pid, holder.pid_start):
                 return None
             return f"its process {holder.pid} on this host ({self.host}) is gone"
@@ -333,17 +334,20 @@ class FileLock:
     def __enter__(self) -> "FileLock":
         return self.acquire()
 
-    def __exit__(self, *exc) -> bool:
+    def __exit__(self, *exc) -> Literal[False]:
         self.release()
         return False
 
     # ----------------------------------------------------------------- heartbeat
     def _start_heartbeat(self) -> None:
-        self._thread = threading.Thread(target=self._beat, name=f"promptdg-lock-heartbeat {self.path.name}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._beat, name=f"promptdg-lock-heartbeat {self.path.name}", daemon=True
+        )
         self._thread.start()
 
     def _beat(self) -> None:
         fd, stop = self._fd, self._stop
+        assert fd is not None  # (started once the lock is held)
         while not stop.wait(self.heartbeat_s):
             try:
                 os.pwrite(fd, self._record(), 0)  # the own inode: never another process's lock
@@ -351,7 +355,11 @@ class FileLock:
                 now = read_holder(self.path)
                 if self.lost is None and now is not None and now.token != self.token:
                     self.lost = now
-                    log.error("%s: the lock was taken over by %s (this process's heartbeat was late)", self.path, now.describe())
+                    log.error(
+                        "%s: the lock was taken over by %s (this process's heartbeat was late)",
+                        self.path,
+                        now.describe(),
+                    )
             except OSError as e:  # a file-system hiccup: the next beat tries again
                 log.warning("%s: heartbeat failed: %s", self.path, e)
 
@@ -369,11 +377,17 @@ def run_lock(run_dir: Path) -> FileLock:
     job, restart = _slurm_job()
     if job and holder.job == job and holder.restart < restart:
         wait = max(lock.stale_s - holder.age(), 0.0) + 2 * lock.heartbeat_s
-        log.warning("%s: held by %s, an earlier attempt of this requeued Slurm job; waiting up to %.0f s for its heartbeat to go stale",
-                    lock.path, holder.describe(), wait)
+        log.warning(
+            "%s: held by %s, an earlier attempt of this requeued Slurm job; "
+            "waiting up to %.0f s for its heartbeat to go stale",
+            lock.path,
+            holder.describe(),
+            wait,
+        )
         try:
             return lock.acquire(wait=wait, poll=min(lock.heartbeat_s, 10.0))
         except LockHeld as e:
+            assert e.holder is not None  # (acquire names the holder)
             holder = e.holder
     raise RunLocked(
         f"{run_dir} is in use by {holder.describe()}: another promptdg process is running this config. "

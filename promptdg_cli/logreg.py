@@ -28,7 +28,7 @@ iterations.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 
@@ -96,8 +96,8 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, n_classes: int, c: float, init:
     """Minimise f for one C with full-batch L-BFGS (strong-Wolfe line search) on x's device and dtype.
 
     x: (n, D) float features; y: (n,) long class indices in [0, n_classes), each present; init:
-    (n_classes, D + 1) [W | b] to start from (a warm start), ``cold_start`` if None. Stops when the max-abs gradient of f is at
-    most ``tol``, when f (or the step) changes by less than ``ftol`` or after ``max_iter``
+    (n_classes, D + 1) [W | b] to start from (a warm start), ``cold_start`` if None. Stops when the
+    max-abs gradient of f is at most ``tol``, when f (or the step) changes by less than ``ftol`` or after ``max_iter``
     iterations (``2 * max_iter`` evaluations at most). ``history_size``: the L-BFGS memory (torch's
     default; SciPy's is 10): on the ill-conditioned fits of large C it saves more iterations than
     its two-loop recursion costs (2 * history_size * K * (D + 1) flops, small next to an evaluation)."""
@@ -114,7 +114,7 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, n_classes: int, c: float, init:
     opt = torch.optim.LBFGS([theta], lr=1, max_iter=max_iter, max_eval=2 * max_iter, tolerance_grad=tol,
                             tolerance_change=ftol, history_size=history_size, line_search_fn="strong_wolfe")
 
-    last = {}
+    last: Dict[str, torch.Tensor] = {}  # the last point the line search evaluated: theta, f, g
 
     def closure():
         f, g = objective_and_grad(theta, x, y, c)
@@ -130,8 +130,16 @@ def fit_logreg(x: torch.Tensor, y: torch.Tensor, n_classes: int, c: float, init:
     state = opt.state[theta]
     d = x.shape[1]
     grad_max = float(g.abs().max())
-    return LogRegFit(c=float(c), weight=theta[:, :d].clone(), bias=theta[:, d].clone(), n_iter=int(state.get("n_iter", 0)),
-                     n_eval=int(state.get("func_evals", 0)), objective=float(f), grad_max=grad_max, converged=grad_max <= tol)
+    return LogRegFit(
+        c=float(c),
+        weight=theta[:, :d].clone(),
+        bias=theta[:, d].clone(),
+        n_iter=int(state.get("n_iter", 0)),
+        n_eval=int(state.get("func_evals", 0)),
+        objective=float(f),
+        grad_max=grad_max,
+        converged=grad_max <= tol,
+    )
 
 
 def fit_path(x: torch.Tensor, y: torch.Tensor, n_classes: int, cs: Sequence[float], init: Optional[torch.Tensor] = None,

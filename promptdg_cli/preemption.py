@@ -45,7 +45,7 @@ class Preempted(SystemExit):
 class StopRequest:
     """The process's preemption flag and the signal handlers a run installs for its duration."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.signum = 0  # the first preemption signal received during this run (0: none)
         self.previous: Dict[int, Any] = {}
         self.deferring = False  # True while training: stop at the next safe point, not at once
@@ -106,6 +106,10 @@ def chain_and_exit(signum: int, received: int, previous: dict) -> None:
     process received (submitit's requeues and exits), then exit with 128 + signum."""
     prev = previous.get(received) if received else None
     if callable(prev):
-        log.info("handing %s on to the previous handler (%s)", signal.Signals(received).name, getattr(prev, "__qualname__", prev))
+        log.info(
+            "handing %s on to the previous handler (%s)",
+            signal.Signals(received).name,
+            getattr(prev, "__qualname__", prev),
+        )
         prev(received, None)
     raise Preempted(signum)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,10 +50,21 @@ class EotFacts:
         if key not in self._plans:
             lengths = [m - prefix_len + 1 for m in self.col_max]  # (C,)
             buckets = length_buckets(lengths, prefix_cost, groups)
-            self._plans[key] = None if len(buckets) == 1 else (
-                [(torch.tensor(idx, device=device), max(lengths[k] for k in idx), EotFacts([[r[k] for k in idx] for r in self.rows]))
-                 for idx in buckets],
-                torch.argsort(torch.tensor([k for idx in buckets for k in idx], device=device)))
+            self._plans[key] = (
+                None
+                if len(buckets) == 1
+                else (
+                    [
+                        (
+                            torch.tensor(idx, device=device),
+                            max(lengths[k] for k in idx),
+                            EotFacts([[r[k] for k in idx] for r in self.rows]),
+                        )
+                        for idx in buckets
+                    ],
+                    torch.argsort(torch.tensor([k for idx in buckets for k in idx], device=device)),
+                )
+            )
         return self._plans[key]
 
 
@@ -198,12 +209,15 @@ def supports_shared_prefix(model: nn.Module) -> bool:
     return bool(torch.equal(torch.isneginf(mask), causal) and (mask[~causal] == 0).all())
 
 
-def encode_shared_prefix(model: nn.Module, prompts: PromptGroups) -> torch.Tensor:
-    """(G, C, D) unnormalised text features; ``model`` must pass ``supports_shared_prefix``."""
+def encode_shared_prefix(model: Any, prompts: PromptGroups) -> torch.Tensor:
+    """(G, C, D) unnormalised text features; ``model`` (open_clip's CLIP) must pass ``supports_shared_prefix``."""
+    assert prompts.facts is not None  # (set by PromptGroups)
     gp, p, w = prompts.prefix.shape
     g, c, s = prompts.groups, prompts.n_prompts, prompts.facts.hi + 1 - prompts.prefix_len
     if p + s > model.positional_embedding.shape[0]:
-        raise ValueError(f"prompts of {p + s} positions exceed the text context length {model.positional_embedding.shape[0]}")
+        raise ValueError(
+            f"prompts of {p + s} positions exceed the text context length {model.positional_embedding.shape[0]}"
+        )
     pos = model.positional_embedding.to(prompts.prefix.dtype)
     xp = prompts.prefix + pos[:p]  # (Gp, P, W)
     xs = (prompts.suffix[:, :, :s] + pos[p : p + s]).expand(g, c, s, w)  # (G, C, S, W)
@@ -246,7 +260,9 @@ def _attention(block, h: torch.Tensor, prefix_shape, suffix_shape, allowed: torc
     k_all = torch.cat([kp_all, ks], dim=3).flatten(0, 1)  # (G·C, H, P + S, dh)
     v_all = torch.cat([vp_all, vs], dim=3).flatten(0, 1)
     out_s = F.scaled_dot_product_attention(qs.flatten(0, 1), k_all, v_all, attn_mask=allowed)  # (G·C, H, S, dh)
-    out = torch.cat([out_p.transpose(1, 2).reshape(n, w), out_s.view(g, c, heads, s, dh).permute(0, 1, 3, 2, 4).reshape(-1, w)])
+    out = torch.cat(
+        [out_p.transpose(1, 2).reshape(n, w), out_s.view(g, c, heads, s, dh).permute(0, 1, 3, 2, 4).reshape(-1, w)]
+    )
     return F.linear(out, a.out_proj.weight, a.out_proj.bias)
 
 
@@ -271,11 +287,13 @@ def length_buckets(lengths: Sequence[int], prefix_cost: int, groups: int) -> lis
     return [[k for k, n in enumerate(lengths) if lo <= n <= hi] for lo, hi in reversed(bounds)]
 
 
-def encode_bucketed(model: nn.Module, prompts: PromptGroups) -> torch.Tensor:
+def encode_bucketed(model: Any, prompts: PromptGroups) -> torch.Tensor:
     """``encode_shared_prefix`` per bucket of suffix lengths (``length_buckets``): the same (G, C, D)
     features, without running short suffixes through the longest one's positions."""
     p = prompts.prefix_len
-    plan = prompts.facts.plan(p, prompts.prefix.shape[0] * p, prompts.groups, prompts.suffix.device)  # (once per prompt set)
+    assert prompts.facts is not None  # (set by PromptGroups)
+    # (once per prompt set)
+    plan = prompts.facts.plan(p, prompts.prefix.shape[0] * p, prompts.groups, prompts.suffix.device)
     if plan is None:
         return encode_shared_prefix(model, prompts)
     buckets, inverse = plan

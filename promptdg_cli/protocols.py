@@ -5,7 +5,7 @@ Each protocol is an object built for one run: ``splits()`` lists its splits (one
 ``test_sets(split)`` the labelled sets the runner tests on. The target's labels never reach
 ``train_data``.
 
-* :class:`DG` (leave-one-domain-out), DomainBed's protocol (:func:`domainbed_parts`): every domain
+* :class:`DG` (leave-one-domain-out), DomainBed's protocol (``domainbed.domainbed_parts``): every domain
   is split by DomainBed's rule (``trial_seed``, ``dataset.val_fraction``); the sources train on their
   "in" part and select on their held-out "out" part, the target is tested on its "in" part (what
   DomainBed reports) and its "out" part is the test-domain validation set of DomainBed's oracle
@@ -28,20 +28,21 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, TypeVar
 
 import numpy as np
 import torch
 
 from .data import FeatureCache, Features, class_names, dataset_dir
-from .domainbed import split_holdout
+from .domainbed import domainbed_parts
 from .errors import ConfigError
 from .fewshot import class_subset, dataset_root, few_shot_splits, read_split, val_is_test
-from .shots import Draw, dassl_draw
-from .views import NONE, EpochFeatures, Plain, epoch_features
+from .shots import dassl_draw, drawn_record
+from .views import NONE, ConcatViews, EpochFeatures, Plain, epoch_features
 
 PAIR_ARROW = "→"  # as in the tables: "art→clipart"
 SOURCE_FREE = "all"  # the split label of a model trained on no domain
+P = TypeVar("P", bound="Protocol")  # attach() returns the protocol it was given
 
 
 @dataclass
@@ -50,14 +51,14 @@ class Split:
 
     target: str
     sources: List[str]
-    tests: Optional[List[str]] = None
-    key: Optional[str] = None  # the record's column: the target (DG) or "src+src→target" (UDA)
+    tests: List[str]
+    key: str  # the record's column: the target (DG) or "src+src→target" (UDA)
 
-    def __post_init__(self):
-        if self.tests is None:
-            self.tests = [self.target]
-        if self.key is None:
-            self.key = self.target
+    # (written out, not generated: ``tests`` and ``key`` may be left out, and are set all the same)
+    def __init__(self, target: str, sources: List[str], tests: Optional[List[str]] = None, key: Optional[str] = None):
+        self.target, self.sources = target, sources
+        self.tests = [target] if tests is None else tests
+        self.key = target if key is None else key
 
     @property
     def dirname(self) -> str:
@@ -81,18 +82,9 @@ class TrainData:
 
     def shots_per_class(self, classnames: Sequence[str]) -> Dict[str, int]:
         """Training images per class as drawn (``shots=k``: k, or fewer where a class has fewer)."""
+        assert self.train is not None  # (asked of a method that trains)
         counts = torch.bincount(self.train.y, minlength=len(classnames)).tolist()
         return {name: int(n) for name, n in zip(classnames, counts)}
-
-
-class ConcatViews:
-    """Several lists' epoch features one after another (the source domains of a split)."""
-
-    def __init__(self, parts: List[EpochFeatures]):
-        self.parts, self.n = parts, sum(p.n for p in parts)
-
-    def epoch(self, epoch: int, rep: int = 0) -> torch.Tensor:
-        return torch.cat([p.epoch(epoch, rep) for p in self.parts]) if len(self.parts) > 1 else self.parts[0].epoch(epoch, rep)
 
 
 # --------------------------------------------------------------------- helpers
@@ -116,14 +108,6 @@ def train_val_indices(n: int, seed: int, domain: str, val_fraction: float) -> tu
 def unlabelled(f: Features) -> Features:
     """The same images without their labels (y = -1): what UDA training may see of the target."""
     return Features(f.x, torch.full_like(f.y, -1), f.domain, f.paths)
-
-
-def drawn_record(draw: Draw, train: Features, val: Optional[Features], root) -> dict:
-    """The drawn images as a run records them: paths relative to the dataset folder, in draw order."""
-    def rel(paths):
-        return [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in paths]
-
-    return {"sampler": draw.sampler, "train": rel(train.paths), "val": None if val is None else rel(val.paths)}
 
 
 def dg_splits(dataset_cfg, target: Optional[str], source: Optional[Sequence[str]]) -> List[Split]:
@@ -178,11 +162,19 @@ class RunSpec:
     @classmethod
     def of(cls, cfg) -> "RunSpec":
         m = cfg.get("method") or {}
-        return cls(seed=int(cfg.get("seed", 1)), shots=cfg.get("shots"), target=cfg.get("target"),
-                   source=list(cfg.source) if cfg.get("source") else None, trial_seed=cfg.get("trial_seed"),
-                   method=str(m.get("name", "")), augment=str(m.get("augment", NONE)), aug_views=int(m.get("aug_views", 0) or 0),
-                   augment_cache=bool(cfg.get("augment_cache", True)), source_holdout=bool(m.get("source_holdout", False)),
-                   select=str(m.get("select", "last")))
+        return cls(
+            seed=int(cfg.get("seed", 1)),
+            shots=cfg.get("shots"),
+            target=cfg.get("target"),
+            source=list(cfg.source) if cfg.get("source") else None,
+            trial_seed=cfg.get("trial_seed"),
+            method=str(m.get("name", "")),
+            augment=str(m.get("augment", NONE)),
+            aug_views=int(m.get("aug_views", 0) or 0),
+            augment_cache=bool(cfg.get("augment_cache", True)),
+            source_holdout=bool(m.get("source_holdout", False)),
+            select=str(m.get("select", "last")),
+        )
 
 
 class Protocol:
@@ -193,9 +185,14 @@ class Protocol:
         self.seed, self.shots = spec.seed, spec.shots
         self.augment, self.aug_views, self.augment_cache = spec.augment, spec.aug_views, spec.augment_cache
 
-    def attach(self, cache: FeatureCache, backbone) -> "Protocol":
+    def attach(self: P, cache: FeatureCache, backbone) -> P:
         self.cache, self.backbone = cache, backbone
         return self
+
+    @property
+    def features(self) -> FeatureCache:
+        assert self.cache is not None, "attach() a feature cache first"  # (the runner does, before any data)
+        return self.cache
 
     def splits(self) -> List[Split]:
         raise NotImplementedError
@@ -211,7 +208,7 @@ class Protocol:
         raise NotImplementedError
 
     def test_sets(self, split: Split) -> Dict[str, Features]:
-        return {d: self.cache.domain_features(self.backbone, self.dataset, d) for d in split.tests}
+        return {d: self.features.domain_features(self.backbone, self.dataset, d) for d in split.tests}
 
     def test_subset(self):
         """Class indices the test set covers (ImageNet-A/R: 200 of 1000), else None."""
@@ -240,7 +237,7 @@ class Protocol:
     def _source(self, split: Split, holdout: bool = True) -> TrainData:
         train, val, views = [], [], []
         for d in split.sources:
-            f = self.cache.domain_features(self.backbone, self.dataset, d)
+            f = self.features.domain_features(self.backbone, self.dataset, d)
             if holdout:
                 tr, va = self.holdout(f, d)
                 train.append(f.subset(tr))
@@ -250,7 +247,10 @@ class Protocol:
             views.append((train[-1], f"{d}-train" if holdout else d))
         data = TrainData(train=Features.cat(train), val=Features.cat(val) if holdout else None)
         if self.shots:  # k shots per class of the source training data, then min(k, 4) of the validation data
-            draw = dassl_draw(data.train.y.tolist(), None if data.val is None else data.val.y.tolist(), self.shots, self.seed)
+            assert data.train is not None  # (set just above)
+            draw = dassl_draw(
+                data.train.y.tolist(), None if data.val is None else data.val.y.tolist(), self.shots, self.seed
+            )
             data.train = data.train.subset(draw.train)
             data.val = None if data.val is None else data.val.subset(draw.val)
             data.drawn = drawn_record(draw, data.train, data.val, dataset_dir(self.dataset))
@@ -263,26 +263,9 @@ class Protocol:
         return train_val_indices(len(f), self.seed, domain, self.dataset.val_fraction)
 
 
-def domainbed_parts(f: Features, dataset_cfg, domain: str, trial_seed: int) -> tuple[list, list, dict]:
-    """DomainBed's split of one domain (``domainbed.split_holdout``: ImageFolder's order, the md5
-    seed of (trial_seed, environment index), ``RandomState.shuffle``, the first ``val_fraction`` held
-    out) as rows of ``f``: (in rows, out rows, the record of the split). A file ImageFolder lists
-    that ``f`` lacks (unreadable, or an extension promptdg does not read) is left out of both parts
-    and counted; a file ImageFolder does not list is in neither part."""
-    root = dataset_dir(dataset_cfg)
-    out_files, in_files = split_holdout(str(root / domain), domain, list(dataset_cfg.domains), int(trial_seed),
-                                        float(dataset_cfg.val_fraction))
-    row = {p: i for i, p in enumerate(f.paths)}
-    rows_in, rows_out = [row[p] for p in in_files if p in row], [row[p] for p in out_files if p in row]
-    record = {"out": [str(Path(p).relative_to(root)) for p in out_files if p in row], "n_in": len(rows_in),
-              "missing": len(in_files) + len(out_files) - len(rows_in) - len(rows_out)}
-    return rows_in, rows_out, record
-
-
-
-
 class DG(Protocol):
     name = "dg"
+    _memo: Dict[str, tuple]  # domain -> _parts(domain), made on first use
 
     @property
     def trial_seed(self) -> int:
@@ -299,7 +282,7 @@ class DG(Protocol):
     def _parts(self, domain: str):
         """(features, in rows, out rows, record) of a domain, computed once per run."""
         if domain not in self.__dict__.setdefault("_memo", {}):
-            f = self.cache.domain_features(self.backbone, self.dataset, domain)
+            f = self.features.domain_features(self.backbone, self.dataset, domain)
             self._memo[domain] = (f, *domainbed_parts(f, self.dataset, domain, self.trial_seed))
         return self._memo[domain]
 
@@ -324,8 +307,13 @@ class DG(Protocol):
         source domain (``sources``: a method that trains) and tested domain."""
         domains = (split.sources if sources else []) + split.tests
         parts = {d: self._parts(d)[3] | {"role": "source" if d in split.sources else "target"} for d in domains}
-        return {"rule": "DomainBed scripts/train.py: split_dataset(env, int(len(env) * holdout_fraction), seed_hash(trial_seed, env_i))",
-                "trial_seed": self.trial_seed, "holdout_fraction": float(self.dataset.val_fraction), "domains": parts}
+        return {
+            "rule": "DomainBed scripts/train.py: "
+            "split_dataset(env, int(len(env) * holdout_fraction), seed_hash(trial_seed, env_i))",
+            "trial_seed": self.trial_seed,
+            "holdout_fraction": float(self.dataset.val_fraction),
+            "domains": parts,
+        }
 
 
 class UDA(Protocol):
@@ -337,13 +325,13 @@ class UDA(Protocol):
 
     def train_data(self, split: Split) -> TrainData:
         data = self._source(split, holdout=self.spec.source_holdout)
-        test = self.cache.domain_features(self.backbone, self.dataset, split.target)
+        test = self.features.domain_features(self.backbone, self.dataset, split.target)
         data.target = unlabelled(test)
         data.target_views = self._views(data.target, split.target)
         return data
 
     def test_sets(self, split: Split) -> Dict[str, Features]:
-        return {split.key: self.cache.domain_features(self.backbone, self.dataset, split.target)}
+        return {split.key: self.features.domain_features(self.backbone, self.dataset, split.target)}
 
 
 class SourceFree(Protocol):
@@ -385,8 +373,12 @@ class FewShot(Protocol):
         s = few_shot_splits(self.dataset, self.shots, self.seed)
         # cached per image list: the whole test split once, each k-shot draw (a few images) on its own
         tag = f"{self.shots}shot-seed{self.seed}" if self.shots else "all"
-        train = self.cache.list_features(self.backbone, self.dataset.name, f"train-{tag}", *s["train"])
-        val = None if s["val"] is None else self.cache.list_features(self.backbone, self.dataset.name, f"val-{tag}", *s["val"])
+        train = self.features.list_features(self.backbone, self.dataset.name, f"train-{tag}", *s["train"])
+        val = (
+            None
+            if s["val"] is None
+            else self.features.list_features(self.backbone, self.dataset.name, f"val-{tag}", *s["val"])
+        )
         data = TrainData(train=train, val=val, train_views=self._views(train, f"train-{tag}"))
         if s["draw"] is not None:
             data.drawn = drawn_record(s["draw"], train, val, dataset_root(self.dataset))
@@ -394,7 +386,7 @@ class FewShot(Protocol):
 
     def test_sets(self, split: Split) -> Dict[str, Features]:
         paths, labels, _ = read_split(self.dataset, "test")
-        return {split.key: self.cache.list_features(self.backbone, self.dataset.name, "test", paths, labels)}
+        return {split.key: self.features.list_features(self.backbone, self.dataset.name, "test", paths, labels)}
 
 
 def protocol_for(cfg, method_cls) -> Protocol:
@@ -423,9 +415,11 @@ def check_selection(protocol: Protocol) -> None:
     if spec.select == "val":
         why = None
         if isinstance(protocol, FewShot) and val_is_test(dataset):
-            why = (f"dataset={dataset.name}'s val split is its test split ({dataset.split_paths.get('val')}), so it has "
-                   f"no validation data: selecting on it would select on test labels. The official code keeps the last "
-                   f"epoch: method.select=last")
+            why = (
+                f"dataset={dataset.name}'s val split is its test split ({dataset.split_paths.get('val')}), so it has "
+                f"no validation data: selecting on it would select on test labels. The official code keeps the last "
+                f"epoch: method.select=last"
+            )
         elif isinstance(protocol, UDA) and not spec.source_holdout:
             why = ("the sources are used whole for training (method.source_holdout=false, as the official trainer). "
                    "method.source_holdout=true holds 20 % of each source out for validation; or method.select=last")

@@ -192,7 +192,8 @@ class RunRecord:
     # cpu_capability, cpu, gpu (null: not installed, not built with, not used)
     environment: Optional[Dict[str, Optional[str]]] = _spec(_TEXTS)
     git_dirty: Optional[bool] = _spec(_BOOL)  # promptdg's tree had uncommitted changes (null: not a git checkout)
-    git_diff_sha256: Optional[str] = _spec(_STR)  # SHA-256 of those changes (git diff HEAD + untracked files); null when clean
+    # SHA-256 of those changes (git diff HEAD + untracked files); null when clean
+    git_diff_sha256: Optional[str] = _spec(_STR)
     # the CLIP weights as loaded: kind (hf-hub, local-dir, open_clip-tag, file, random-init), id (the
     # feature-cache key's name for them), repo and revision (a commit) where they come from a hub repository
     weights: Optional[Dict[str, Any]] = _spec(_OBJECT)
@@ -207,7 +208,12 @@ class RunRecord:
     source_domains: Optional[Dict[str, List[str]]] = _spec(
         (_mapping_of(_is_str_list, "a list of strings"), "an object of lists of strings (target -> sources)"), FINISHED)
     accuracy: Optional[Dict[str, float]] = _spec(
-        (_mapping_of(_is_number, "a finite number", nonempty=True), "a non-empty object of finite numbers (domain -> %)"), FINISHED)
+        (
+            _mapping_of(_is_number, "a finite number", nonempty=True),
+            "a non-empty object of finite numbers (domain -> %)",
+        ),
+        FINISHED,
+    )
     mean_per_class_accuracy: Optional[Dict[str, float]] = _spec(_SCORES)
     val_accuracy: Optional[Dict[str, float]] = _spec(_SCORES)  # per split, on held-out source data
     oracle_accuracy: Optional[Dict[str, float]] = _spec(_SCORES)  # selection=oracle: per target, on its held-out part
@@ -220,11 +226,20 @@ class RunRecord:
     # ---- resources
     timings: Optional[Dict[str, float]] = _spec(_NUMBERS, FINISHED)  # train_s, eval_s, total_s
     peak_memory_mb: Optional[Dict[str, Optional[float]]] = _spec(
-        (_mapping_of(lambda v: v is None or _is_number(v), "a finite number or null"), "an object of finite numbers or nulls"), FINISHED)
-    feature_cache: Optional[Dict[str, int]] = _spec((_mapping_of(_is_int, "an integer"), "an object of integers"))  # hits, misses
+        (
+            _mapping_of(lambda v: v is None or _is_number(v), "a finite number or null"),
+            "an object of finite numbers or nulls",
+        ),
+        FINISHED,
+    )
+    # hits, misses
+    feature_cache: Optional[Dict[str, int]] = _spec((_mapping_of(_is_int, "an integer"), "an object of integers"))
     # unreadable files recovered from (a checkpoint, a cached feature file, a generated image): file, error, action
-    recovered: Optional[List[Dict[str, Any]]] = _spec((_list_of(lambda v: isinstance(v, dict), "an object"), "a list of objects"))
-    # the data as used: unreadable images skipped and empty class folders (by dataset/domain), shots drawn per class (by split)
+    recovered: Optional[List[Dict[str, Any]]] = _spec(
+        (_list_of(lambda v: isinstance(v, dict), "an object"), "a list of objects")
+    )
+    # the data as used: unreadable images skipped and empty class folders (by dataset/domain), shots
+    # drawn per class (by split)
     data_used: Optional[Dict[str, Any]] = _spec((_scalar(lambda v: isinstance(v, dict)), "an object"))
     # ---- the protocol as run: augmentation, selection, epochs, templates ... (the method config's protocol
     # keys) and the opt-ins that leave the official protocol ("augment=none", "select=target_test": OPT_INS)
@@ -253,7 +268,9 @@ class RunRecord:
             if value is None:
                 if status in f.metadata["need"] or f.name == "status":
                     need = "every" if f.metadata["need"] == EVERY else f"a {status.value}"
-                    raise RecordError(f.name, None, f"{f.metadata['expected']} (required in {need} record)", missing=True)
+                    raise RecordError(
+                        f.name, None, f"{f.metadata['expected']} (required in {need} record)", missing=True
+                    )
                 continue
             problem = f.metadata["check"](value)
             if problem is not None:
@@ -325,12 +342,31 @@ JSON_FIELDS = tuple(f.name for f in fields(RunRecord) if f.name != "extra")
 # reads test labels. A run records them (``opt_ins``) and ``collect`` marks its row with the mark.
 OPT_INS = {
     "augment=none": ("*", "promptdg's cheaper protocol: no augmentation (the un-augmented cached features)"),
-    "augment=views": ("*", "promptdg's cheaper protocol: K augmented views per image encoded once, not a fresh view per epoch"),
-    "select=target_test": ("†", "the epoch is selected on the target's test labels (a parity opt-in; the official DAPL code does it)"),
-    "select=oracle": ("‡", "DomainBed's test-domain validation (oracle) rule: it reads the test domain's held-out labels"),
+    "augment=views": (
+        "*",
+        "promptdg's cheaper protocol: K augmented views per image encoded once, not a fresh view per epoch",
+    ),
+    "select=target_test": (
+        "†",
+        "the epoch is selected on the target's test labels (a parity opt-in; the official DAPL code does it)",
+    ),
+    "select=oracle": (
+        "‡",
+        "DomainBed's test-domain validation (oracle) rule: it reads the test domain's held-out labels",
+    ),
 }
 # the method-config keys a record lists in ``protocol_details`` (where the method has them)
-PROTOCOL_KEYS = ("augment", "aug_views", "select", "epochs", "source_holdout", "templates", "prompt", "intra_loss", "lr_step")
+PROTOCOL_KEYS = (
+    "augment",
+    "aug_views",
+    "select",
+    "epochs",
+    "source_holdout",
+    "templates",
+    "prompt",
+    "intra_loss",
+    "lr_step",
+)
 
 
 def opt_ins_of(method_cfg: Mapping[str, Any]) -> List[str]:

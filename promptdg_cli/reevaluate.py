@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Dict, cast
 
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from .config import config_hash, typed_method
-from .data import FeatureCache, class_names
+from .data import FeatureCache, Features, class_names
 from .devices import loader_workers, peak_memory_mb, select_device
 from .errors import ConfigError
 from .evaluation import evaluate
@@ -31,13 +31,21 @@ from .runner import identity, prepare_backbone, run_env
 
 
 def _classnames(dataset_cfg) -> list:
-    return list(read_split(dataset_cfg, "test")[2]) if str(dataset_cfg.protocol) == "fewshot" else class_names(dataset_cfg)
+    return (
+        list(read_split(dataset_cfg, "test")[2]) if str(dataset_cfg.protocol) == "fewshot" else class_names(dataset_cfg)
+    )
 
 
 def load_split_model(run_cfg, run_dir: Path, split: str, backbone, device) -> Any:
     """A finished split's method with its saved model."""
     cls = method_class(run_cfg.method)
-    method = cls(typed_method(run_cfg.method, getattr(cls, "Config", None)), backbone, _classnames(run_cfg.dataset), device, run_env(run_cfg))
+    method = cls(
+        typed_method(run_cfg.method, getattr(cls, "Config", None)),
+        backbone,
+        _classnames(run_cfg.dataset),
+        device,
+        run_env(run_cfg),
+    )
     f = run_dir / "splits" / split / "model.safetensors"
     if f.is_file():
         method.load_state_dict(load_file(str(f)))
@@ -46,9 +54,16 @@ def load_split_model(run_cfg, run_dir: Path, split: str, backbone, device) -> An
 
 def _record(cfg, run_cfg, out_dir: Path, source_run: Path, t0: float, device, **results) -> RunRecord:
     ident = identity(cfg, out_dir, config_hash(cfg), str(results.pop("protocol", cfg.dataset.protocol)))
-    ident |= {"method": run_cfg.method.name, "variant": run_cfg.method.variant, "backbone": run_cfg.backbone.name,
-              "model": run_cfg.backbone.model, "pretrained": str(run_cfg.backbone.pretrained), "seed": int(run_cfg.seed),
-              "device": str(device), "precision": str(run_cfg.backbone.precision)}
+    ident |= {
+        "method": run_cfg.method.name,
+        "variant": run_cfg.method.variant,
+        "backbone": run_cfg.backbone.name,
+        "model": run_cfg.backbone.model,
+        "pretrained": str(run_cfg.backbone.pretrained),
+        "seed": int(run_cfg.seed),
+        "device": str(device),
+        "precision": str(run_cfg.backbone.precision),
+    }
     acc = results["accuracy"]
     rec = RunRecord(status=Status.FINISHED, **ident | {"shots": run_cfg.get("shots")}, evaluated_run=str(source_run),
                     avg_accuracy=sum(acc.values()) / len(acc), timings={"total_s": time.time() - t0},
@@ -61,8 +76,9 @@ def _reevaluate_split_dataset(cfg, run_cfg, source_run: Path, out_dir: Path) -> 
     t0 = time.time()
     paths, labels, names = read_split(cfg.dataset, "test")
     if list(names) != list(_classnames(run_cfg.dataset)):
-        raise ConfigError(f"dataset={cfg.dataset.name} has other classes than the run's dataset ({run_cfg.dataset.name}); "
-                          f"a trained classifier can only be re-evaluated on a dataset with the same label space.")
+        raise ConfigError(f"dataset={cfg.dataset.name} has other classes than the run's dataset "
+                          f"({run_cfg.dataset.name}); a trained classifier can only be re-evaluated on a dataset "
+                          f"with the same label space.")
     device = select_device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
     backbone = prepare_backbone(run_cfg.backbone, device)
@@ -81,14 +97,23 @@ def _reevaluate_split_dataset(cfg, run_cfg, source_run: Path, out_dir: Path) -> 
 def reevaluate(cfg: DictConfig, source_run: Path, out_dir: Path) -> RunRecord:
     """Re-evaluate the saved models of a finished run (see the module docstring)."""
     run_cfg_file, results = source_run / ".hydra" / "config.yaml", source_run / "results.json"
-    if not run_cfg_file.is_file() or not results.is_file() or json.loads(results.read_text()).get("status") != "finished":
-        raise ConfigError(f"run_dir={str(source_run)!r} is not a finished promptdg run (needs .hydra/config.yaml and a finished results.json)")
-    run_cfg = OmegaConf.load(run_cfg_file)
+    if (
+        not run_cfg_file.is_file()
+        or not results.is_file()
+        or json.loads(results.read_text()).get("status") != "finished"
+    ):
+        raise ConfigError(
+            f"run_dir={str(source_run)!r} is not a finished promptdg run "
+            f"(needs .hydra/config.yaml and a finished results.json)"
+        )
+    run_cfg = cast(DictConfig, OmegaConf.load(run_cfg_file))  # (a run's config is a mapping)
     if str(cfg.dataset.protocol) == "fewshot":
         return _reevaluate_split_dataset(cfg, run_cfg, source_run, out_dir)
     if list(run_cfg.dataset.classes.values()) != list(cfg.dataset.classes.values()):
-        raise ConfigError(f"dataset={cfg.dataset.name} has other classes than the run's dataset ({run_cfg.dataset.name}); "
-                          f"a trained classifier can only be re-evaluated on a dataset with the same classes.")
+        raise ConfigError(
+            f"dataset={cfg.dataset.name} has other classes than the run's dataset ({run_cfg.dataset.name}); "
+            f"a trained classifier can only be re-evaluated on a dataset with the same classes."
+        )
     t0 = time.time()
     device = select_device(cfg.device)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,15 +123,28 @@ def reevaluate(cfg: DictConfig, source_run: Path, out_dir: Path) -> RunRecord:
     plan = {}
     for t in targets:
         trained_for = json.loads((source_run / "splits" / t / "result.json").read_text()).get("target", t)
-        plan[t] = [cfg.target] if cfg.target else [trained_for] if trained_for in cfg.dataset.domains else list(cfg.dataset.domains)
+        plan[t] = (
+            [cfg.target]
+            if cfg.target
+            else [trained_for]
+            if trained_for in cfg.dataset.domains
+            else list(cfg.dataset.domains)
+        )
     if len(targets) > 1 and any(len(v) > 1 for v in plan.values()):
-        raise ConfigError(f"run_dir has {len(targets)} split models ({targets}); choose the domain to test with target=<domain>")
-    found = {"target_domains": [], "source_domains": {}, "accuracy": {}}
+        raise ConfigError(
+            f"run_dir has {len(targets)} split models ({targets}); choose the domain to test with target=<domain>"
+        )
+    found: Dict[str, Any] = {"target_domains": [], "source_domains": {}, "accuracy": {}}
     # the test set of a domain, as the run's protocol tests it: DG, DomainBed's "in" part at the run's trial_seed;
     # UDA and source-free runs (DAPL, PromptStyler) test on whole domains
-    dg_run = method_class(run_cfg.method).protocol not in ("uda", "source_free") and str(run_cfg.dataset.protocol) == "dg"
+    dg_run = (
+        method_class(run_cfg.method).protocol not in ("uda", "source_free") and str(run_cfg.dataset.protocol) == "dg"
+    )
+    test_set: Callable[[str], Features]
     if dg_run and str(cfg.dataset.protocol) == "dg":
-        dg = DG(cfg.dataset, RunSpec(seed=int(run_cfg.seed), trial_seed=run_cfg.get("trial_seed"))).attach(cache, backbone)
+        dg = DG(cfg.dataset, RunSpec(seed=int(run_cfg.seed), trial_seed=run_cfg.get("trial_seed"))).attach(
+            cache, backbone
+        )
         test_set = dg.test_set
     else:
         test_set = lambda d: cache.domain_features(backbone, cfg.dataset, d)  # noqa: E731
@@ -118,5 +156,8 @@ def reevaluate(cfg: DictConfig, source_run: Path, out_dir: Path) -> RunRecord:
             found["target_domains"].append(d)
             found["source_domains"][d] = sources
             found["accuracy"][d] = res["top1"]
-            print(f"[promptdg] re-evaluated {source_run.name} (model for {t}) on {cfg.dataset.name}/{d}: top-1 {res['top1']:.1f}%")
+            print(
+                f"[promptdg] re-evaluated {source_run.name} (model for {t}) on {cfg.dataset.name}/{d}: "
+                f"top-1 {res['top1']:.1f}%"
+            )
     return _record(cfg, run_cfg, out_dir, source_run, t0, device, **found)

@@ -25,16 +25,17 @@ import time
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Dict
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import load_file, save_file
 
 from . import __version__, checkpoints, dist, plugins, tracking
 from .backbone import ClipBackbone
 from .classifier import ClassifierBackbone
 from .compute_once import build_once
-from .config import config_hash, typed_method
+from .config import config_hash, plain_dict, typed_method
 from .data import FeatureCache
 from .devices import loader_workers, peak_memory_mb, reset_peak_memory, select_device, set_matmul_precision
 from .environment import environment, git_revision, source_tree
@@ -75,7 +76,7 @@ def prepare_backbone(cfg, device: torch.device):
 def run_env(cfg) -> RunEnv:
     trial = cfg.get("trial_seed")
     return RunEnv(seed=int(cfg.seed), num_workers=loader_workers(cfg.num_workers)[0], cache_root=str(cfg.cache_root),
-                  domain_names=OmegaConf.to_container(cfg.dataset.domain_names), precision=str(cfg.backbone.precision),
+                  domain_names=plain_dict(cfg.dataset.domain_names), precision=str(cfg.backbone.precision),
                   trial_seed=int(cfg.seed if trial is None else trial), dataset=str(cfg.dataset.name))
 
 
@@ -87,7 +88,11 @@ def check_method(cfg, method_cls) -> None:
         require(extra, f"method={cfg.method.name}")
     kind = str(cfg.backbone.get("kind", "clip"))
     if kind not in method_cls.backbone_kinds:
-        need = "an ImageNet classifier (backbone.kind: classifier)" if kind == "clip" else "a CLIP backbone (its text tower)"
+        need = (
+            "an ImageNet classifier (backbone.kind: classifier)"
+            if kind == "clip"
+            else "a CLIP backbone (its text tower)"
+        )
         valid = "resnet50_imagenet" if kind == "clip" else "rn50, rn101, vit_b32, vit_b16, vit_l14, demo_clip"
         raise ConfigError(f"method={cfg.method.name} needs {need}; backbone={cfg.backbone.name} is a {kind} backbone. "
                           f"Valid backbones: {valid}.")
@@ -103,14 +108,31 @@ def check_method(cfg, method_cls) -> None:
 
 def identity(cfg: DictConfig, run_dir: Path, chash: str, protocol: str) -> dict:
     """The record fields that name a run, and the protocol it ran (its opt-ins out of the official one)."""
-    method = OmegaConf.to_container(cfg.method, resolve=True)
-    return {"method": cfg.method.name, "variant": cfg.method.get("variant", ""), "dataset": cfg.dataset.name, "backbone": cfg.backbone.name,
-            "model": cfg.backbone.model, "pretrained": str(cfg.backbone.pretrained), "protocol": protocol, "seed": int(cfg.seed),
-            "domains": list(cfg.dataset.domains), "config_hash": chash, "run_dir": str(run_dir), "version": __version__,
-            "git_revision": git_revision(), "host": platform.node(), "shots": cfg.get("shots"), "device": str(cfg.device),
-            "precision": str(cfg.backbone.precision), "environment": environment(), **source_tree(),
-            "protocol_details": {k: method[k] for k in PROTOCOL_KEYS if k in method}, "opt_ins": opt_ins_of(method),
-            "selection": _selection(cfg)}
+    method = plain_dict(cfg.method, resolve=True)
+    return {
+        "method": cfg.method.name,
+        "variant": cfg.method.get("variant", ""),
+        "dataset": cfg.dataset.name,
+        "backbone": cfg.backbone.name,
+        "model": cfg.backbone.model,
+        "pretrained": str(cfg.backbone.pretrained),
+        "protocol": protocol,
+        "seed": int(cfg.seed),
+        "domains": list(cfg.dataset.domains),
+        "config_hash": chash,
+        "run_dir": str(run_dir),
+        "version": __version__,
+        "git_revision": git_revision(),
+        "host": platform.node(),
+        "shots": cfg.get("shots"),
+        "device": str(cfg.device),
+        "precision": str(cfg.backbone.precision),
+        "environment": environment(),
+        **source_tree(),
+        "protocol_details": {k: method[k] for k in PROTOCOL_KEYS if k in method},
+        "opt_ins": opt_ins_of(method),
+        "selection": _selection(cfg),
+    }
 
 
 def _selection(cfg) -> str | None:
@@ -133,8 +155,10 @@ def run(cfg: DictConfig, run_dir: Path, mode: str = "train") -> RunRecord:
     if results_path.is_file():
         old = json.loads(results_path.read_text())
         if old.get("config_hash") != chash:
-            raise RuntimeError(f"{run_dir} already holds results of a different config (hash {old.get('config_hash')} != {chash}); "
-                               f"refusing to overwrite them. Choose another hydra.run.dir.")
+            raise RuntimeError(
+                f"{run_dir} already holds results of a different config (hash {old.get('config_hash')} != {chash}); "
+                f"refusing to overwrite them. Choose another hydra.run.dir."
+            )
         if old.get("status") == "finished" and not cfg.force:
             if dist.is_main():
                 say(f"[promptdg] skipped: {run_dir} already finished with this config (force=true reruns it)")
@@ -148,12 +172,20 @@ def run(cfg: DictConfig, run_dir: Path, mode: str = "train") -> RunRecord:
             except Preempted as e:
                 STOP.deferring = True  # a further signal does not interrupt the record
                 if dist.is_main():
-                    RunRecord(status=Status.PREEMPTED, **ident,
-                              error=f"stopped by {e.signame} at a checkpoint; rerun the same command to resume").write(results_path)
+                    RunRecord(
+                        status=Status.PREEMPTED,
+                        **ident,
+                        error=f"stopped by {e.signame} at a checkpoint; rerun the same command to resume",
+                    ).write(results_path)
                 raise
             except BaseException as e:
                 if dist.is_main():
-                    RunRecord(status=Status.FAILED, **ident, error=f"{type(e).__name__}: {e}", traceback=traceback.format_exc()).write(results_path)
+                    RunRecord(
+                        status=Status.FAILED,
+                        **ident,
+                        error=f"{type(e).__name__}: {e}",
+                        traceback=traceback.format_exc(),
+                    ).write(results_path)
                 raise
             trackers.record(record.to_dict())
         if dist.is_main():
@@ -194,9 +226,11 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
     torch.manual_seed(cfg.seed)
     device = select_device(cfg.device)
     memory_reset = reset_peak_memory(device)  # this run's peaks, not the process's (a sweep in one process)
-    matmul = set_matmul_precision(str(cfg.get("matmul_precision", "auto")), device)  # (TF32 on CUDA by default: explicit)
+    # (TF32 on CUDA by default: explicit)
+    matmul = set_matmul_precision(str(cfg.get("matmul_precision", "auto")), device)
     workers, chosen = loader_workers(cfg.num_workers)
-    ident = {**ident, "device": str(device), "environment": environment(device), "matmul_precision": matmul,  # the device chosen
+    # the device chosen
+    ident = {**ident, "device": str(device), "environment": environment(device), "matmul_precision": matmul,
              "data_loading": {"num_workers": workers, "chosen": chosen, "pin_memory": device.type == "cuda"}}
     if mode == "train" and not method_cls.trains:
         log.info("%s trains nothing: evaluating only", cfg.method.name)
@@ -209,8 +243,14 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
     cache = FeatureCache(cfg.cache_root, num_workers=workers)
     protocol.attach(cache, backbone)
     per_class = str(cfg.dataset.metric) == "mean_per_class"
-    out = {"target_domains": [], "source_domains": {}, "accuracy": {}, "mean_per_class_accuracy": {}, "val_accuracy": {},
-           "oracle_accuracy": {}}
+    out: Dict[str, Any] = {
+        "target_domains": [],
+        "source_domains": {},
+        "accuracy": {},
+        "mean_per_class_accuracy": {},
+        "val_accuracy": {},
+        "oracle_accuracy": {},
+    }
     counters: dict = {}
     recovered: list = []  # unreadable checkpoints, feature files and generated images, and what was done
     shots: dict = {}  # training images per class of each split, as drawn (shots=k)
@@ -222,7 +262,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
         split_dir = run_dir / "splits" / split.dirname
         split_dir.mkdir(parents=True, exist_ok=True)
         done = split_dir / "result.json"
-        res = dist.broadcast(_finished_split(split_dir, recovered) if main else None)  # (rank 0 reads, every rank follows)
+        # (rank 0 reads, every rank follows)
+        res = dist.broadcast(_finished_split(split_dir, recovered) if main else None)
         if res is not None:
             if main:
                 say(f"[promptdg] {split.target}: finished earlier, read back")
@@ -234,7 +275,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
                 # the final model replaces the resume checkpoint once the split's result is on disk
                 checkpoints.remove(split_dir / "checkpoint.pt")
             dist.barrier()
-        tests = res["tests"] if "tests" in res else {split.key: res["test"]}  # (a split finished by promptdg 0.1: "test")
+        # (a split finished by promptdg 0.1: "test")
+        tests = res["tests"] if "tests" in res else {split.key: res["test"]}
         for domain, test in tests.items():
             if main:
                 say(f"[promptdg] {cfg.method.name} {cfg.dataset.name} target={domain}: top-1 {test['top1']:.1f}%")
@@ -246,7 +288,8 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
             out["val_accuracy"][split.key] = res["val"]["top1"]
         for domain, test in res.get("oracle", {}).items():  # select=oracle: the test domain's held-out part
             out["oracle_accuracy"][domain] = test["top1"]
-        for k, v in res.get("extra", {}).items():  # a method's counters (DomainFusion: generated_images), summed over splits
+        # a method's counters (DomainFusion: generated_images), summed over splits
+        for k, v in res.get("extra", {}).items():
             counters[k] = counters.get(k, 0) + v
         recovered += res.get("recovered", [])
         if res.get("shots_per_class"):
@@ -258,12 +301,25 @@ def _run_locked(cfg: DictConfig, run_dir: Path, mode: str, method_cls, ident: di
     if not per_class:
         out["mean_per_class_accuracy"] = None
     out["oracle_accuracy"] = out["oracle_accuracy"] or None
-    rec = RunRecord(status=Status.FINISHED, **ident, **out, weights=backbone.weights, avg_accuracy=sum(out["accuracy"].values()) / len(out["accuracy"]),
-                    source_free=method_cls.protocol == "source_free", timings=timings | {"total_s": time.time() - t0},
-                    peak_memory_mb=peak_memory_mb(device, memory_reset), feature_cache={"hits": cache.hits, "misses": cache.misses},
-                    recovered=recovered + cache.recovered,
-                    data_used={"unreadable_images": cache.unreadable, "empty_class_folders": cache.empty_classes,
-                               "shots_per_class": shots, "shots_sampler": samplers, "augmented_views": cache.views})
+    rec = RunRecord(
+        status=Status.FINISHED,
+        **ident,
+        **out,
+        weights=backbone.weights,
+        avg_accuracy=sum(out["accuracy"].values()) / len(out["accuracy"]),
+        source_free=method_cls.protocol == "source_free",
+        timings=timings | {"total_s": time.time() - t0},
+        peak_memory_mb=peak_memory_mb(device, memory_reset),
+        feature_cache={"hits": cache.hits, "misses": cache.misses},
+        recovered=recovered + cache.recovered,
+        data_used={
+            "unreadable_images": cache.unreadable,
+            "empty_class_folders": cache.empty_classes,
+            "shots_per_class": shots,
+            "shots_sampler": samplers,
+            "augmented_views": cache.views,
+        },
+    )
     rec.add_counters(counters)
     return rec
 
@@ -291,15 +347,20 @@ def _finished_split(split_dir: Path, events: list) -> dict | None:
     return res
 
 
-def _run_split(cfg, method_cls, backbone, protocol, names, split: Split, split_dir: Path, run_dir: Path, device) -> dict:
+def _run_split(
+    cfg, method_cls, backbone, protocol, names, split: Split, split_dir: Path, run_dir: Path, device
+) -> dict:
     torch.manual_seed(cfg.seed)
-    method = method_cls(typed_method(cfg.method, getattr(method_cls, "Config", None)), backbone, names, device, run_env(cfg))
+    method = method_cls(
+        typed_method(cfg.method, getattr(method_cls, "Config", None)), backbone, names, device, run_env(cfg)
+    )
     data, selection_set = None, None
     with dist.main_first("extracting image features"):  # rank 0 fills the feature cache, the others read it
         if method_cls.trains:
             data = protocol.train_data(split)
         holdout = protocol.holdout_record(split, sources=method_cls.trains)
-        if method_cls.trains and str(cfg.method.get("select", "last")) == "target_test":  # (an opt-in, recorded and marked)
+        # (an opt-in, recorded and marked)
+        if method_cls.trains and str(cfg.method.get("select", "last")) == "target_test":
             (selection_set,) = protocol.test_sets(split).values()
     if dist.is_main():
         if holdout is not None:  # the images each domain held out (DG: DomainBed's split)
@@ -324,10 +385,21 @@ def _run_split(cfg, method_cls, backbone, protocol, names, split: Split, split_d
     results = {key: evaluate(method, feats, subset=subset) for key, feats in tests.items()}
     oracle = {key: evaluate(method, feats) for key, feats in oracle.items()}
     val = evaluate(method, data.val) if data is not None and data.val is not None and len(data.val) else None
-    return {"target": split.target, "sources": split.sources, "tests": results, "val": val, "oracle": oracle,
-            "n_train": len(data.train) if data is not None and data.train is not None else 0,
-            "n_target_unlabelled": len(data.target) if data is not None and data.target is not None else 0,
-            "shots_per_class": data.shots_per_class(names) if cfg.get("shots") and data is not None and data.train is not None else None,
-            "sampler": data.drawn["sampler"] if data is not None and data.drawn else None,
-            "extra": method.extra_results(), "recovered": ctx.recovered, "train_s": train_s, "eval_s": time.time() - t,
-            "saved_model": bool(state)}
+    return {
+        "target": split.target,
+        "sources": split.sources,
+        "tests": results,
+        "val": val,
+        "oracle": oracle,
+        "n_train": len(data.train) if data is not None and data.train is not None else 0,
+        "n_target_unlabelled": len(data.target) if data is not None and data.target is not None else 0,
+        "shots_per_class": data.shots_per_class(names)
+        if cfg.get("shots") and data is not None and data.train is not None
+        else None,
+        "sampler": data.drawn["sampler"] if data is not None and data.drawn else None,
+        "extra": method.extra_results(),
+        "recovered": ctx.recovered,
+        "train_s": train_s,
+        "eval_s": time.time() - t,
+        "saved_model": bool(state),
+    }

@@ -91,7 +91,9 @@ def choice(*values: str, default: Any = MISSING):
 
 def num(default: Any = MISSING, *, ge=None, gt=None, le=None, lt=None, items: bool = False, doc: str = ""):
     """A numeric field with its valid range (``items``: the range applies to each list element)."""
-    return field(default=default, metadata={"range": {"ge": ge, "gt": gt, "le": le, "lt": lt}, "items": items, "doc": doc})
+    return field(
+        default=default, metadata={"range": {"ge": ge, "gt": gt, "le": le, "lt": lt}, "items": items, "doc": doc}
+    )
 
 
 # --------------------------------------------------------------------- data and backbone

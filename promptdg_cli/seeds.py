@@ -10,7 +10,7 @@ stream (``RunEnv.rng("dapt-augmentation", epoch)``), never the arithmetic.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union, cast
 
 import numpy as np
 import torch
@@ -43,9 +43,12 @@ def seed(stream: str, run_seed: int, *keys: int) -> Seed:
     return STREAMS[stream](int(run_seed), *(int(k) for k in keys))
 
 
-def generator(stream: str, run_seed: int, *keys: int, device: Optional[Union[str, torch.device]] = None) -> torch.Generator:
+def generator(
+    stream: str, run_seed: int, *keys: int, device: Optional[Union[str, torch.device]] = None
+) -> torch.Generator:
     """A torch generator at the start of ``stream``."""
-    return torch.Generator(device=device or "cpu").manual_seed(int(seed(stream, run_seed, *keys)))
+    # (a stream of one integer: the list seeds are NumPy's)
+    return torch.Generator(device=device or "cpu").manual_seed(int(cast(int, seed(stream, run_seed, *keys))))
 
 
 def numpy_generator(stream: str, run_seed: int, *keys: int) -> np.random.Generator:

@@ -24,9 +24,12 @@ import random
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 from .errors import DatasetNotFound
+
+if TYPE_CHECKING:
+    from .data import Features
 
 VAL_SHOTS = 4  # CoOp's validation draw: min(k, 4) images per class
 DASSL = "dassl"  # the sampler of a draw made here, by Dassl's algorithm
@@ -69,13 +72,22 @@ def dassl_draw(train_labels: Sequence[int], val_labels: Optional[Sequence[int]],
     """CoOp's draw of a run with ``seed``: train with k, then val (None: no val split) with min(k, 4)."""
     if int(k) < 1:
         raise ValueError(f"shots={k}: the number of images per class must be >= 1")
-    rng, short = random.Random(int(seed)), []
+    rng = random.Random(int(seed))
+    short: List[str] = []  # the classes with fewer than k images, as "label (count)"
     train = draw_split(train_labels, int(k), rng, short)
     val = None if val_labels is None else draw_split(val_labels, min(int(k), VAL_SHOTS), rng)
     if short:
         warnings.warn(f"{len(short)} class(es) have fewer than {k} training images; all their images are used: "
                       f"label (count) {', '.join(short[:10])}{' ...' if len(short) > 10 else ''}", stacklevel=2)
     return Draw(train, val, DASSL, short)
+
+
+def drawn_record(draw: Draw, train: Features, val: Optional[Features], root) -> dict:
+    """The drawn images as a run records them: paths relative to the dataset folder, in draw order."""
+    def rel(paths):
+        return [str(Path(p).relative_to(root)) if Path(p).is_relative_to(root) else str(p) for p in paths]
+
+    return {"sampler": draw.sampler, "train": rel(train.paths), "val": None if val is None else rel(val.paths)}
 
 
 # --------------------------------------------------------------------- the official draw files
@@ -91,6 +103,9 @@ class DrawFileError(DatasetNotFound):
 class _Datum:
     """Dassl's ``Datum`` as plain data (``_impath``, ``_label``, ``_domain``, ``_classname``)."""
 
+    _impath: str  # (set by the file's state, checked where read)
+    _label: int
+
     def __setstate__(self, state):
         if not isinstance(state, dict):
             raise pickle.UnpicklingError("a Datum's state is not a dict")
@@ -105,9 +120,11 @@ class _DrawUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if (module, name) == DATUM:
             return _Datum
-        raise DrawFileError(f"{self.path}: an official few-shot draw file holds Dassl's Datum objects only; this one names "
-                            f"{module}.{name}, which is not loaded (nothing in a draw file is executed). Delete the file to "
-                            f"let promptdg draw the shots itself (the same algorithm).")
+        raise DrawFileError(
+            f"{self.path}: an official few-shot draw file holds Dassl's Datum objects only; this one names "
+            f"{module}.{name}, which is not loaded (nothing in a draw file is executed). Delete the file to "
+            f"let promptdg draw the shots itself (the same algorithm)."
+        )
 
 
 def _load(path: Path) -> dict:
@@ -120,8 +137,13 @@ def _load(path: Path) -> dict:
         raise DrawFileError(f"{path}: not a readable few-shot draw file ({type(e).__name__}: {e}). Delete it to let "
                             f"promptdg draw the shots itself (the same algorithm).") from None
     if not isinstance(data, dict) or not isinstance(data.get("train"), list):
-        raise DrawFileError(f"{path}: expected {{'train': [Datum, ...], 'val': [...]}} (CoOp's format), found {type(data).__name__}")
+        raise DrawFileError(
+            f"{path}: expected {{'train': [Datum, ...], 'val': [...]}} (CoOp's format), found {type(data).__name__}"
+        )
     return data
+
+
+Listing = Tuple[Sequence[Path], Sequence[int]]  # a split's (paths, labels)
 
 
 def _positions(items: list, paths: Sequence[Path], labels: Sequence[int], path: Path, part: str) -> List[int]:
@@ -144,12 +166,14 @@ def _positions(items: list, paths: Sequence[Path], labels: Sequence[int], path: 
                                 f"(matched by its trailing path components); the file belongs to another copy or split")
         hit = cands[0]
         if int(getattr(d, "_label", -1)) != int(labels[hit]):
-            raise DrawFileError(f"{path}: the {part} image {d._impath} has label {d._label} in the file and {labels[hit]} here")
+            raise DrawFileError(
+                f"{path}: the {part} image {d._impath} has label {d._label} in the file and {labels[hit]} here"
+            )
         out.append(hit)
     return out
 
 
-def read_official_draw(path: Path, train: tuple, val: Optional[tuple], root: Path) -> Draw:
+def read_official_draw(path: Path, train: Listing, val: Optional[Listing], root: Path) -> Draw:
     """The draw stored in CoOp's file ``path``, as positions into this dataset's ``train`` and ``val``
     listings (each ``(paths, labels)``; ``val`` None: a dataset without its own val split)."""
     data = _load(path)

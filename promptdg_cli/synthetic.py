@@ -11,7 +11,7 @@ shared-out round writes the same images as an uninterrupted one.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, cast
 
 import torch
 from PIL import Image
@@ -40,7 +40,7 @@ def save_png(x01: torch.Tensor, path: Path) -> None:
 
 def round_seed(run_seed: int, r: int) -> int:
     """The seed of augmentation round ``r`` (its batches derive theirs from it)."""
-    return int(seeds.seed("domainfusion-round", run_seed, r))
+    return int(cast(int, seeds.seed("domainfusion-round", run_seed, r)))  # (a stream of one integer)
 
 
 def round_outputs(folder: Path, r: int, n: int) -> List[Path]:

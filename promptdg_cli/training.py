@@ -71,7 +71,9 @@ class StepInfo:
     step: int
 
 
-def dassl_lr(step: int, lr: float, epochs: int, warmup_epochs: int, warmup_lr: float, warmup: str = "constant") -> float:
+def dassl_lr(
+    step: int, lr: float, epochs: int, warmup_epochs: int, warmup_lr: float, warmup: str = "constant"
+) -> float:
     """The learning rate at scheduler step ``step`` of Dassl's schedule, as the official CoOp, DAPL and
     DAPT code builds it (``build_lr_scheduler``: CosineAnnealingLR(T_max=epochs) behind a warm-up
     wrapper, WARMUP_RECOUNT=True):
@@ -103,7 +105,8 @@ class AmpStep:
         self.scaler = torch.amp.GradScaler(device.type) if self.precision == "fp16" else None
         self.skipped = 0  # steps skipped on an inf/NaN gradient
         if self.scaler is not None:
-            self.scaler.scale(torch.zeros((), device=device))  # (the scale exists before a step, even one without a loss here)
+            # (the scale exists before a step, even one without a loss here)
+            self.scaler.scale(torch.zeros((), device=device))
 
     def autocast(self):
         return devices.autocast(self.device, self.precision)
@@ -159,8 +162,11 @@ def _empty(batch) -> bool:
 class TrainContext:
     """One split's training: its folder, seed and device, the checkpoint, metrics and the loop."""
 
-    def __init__(self, run_dir: Path, split_dir: Path, target: str, seed: int, device: torch.device, selection_set=None):
-        self.run_dir, self.split_dir, self.target, self.seed, self.device = Path(run_dir), Path(split_dir), target, seed, device
+    def __init__(
+        self, run_dir: Path, split_dir: Path, target: str, seed: int, device: torch.device, selection_set=None
+    ):
+        self.run_dir, self.split_dir, self.target = Path(run_dir), Path(split_dir), target
+        self.seed, self.device = seed, device
         # method.select=target_test only (an opt-in for parity with official code that selects on test labels):
         # the labelled test set whose accuracy selects the epoch
         self.selection_set = selection_set
@@ -189,6 +195,7 @@ class TrainContext:
 
     def _save(self, section: str, state: dict) -> None:
         self.checkpoint(section)  # (reads the file once, so the other sections are kept)
+        assert self._state is not None  # (checkpoint() has read it)
         self._state[section] = state
         if dist.is_main():
             checkpoints.save(self._state, self.ckpt)  # verified, the previous one kept until then
@@ -202,7 +209,11 @@ class TrainContext:
             return
         if section is not None and state is not None:
             self._save(section, state())
-        log.warning("%s: stopping at a checkpoint after %s; rerun the same command to resume", self.target, signal.Signals(signum).name)
+        log.warning(
+            "%s: stopping at a checkpoint after %s; rerun the same command to resume",
+            self.target,
+            signal.Signals(signum).name,
+        )
         raise Preempted(signum)
 
     # ----------------------------------------------------------------- records and progress
@@ -233,10 +244,11 @@ class TrainContext:
         cfg = m.cfg
         params = m.parameters_to_train()
         opt = m.optimizer(params)
-        amp = AmpStep(self.device, str(getattr(getattr(m, "env", None), "precision", "fp32")))  # autocast, fp16's scaling
+        # autocast, fp16's scaling
+        amp = AmpStep(self.device, str(getattr(getattr(m, "env", None), "precision", "fp32")))
         epochs = m.rounds()
         select = str(getattr(cfg, "select", "last"))
-        best = {"acc": -1.0, "epoch": -1, "params": [p.detach().clone() for p in params]}
+        best: Dict[str, Any] = {"acc": -1.0, "epoch": -1, "params": [p.detach().clone() for p in params]}
         state = self.checkpoint("loop")
         start, done, resumed = 0, 0, {}
         if state is not None:
@@ -245,15 +257,27 @@ class TrainContext:
             opt.load_state_dict(state["optimizer"])
             best = state["best"]
             m.load_extra_state(state.get("extra"))
-            amp.load_state_dict(state.get("amp"))  # (fp16: the loss scale, so a resumed run skips where an uninterrupted one does)
-            start, done = (int(state["epoch"]), int(state["step"])) if state.get("step") else (int(state["epoch"]) + 1, 0)
+            # (fp16: the loss scale, so a resumed run skips where an uninterrupted one does)
+            amp.load_state_dict(state.get("amp"))
+            start, done = (
+                (int(state["epoch"]), int(state["step"])) if state.get("step") else (int(state["epoch"]) + 1, 0)
+            )
             resumed = dict(state.get("sums", {})) if done else {}
             self.global_step = int(state.get("global_step", 0))
         dist.broadcast_params(params)  # every rank starts from rank 0's values
 
         def snapshot(epoch, step, sums):
-            return {"epoch": epoch, "step": step, "params": [p.detach() for p in params], "optimizer": opt.state_dict(),
-                    "best": best, "extra": m.extra_state(), "sums": sums, "global_step": self.global_step, "amp": amp.state_dict()}
+            return {
+                "epoch": epoch,
+                "step": step,
+                "params": [p.detach() for p in params],
+                "optimizer": opt.state_dict(),
+                "best": best,
+                "extra": m.extra_state(),
+                "sums": sums,
+                "global_step": self.global_step,
+                "amp": amp.state_dict(),
+            }
 
         for epoch in self.progress(range(start, epochs), desc=f"{cfg.name} epochs", initial=start, total=epochs):
             m.on_epoch(epoch, self)
@@ -261,7 +285,8 @@ class TrainContext:
             batches = m.epoch_batches(epoch, g)
             first = done if epoch == start else 0
             base = resumed if first else {}
-            sums: Dict[str, Any] = {n: 0.0 for n in m.loss_terms}  # this rank's part since (re)start, summed over steps (float64 on the device: no sync a step)
+            # this rank's part since (re)start, summed over steps (float64 on the device: no sync a step)
+            sums: Dict[str, Any] = {n: 0.0 for n in m.loss_terms}
             lr = None
             local = [_shard(b) for b in batches[first:]]
             items = iter(m.load(epoch, [b for b in local if not _empty(b)]))  # (a rank's empty parts are not loaded)
@@ -276,17 +301,26 @@ class TrainContext:
                         terms = {t.name: t for t in m.batch_loss(next(items), StepInfo(epoch, step))}
                     unknown = set(terms) - set(m.loss_terms)
                     if unknown:
-                        raise ValueError(f"{type(m).__name__}.batch_loss returned terms {sorted(unknown)} not in its loss_terms {m.loss_terms}")
-                # every rank: the items each term covers, summed over ranks (one collective, in loss_terms' order; host numbers)
+                        raise ValueError(
+                            f"{type(m).__name__}.batch_loss returned terms {sorted(unknown)} "
+                            f"not in its loss_terms {m.loss_terms}"
+                        )
+                # every rank: the items each term covers, summed over ranks (one collective, in loss_terms'
+                # order; host numbers)
                 counts = [terms[n].n if n in terms and terms[n].loss is not None else 0 for n in m.loss_terms]
-                totals = counts if dist.world() == 1 else [int(v) for v in dist.all_sum(np.asarray(counts, dtype=np.float64))]
+                totals = (
+                    counts
+                    if dist.world() == 1
+                    else [int(v) for v in dist.all_sum(np.asarray(counts, dtype=np.float64))]
+                )
                 loss, values = None, {}
                 for name, n_all in zip(m.loss_terms, totals):
                     t = terms.get(name)
                     if t is None or t.loss is None or not t.n:
                         continue
                     share = t.loss * (t.n / n_all) if dist.world() > 1 else t.loss  # its part of the batch mean
-                    values[name] = share.detach().double()  # (the float .item() gave, kept on the device: no read a step)
+                    # (the float .item() gave, kept on the device: no read a step)
+                    values[name] = share.detach().double()
                     values[TOTAL] = values.get(TOTAL, 0.0) + t.weight * values[name]
                     sums[name] = sums[name] + values[name]
                     loss = t.weight * share if loss is None else loss + t.weight * share
@@ -298,16 +332,29 @@ class TrainContext:
                     amp.step(opt)
                 self.global_step += 1
                 if self.tracker.wants_step(self.global_step):  # (the same on every rank: a collective under torchrun)
-                    self._track_step(_all_sum({n: values.get(n, 0.0) for n in (*m.loss_terms, TOTAL)}), opt.param_groups[0]["lr"])
+                    self._track_step(
+                        _all_sum({n: values.get(n, 0.0) for n in (*m.loss_terms, TOTAL)}), opt.param_groups[0]["lr"]
+                    )
                 self.stop_point("loop", lambda: snapshot(epoch, step + 1, _add(base, _all_sum(sums))))
             total = _add(base, _all_sum(sums))
-            skipped = {} if amp.scaler is None else {"fp16_skipped_steps": amp.skipped}  # (so far: steps with an inf gradient)
+            # (so far: steps with an inf gradient)
+            skipped = {} if amp.scaler is None else {"fp16_skipped_steps": amp.skipped}
             val = self._selection_score(m, select)
             val = None if val is None else dist.broadcast(val)  # every rank selects the same epoch
             if select == "last" or val is None or val > best["acc"]:
-                best = {"acc": val if val is not None else -1.0, "epoch": epoch, "params": [p.detach().clone() for p in params]}
+                best = {
+                    "acc": val if val is not None else -1.0,
+                    "epoch": epoch,
+                    "params": [p.detach().clone() for p in params],
+                }
             steps = max(len(batches), 1)
-            self.log(epoch=epoch, lr=lr, **{k: v / steps for k, v in total.items()}, **({} if val is None else {"val_acc": val}), **skipped)
+            self.log(
+                epoch=epoch,
+                lr=lr,
+                **{k: v / steps for k, v in total.items()},
+                **({} if val is None else {"val_acc": val}),
+                **skipped,
+            )
             self._save("loop", snapshot(epoch, 0, {}))
             self.stop_point()
         for p, v in zip(params, best["params"]):
@@ -354,7 +401,9 @@ def make_files(outputs: Sequence[Path], make: Callable[[List[int]], None], batch
                is_done: Callable[[Path], bool] = Path.is_file) -> None:
     """One process's :meth:`TrainContext.files` outside training (``promptdg generate``): the batches
     whose files are not all done, with a progress bar."""
-    todo = [i for i in range(0, len(outputs), batch_size) if not all(is_done(Path(o)) for o in outputs[i : i + batch_size])]
+    todo = [
+        i for i in range(0, len(outputs), batch_size) if not all(is_done(Path(o)) for o in outputs[i : i + batch_size])
+    ]
     for i in tqdm(todo, desc=desc, unit="batch", dynamic_ncols=True):
         make(list(range(i, min(i + batch_size, len(outputs)))))
 

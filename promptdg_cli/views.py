@@ -103,6 +103,20 @@ class KViews:
         return self._stack[pick, torch.arange(self.n)]
 
 
+class ConcatViews:
+    """Several lists' epoch features one after another (the source domains of a split)."""
+
+    def __init__(self, parts: List[EpochFeatures]):
+        self.parts, self.n = parts, sum(p.n for p in parts)
+
+    def epoch(self, epoch: int, rep: int = 0) -> torch.Tensor:
+        return (
+            torch.cat([p.epoch(epoch, rep) for p in self.parts])
+            if len(self.parts) > 1
+            else self.parts[0].epoch(epoch, rep)
+        )
+
+
 def epoch_features(mode: str, base, cache, backbone, dataset: str, name: str, seed: int, k: int = 0,
                    store: bool = True, root: Optional[Path] = None) -> EpochFeatures:
     """The epoch-by-epoch features of ``base`` (:class:`~promptdg_cli.data.Features`) for ``mode``;
@@ -120,4 +134,4 @@ def concat_passes(views: EpochFeatures, epoch: int, passes: int) -> torch.Tensor
 
 
 __all__: List[str] = ["MODES", "OFFICIAL", "VIEWS", "NONE", "EpochFeatures", "Plain", "FreshViews", "KViews",
-                      "epoch_features", "concat_passes", "image_key", "view_seed"]
+                      "ConcatViews", "epoch_features", "concat_passes", "image_key", "view_seed"]

@@ -87,7 +87,10 @@ class VisualPrompts(nn.Module):
         width = visual.conv1.out_channels
 
         ref = visual.class_embedding
-        self.prompts = nn.Parameter(torch.empty(self.n_layers, self.n_prompts, width, device=ref.device, dtype=ref.dtype))  # (L, n, width)
+        # (L, n, width)
+        self.prompts = nn.Parameter(
+            torch.empty(self.n_layers, self.n_prompts, width, device=ref.device, dtype=ref.dtype)
+        )
         self.initialize(seed)
 
     @torch.no_grad()

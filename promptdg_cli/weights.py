@@ -74,8 +74,10 @@ def resolve_schema(model_name: str, cache_dir: Optional[str]) -> Tuple[str, Dict
     folder, files = _hub_snapshot(repo, revision or None, cache_dir)
     weights = next((folder / n for n in HUB_WEIGHTS if (folder / n).is_file()), None)
     if weights is None:
-        raise WeightsNotFound(f"backbone.model={model_name!r}: {repo} at {folder.name} holds no weights ({', '.join(HUB_WEIGHTS)}); "
-                              f"files there: {', '.join(files) or '(none)'}")
+        raise WeightsNotFound(
+            f"backbone.model={model_name!r}: {repo} at {folder.name} holds no weights ({', '.join(HUB_WEIGHTS)}); "
+            f"files there: {', '.join(files) or '(none)'}"
+        )
     commit = folder.name
     return f"{LOCAL_DIR}{folder}", {"kind": "hf-hub", "id": f"hf-hub:{repo}@{commit}/{weights.name}", "repo": repo,
                                     "revision": commit, "requested_revision": revision or "main", "file": weights.name}
@@ -90,7 +92,9 @@ def local_dir_weights(folder: Path, model_name: str) -> Dict[str, Any]:
                               f"open_clip's config and a checkpoint, as a hub repository of open_clip does)")
     checkpoint = _find_checkpoint_in_dir(folder)
     if checkpoint is None:
-        raise WeightsNotFound(f"backbone.model={model_name!r}: {folder} has {CONFIG_NAME} but no checkpoint (*.safetensors, *.bin, *.pth)")
+        raise WeightsNotFound(
+            f"backbone.model={model_name!r}: {folder} has {CONFIG_NAME} but no checkpoint (*.safetensors, *.bin, *.pth)"
+        )
     repo, commit = hub_revision(folder)
     out = file_weights("local-dir", Path(checkpoint), config_sha256=hashlib.sha256(config.read_bytes()).hexdigest())
     out["path"] = str(folder.resolve())
@@ -115,10 +119,12 @@ def _hub_snapshot(repo: str, revision: Optional[str], cache_dir: Optional[str]) 
     why = hub_unavailable()
     if why:
         raise WeightsNotFound(
-            f"backbone.model=hf-hub:{repo}{'@' + revision if revision else ''}: not in the Hugging Face cache ({where}) and {why}. "
+            f"backbone.model=hf-hub:{repo}{'@' + revision if revision else ''}: not in the Hugging Face cache "
+            f"({where}) and {why}. "
             f"On a machine with network: `huggingface-cli download {repo} {CONFIG_NAME} {HUB_WEIGHTS[0]}"
-            f"{' --revision ' + revision if revision else ''}` (HF_HUB_CACHE={where}), or copy the repository's files into a folder "
-            f"and use backbone.model=local-dir:/that/folder.")
+            f"{' --revision ' + revision if revision else ''}` (HF_HUB_CACHE={where}), "
+            f"or copy the repository's files into a folder and use backbone.model=local-dir:/that/folder."
+        )
     try:
         config = Path(hf_hub_download(repo, CONFIG_NAME, revision=revision, cache_dir=cache_dir))
         for name in HUB_WEIGHTS:

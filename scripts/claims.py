@@ -58,12 +58,13 @@ number in ``<out>/claims.json``, and the wall time of the whole run.
 
 ``--jobs N`` (default 1: the arms one after another in this process) runs N arms at a time, each a
 ``python -m promptdg_cli`` process with ``OMP_NUM_THREADS`` = cores // N (unless it is set), its output
-in ``<out>/<arm>.log``; the arms start longest first by their times in the last ``claims.json`` (without one, DomainFusion's first). A run
-on the demo world keeps one thread busy, not two, so on 2 cores ``--jobs 2`` nearly halves the
-prompt-learning arms (the accuracies can differ from a two-thread run in the last digits: float sums
-in another order). Before the arms, ``python -m promptdg_cli.demo.assets`` builds what they share (the
-demo world, CLIP and, with a DomainFusion arm, LDM) alone on all cores: a build next to a running arm
-would oversubscribe the cores (output: ``<out>/assets.log``).
+in ``<out>/<arm>.log``; the arms start longest first by their times in the last ``claims.json``
+(without one, DomainFusion's first). A run on the demo world keeps one thread busy, not two, so on
+2 cores ``--jobs 2`` nearly halves the prompt-learning arms (the accuracies can differ from a
+two-thread run in the last digits: float sums in another order). Before the arms,
+``python -m promptdg_cli.demo.assets`` builds what they share (the demo world, CLIP and, with a
+DomainFusion arm, LDM) alone on all cores: a build next to a running arm would oversubscribe the
+cores (output: ``<out>/assets.log``).
 """
 from __future__ import annotations
 
@@ -123,26 +124,60 @@ DOMAINFUSION_DEMO = (
 DOMAINFUSION_SCHEDULE = ("method.steps=1084", "method.checkpoint_freq=57")  # (the arms' schedule field)
 NO_ROUND = "method.augment_every=1000"  # rounds start at periods T, 2T, ... < 20 periods: none
 
-ARMS: Dict[str, Arm] = {a.key: a for a in (
-    Arm("zeroshot", 'zero-shot "a photo of a [class]."', "zeroshot", "zeroshot", seed_free=True),
-    Arm("zeroshot_name", 'zero-shot "[class]"', "zeroshot_name", "zeroshot", seed_free=True),
-    Arm("coop", "CoOp", "coop", "coop", NO_AUGMENT),
-    Arm("promptstyler", "PromptStyler", "promptstyler", "promptstyler"),
-    # +debug=dapl trains on one source (printed): the zero-shot pairs follow it in --debug
-    Arm("zeroshot_uda", 'zero-shot "a photo of a [class]." (UDA pairs)', "zeroshot", "zeroshot",
-        ("dataset.protocol=uda",), seed_free=True, debug=("source=[printed]",)),
-    Arm("dapl", "DAPL", "dapl", "dapl", NO_AUGMENT),
-    Arm("dapl_U0", "DAPL, U = 0 (no target term)", "dapl", "dapl", NO_AUGMENT + ("method.U=0",)),
-    Arm("coop_4shot", "CoOp, 4 shots", "coop", "coop", DAPT_4SHOT),
-    Arm("dapt_4shot", "DAPT, 4 shots", "dapt", "dapt", DAPT_4SHOT),
-    Arm("dapt_4shot_no_dispersion", "DAPT, 4 shots, β_v = β_t = 0", "dapt", "dapt",
-        DAPT_4SHOT + ("method.beta_v=0", "method.beta_t=0")),
-    Arm("domainfusion", "DomainFusion", "domainfusion", "domainfusion", DOMAINFUSION_DEMO, schedule=DOMAINFUSION_SCHEDULE),
-    Arm("domainfusion_no_ldm", "DomainFusion without the LDM (λ = 0, no round)", "domainfusion", "domainfusion",
-        DOMAINFUSION_DEMO + ("method.distill_weight=0", NO_ROUND), schedule=DOMAINFUSION_SCHEDULE),
-    Arm("domainfusion_distill_only", "DomainFusion, distillation only (no round)", "domainfusion", "domainfusion",
-        DOMAINFUSION_DEMO + (NO_ROUND,), schedule=DOMAINFUSION_SCHEDULE),
-)}
+ARMS: Dict[str, Arm] = {
+    a.key: a
+    for a in (
+        Arm("zeroshot", 'zero-shot "a photo of a [class]."', "zeroshot", "zeroshot", seed_free=True),
+        Arm("zeroshot_name", 'zero-shot "[class]"', "zeroshot_name", "zeroshot", seed_free=True),
+        Arm("coop", "CoOp", "coop", "coop", NO_AUGMENT),
+        Arm("promptstyler", "PromptStyler", "promptstyler", "promptstyler"),
+        # +debug=dapl trains on one source (printed): the zero-shot pairs follow it in --debug
+        Arm(
+            "zeroshot_uda",
+            'zero-shot "a photo of a [class]." (UDA pairs)',
+            "zeroshot",
+            "zeroshot",
+            ("dataset.protocol=uda",),
+            seed_free=True,
+            debug=("source=[printed]",),
+        ),
+        Arm("dapl", "DAPL", "dapl", "dapl", NO_AUGMENT),
+        Arm("dapl_U0", "DAPL, U = 0 (no target term)", "dapl", "dapl", NO_AUGMENT + ("method.U=0",)),
+        Arm("coop_4shot", "CoOp, 4 shots", "coop", "coop", DAPT_4SHOT),
+        Arm("dapt_4shot", "DAPT, 4 shots", "dapt", "dapt", DAPT_4SHOT),
+        Arm(
+            "dapt_4shot_no_dispersion",
+            "DAPT, 4 shots, β_v = β_t = 0",
+            "dapt",
+            "dapt",
+            DAPT_4SHOT + ("method.beta_v=0", "method.beta_t=0"),
+        ),
+        Arm(
+            "domainfusion",
+            "DomainFusion",
+            "domainfusion",
+            "domainfusion",
+            DOMAINFUSION_DEMO,
+            schedule=DOMAINFUSION_SCHEDULE,
+        ),
+        Arm(
+            "domainfusion_no_ldm",
+            "DomainFusion without the LDM (λ = 0, no round)",
+            "domainfusion",
+            "domainfusion",
+            DOMAINFUSION_DEMO + ("method.distill_weight=0", NO_ROUND),
+            schedule=DOMAINFUSION_SCHEDULE,
+        ),
+        Arm(
+            "domainfusion_distill_only",
+            "DomainFusion, distillation only (no round)",
+            "domainfusion",
+            "domainfusion",
+            DOMAINFUSION_DEMO + (NO_ROUND,),
+            schedule=DOMAINFUSION_SCHEDULE,
+        ),
+    )
+}
 
 ROWS: Tuple[Row, ...] = (
     Row("coop", "CoOp beats zero-shot CLIP on held-out domains",
@@ -319,7 +354,9 @@ def run_arms_parallel(arm_args: Mapping[str, Sequence[str]], jobs: int, out: Pat
                 log.close()
                 codes[key], timings[key] = proc.returncode, time.perf_counter() - t
                 del running[key]
-                print(f"claims: {key} finished with exit code {proc.returncode} in {duration(timings[key])}", flush=True)
+                print(
+                    f"claims: {key} finished with exit code {proc.returncode} in {duration(timings[key])}", flush=True
+                )
 
     try:
         while queue or running:
@@ -389,7 +426,9 @@ def parse_only(text: Optional[str]) -> List[str]:
     names = [c.strip() for c in text.split(",") if c.strip()]
     bad = [c for c in names if c not in CLAIMS]
     if bad or not names:
-        raise SystemExit(f"claims: --only={text!r}: {bad[0] if bad else ''!r} is not a claim. Valid: {', '.join(CLAIMS)}")
+        raise SystemExit(
+            f"claims: --only={text!r}: {bad[0] if bad else ''!r} is not a claim. Valid: {', '.join(CLAIMS)}"
+        )
     return [c for c in CLAIMS if c in names]
 
 
@@ -397,7 +436,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=LEGEND)
     ap.add_argument("--seeds", default="1,2,3", help="comma-separated seeds (default 1,2,3)")
     ap.add_argument("--only", default=None, help=f"comma-separated claims (default all: {','.join(CLAIMS)})")
-    ap.add_argument("--out", default=None, help="output folder (default outputs/claims; outputs/claims-debug with --debug)")
+    ap.add_argument(
+        "--out", default=None, help="output folder (default outputs/claims; outputs/claims-debug with --debug)"
+    )
     ap.add_argument("--debug", action="store_true", help="each method's +debug=<method> settings and the tiny world")
     ap.add_argument("--extra", nargs="*", default=[], metavar="KEY=VALUE", help="overrides added to every run")
     ap.add_argument("--jobs", type=int, default=1, help="arms run at a time, each in its own process (default 1)")

@@ -19,7 +19,8 @@ memory figures are skipped (null), nothing else changes.
 
 Usage: python scripts/gpu_check.py [--device cuda] [--precision bf16] [--sizes real|tiny]
        [--out gpu_check/gpu_check.json] [--work gpu_check/work] [--only runs,features,steps,domainfusion]
-       [--methods zeroshot,linear_probe,coop,promptstyler,dapl,dapt,domainfusion] [--clip random|demo|FILE] [--ldm demo|DIR]
+       [--methods zeroshot,linear_probe,coop,promptstyler,dapl,dapt,domainfusion] \
+[--clip random|demo|FILE] [--ldm demo|DIR]
        [--per-class N] [--workers N] [--threads N]
 """
 from __future__ import annotations
@@ -34,7 +35,8 @@ import time
 import traceback
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # bench_steps, bench_extra: the timings' code
+# bench_steps, bench_extra: the timings' code
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 # isort: off
 import promptdg_cli.backbone  # noqa: F401  (the torchvision shim before open_clip)
@@ -46,7 +48,16 @@ from safetensors.torch import save_file
 from promptdg_cli.cli import main as cli_main
 
 from bench_extra import domainfusion, feature_extraction
-from bench_steps import Bench, build_clip, classnames, coop_step, dapl_step, dapt_step, image_size, promptstyler_iteration
+from bench_steps import (
+    Bench,
+    build_clip,
+    classnames,
+    coop_step,
+    dapl_step,
+    dapt_step,
+    image_size,
+    promptstyler_iteration,
+)
 
 REPEATS = 3  # timed runs of each way and of the feature extraction (after an untimed warm-up); the median is kept
 METHODS = ("zeroshot", "linear_probe", "coop", "promptstyler", "dapl", "dapt", "domainfusion")
@@ -59,8 +70,15 @@ SHORT = {
     "promptstyler": ["method.n_styles=4", "method.style_iters=10", "method.epochs=2"],
     "dapl": ["source=[printed]", "target=photo", "method.epochs=2"],
     "dapt": ["target=photo", "shots=4", "method.epochs=2"],
-    "domainfusion": ["target=photo", "method.steps=3", "method.checkpoint_freq=2", "method.augment_every=1", "method.candidates=2",
-                     "method.img2img_steps=4", "method.synthetic_fraction=0.25"],
+    "domainfusion": [
+        "target=photo",
+        "method.steps=3",
+        "method.checkpoint_freq=2",
+        "method.augment_every=1",
+        "method.candidates=2",
+        "method.img2img_steps=4",
+        "method.synthetic_fraction=0.25",
+    ],
 }
 # sizes of the timings: real (ViT-B/16, Office-Home's 65 / DomainNet's 345 classes, SD-1.x) or tiny
 SIZES = {
@@ -74,17 +92,30 @@ SIZES = {
 def parse(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--precision", default="bf16", choices=("fp32", "bf16", "fp16"), help="backbone.precision of the runs and timings")
+    ap.add_argument(
+        "--precision",
+        default="bf16",
+        choices=("fp32", "bf16", "fp16"),
+        help="backbone.precision of the runs and timings",
+    )
     ap.add_argument("--sizes", default="real", choices=tuple(SIZES))
     ap.add_argument("--out", default="gpu_check/gpu_check.json")
     ap.add_argument("--work", default=None, help="run outputs and caches (default: <out's folder>/work)")
     ap.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts: {', '.join(PARTS)}")
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--clip", default="random", help="demo CLIP weights: random (built here), demo (pretrained on first use) or a file")
+    ap.add_argument(
+        "--clip",
+        default="random",
+        help="demo CLIP weights: random (built here), demo (pretrained on first use) or a file",
+    )
     ap.add_argument("--ldm", default="demo", help="DomainFusion's method.ldm: demo (built on first use) or a folder")
-    ap.add_argument("--per-class", type=int, default=None, help="demo world images per class and domain (default: the dataset's)")
+    ap.add_argument(
+        "--per-class", type=int, default=None, help="demo world images per class and domain (default: the dataset's)"
+    )
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="DataLoader workers")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads while the check runs (0: torch's default)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads while the check runs (0: torch's default)"
+    )
     args = ap.parse_args(argv)
     for name, value, valid in (("--only", args.only, PARTS), ("--methods", args.methods, METHODS)):
         bad = [v for v in value.split(",") if v and v not in valid]
@@ -128,11 +159,26 @@ def check_run(method: str, args, work: Path, common: list) -> dict:
     want = {"status": "finished", "device": str(torch.device(args.device)), "precision": args.precision}
     wrong = {k: rec.get(k) for k, v in want.items() if rec.get(k) != v}
     if wrong:
-        raise RuntimeError(f"{records[0]}: {wrong}, expected {want}" + (f"; error: {rec.get('error')}" if rec.get("error") else ""))
-    print(f"[gpu-check] {method}: finished on {rec['device']} ({rec['precision']}) in {wall:.1f} s, avg top-1 {rec['avg_accuracy']:.1f}", flush=True)
-    return {"argv": argv, "wall_s": round(wall, 2), "status": rec["status"], "device": rec["device"], "precision": rec["precision"],
-            "avg_accuracy": rec["avg_accuracy"], "accuracy": rec["accuracy"], "timings": rec["timings"],
-            "peak_memory_mb": rec["peak_memory_mb"], "record": str(records[0])}
+        raise RuntimeError(
+            f"{records[0]}: {wrong}, expected {want}" + (f"; error: {rec.get('error')}" if rec.get("error") else "")
+        )
+    print(
+        f"[gpu-check] {method}: finished on {rec['device']} ({rec['precision']}) in {wall:.1f} s, "
+        f"avg top-1 {rec['avg_accuracy']:.1f}",
+        flush=True,
+    )
+    return {
+        "argv": argv,
+        "wall_s": round(wall, 2),
+        "status": rec["status"],
+        "device": rec["device"],
+        "precision": rec["precision"],
+        "avg_accuracy": rec["avg_accuracy"],
+        "accuracy": rec["accuracy"],
+        "timings": rec["timings"],
+        "peak_memory_mb": rec["peak_memory_mb"],
+        "record": str(records[0]),
+    }
 
 
 def main(argv=None) -> int:
@@ -153,9 +199,20 @@ def check(args) -> int:
     shutil.rmtree(work / "outputs", ignore_errors=True)  # every run trains afresh (a finished run would be skipped)
     shutil.rmtree(work / "cache" / "features", ignore_errors=True)  # and extracts its features afresh
     t0 = time.time()
-    result = {"device": str(device), "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-              "precision": args.precision, "sizes": args.sizes, "torch": torch.__version__, "cuda": torch.version.cuda,
-              "host": platform.node(), "cpus": os.cpu_count(), "workers": args.workers, "runs": {}, "timings": {}, "errors": []}
+    result = {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "precision": args.precision,
+        "sizes": args.sizes,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "workers": args.workers,
+        "runs": {},
+        "timings": {},
+        "errors": [],
+    }
     parts = [p for p in args.only.split(",") if p]
 
     def attempt(where: str, fn):
@@ -163,7 +220,9 @@ def check(args) -> int:
             return fn()
         except Exception as e:  # noqa: BLE001  (every failure is recorded; the exit code says there was one)
             print(f"[gpu-check] {where} FAILED: {type(e).__name__}: {e}", flush=True)
-            result["errors"].append({"where": where, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()})
+            result["errors"].append(
+                {"where": where, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}
+            )
             return None
 
     if "runs" in parts:
@@ -178,10 +237,24 @@ def check(args) -> int:
             result["runs"][method] = attempt(f"run {method}", lambda m=method: check_run(m, args, work, common))
     if any(p in parts for p in ("features", "steps", "domainfusion")):
         clip = build_clip(size["model"], device, args.precision)
-        # both ways measured alike: an untimed warm-up in the timed precision, then the median of REPEATS synchronised runs
-        b = Bench(clip, device, repeats=REPEATS, repeats_official=REPEATS, warmup=True, precision=args.precision, image_size=image_size(clip))
-        result["repeats"] = {"official": REPEATS, "promptdg": REPEATS, "warmup_runs": 1, "statistic": "median",
-                             "timed_precision": args.precision if device.type == "cuda" else "fp32 (no autocast on the CPU)"}
+        # both ways measured alike: an untimed warm-up in the timed precision, then the median of
+        # REPEATS synchronised runs
+        b = Bench(
+            clip,
+            device,
+            repeats=REPEATS,
+            repeats_official=REPEATS,
+            warmup=True,
+            precision=args.precision,
+            image_size=image_size(clip),
+        )
+        result["repeats"] = {
+            "official": REPEATS,
+            "promptdg": REPEATS,
+            "warmup_runs": 1,
+            "statistic": "median",
+            "timed_precision": args.precision if device.type == "cuda" else "fp32 (no autocast on the CPU)",
+        }
         timings = result["timings"]
         if "features" in parts:
             timings["feature_extraction"] = attempt("features", lambda: feature_extraction(
@@ -201,7 +274,11 @@ def check(args) -> int:
     result["ok"] = not result["errors"]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2, default=str))
-    print(f"[gpu-check] {'OK' if result['ok'] else 'FAILED'}: {len(result['errors'])} error(s), {result['total_s']:.0f} s; wrote {out}", flush=True)
+    print(
+        f"[gpu-check] {'OK' if result['ok'] else 'FAILED'}: {len(result['errors'])} error(s), "
+        f"{result['total_s']:.0f} s; wrote {out}",
+        flush=True,
+    )
     return 0 if result["ok"] else 1
 
 

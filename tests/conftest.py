@@ -102,7 +102,9 @@ def build_tiny_ldm(folder: Path, seed: int = 0) -> Path:
                                 layers_per_block=1, cross_attention_dim=128, attention_head_dim=4, norm_num_groups=4)
     vae.save_pretrained(folder / "vae")
     unet.save_pretrained(folder / "unet")
-    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(folder / "scheduler")
+    DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012).save_pretrained(
+        folder / "scheduler"
+    )
     (folder / DEMO_MARKER).write_text(json.dumps({"clip_model": "demo-clip-vit"}))
     return folder
 
@@ -128,10 +130,20 @@ def build_tiny_sd(folder: Path) -> Path:
     vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<|endoftext|>"] + [f"{w}</w>" for w in words])}
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
-    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16).save_pretrained(folder / "sd" / "tokenizer")
+    CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16).save_pretrained(
+        folder / "sd" / "tokenizer"
+    )
     torch.manual_seed(0)
-    CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, max_position_embeddings=16)).save_pretrained(folder / "sd" / "text_encoder")
+    CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=128,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+        )
+    ).save_pretrained(folder / "sd" / "text_encoder")
     return folder / "sd"
 
 
@@ -165,7 +177,11 @@ def builtin_method_names() -> list:
     from promptdg_cli.config import conf_dir
     from promptdg_cli.methods import builtin_methods
 
-    return sorted(c for c in builtin_methods() if (yaml.safe_load((conf_dir() / "method" / f"{c}.yaml").read_text()) or {}).get("name") == c)
+    return sorted(
+        c
+        for c in builtin_methods()
+        if (yaml.safe_load((conf_dir() / "method" / f"{c}.yaml").read_text()) or {}).get("name") == c
+    )
 
 
 def trained_methods() -> list:

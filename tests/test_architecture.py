@@ -90,9 +90,28 @@ def test_no_module_is_over_450_lines(path):
 
 
 # what the loop and the runner own: ranks, shards, global counts, checkpoint files, atomic writes, signals
-PLUMBING = ("torch.save", "torch.load", "save_checkpoint", "load_checkpoint", "stop_point", "preempt", "dist.", "rank", "shard",
-            "global", "all_sum", "broadcast", "sync_grads", "DistributedDataParallel", "signal", "os.replace", "write_atomic",
-            "fsync", "checkpoint.pt", ".tmp")
+PLUMBING = (
+    "torch.save",
+    "torch.load",
+    "save_checkpoint",
+    "load_checkpoint",
+    "stop_point",
+    "preempt",
+    "dist.",
+    "rank",
+    "shard",
+    "global",
+    "all_sum",
+    "broadcast",
+    "sync_grads",
+    "DistributedDataParallel",
+    "signal",
+    "os.replace",
+    "write_atomic",
+    "fsync",
+    "checkpoint.pt",
+    ".tmp",
+)
 # the loop's internals a method file never imports (it returns Terms; the loop and the runner do the rest)
 INTERNALS = {"promptdg_cli.dist", "promptdg_cli.checkpoints", "promptdg_cli.files", "promptdg_cli.preemption",
              "promptdg_cli.compute_once", "promptdg_cli.locks", "promptdg_cli.runner", "promptdg_cli.commands"}

@@ -174,7 +174,9 @@ from pathlib import Path
 start = time.time()
 time.sleep(0.5)
 note = Path(os.environ["FAKE_PLAN"]).with_name("assets.json")
-note.write_text(json.dumps({"span": [start, time.time()], "args": sys.argv[1:], "omp": os.environ.get("OMP_NUM_THREADS")}))
+note.write_text(
+    json.dumps({"span": [start, time.time()], "args": sys.argv[1:], "omp": os.environ.get("OMP_NUM_THREADS")})
+)
 sys.exit(int(os.environ.get("FAKE_PREPARE_CODE", "0")))
 """
 
@@ -220,7 +222,13 @@ def test_jobs_run_the_arms_side_by_side_longest_first(tmp_path, monkeypatch, cap
 
 def test_arm_order_without_a_last_run_starts_domainfusions_arms():
     keys = ["zeroshot", "coop", "dapl", "domainfusion_no_ldm", "domainfusion"]
-    assert claims.arm_order(keys, Path("/nonexistent")) == ["domainfusion_no_ldm", "domainfusion", "zeroshot", "coop", "dapl"]
+    assert claims.arm_order(keys, Path("/nonexistent")) == [
+        "domainfusion_no_ldm",
+        "domainfusion",
+        "zeroshot",
+        "coop",
+        "dapl",
+    ]
 
 
 def test_jobs_build_the_ldm_first_for_domainfusion_and_stop_if_that_fails(tmp_path, monkeypatch, capsys):
@@ -311,6 +319,8 @@ def test_claims_script_end_to_end_on_the_tiny_world(tmp_path, shared_cache, rand
 
     # a rerun reuses every finished run: no new record, the same table
     mtimes = {p: p.stat().st_mtime_ns for p in out.rglob("results.json")}
-    assert claims.main(["--debug", "--seeds", "1,2", "--only", "promptstyler", "--out", str(out), "--extra", *extra]) == 0
+    assert (
+        claims.main(["--debug", "--seeds", "1,2", "--only", "promptstyler", "--out", str(out), "--extra", *extra]) == 0
+    )
     assert {p: p.stat().st_mtime_ns for p in out.rglob("results.json")} == mtimes
     assert (out / "claims.md").read_text().split("Wall time")[0] == table.split("Wall time")[0]

@@ -28,16 +28,21 @@ def test_the_method_suites_are_parametrised_from_the_configs():
     from test_preempt import SCENARIOS as PREEMPT
 
     assert set(trained_methods()) <= set(PREEMPT) and set(trained_methods()) - {"promptstyler"} <= set(DDP)
-    assert {"coop", "dapl", "dapt", "domainfusion", "erm", "linear_probe", "promptstyler", "zeroshot"} <= set(builtin_method_names())
+    assert {"coop", "dapl", "dapt", "domainfusion", "erm", "linear_probe", "promptstyler", "zeroshot"} <= set(
+        builtin_method_names()
+    )
 
 
 @pytest.mark.parametrize("method", builtin_method_names())
 def test_each_method_end_to_end_writes_records(run_cli, method, request):
     """Every registered method, with its tiny settings from conf/debug/<method>.yaml (a new method is
     covered by adding its file there)."""
-    ldm = [f"method.ldm={request.getfixturevalue('tiny_ldm_dir')}"] if method == "domainfusion" else []  # never the demo LDM
+    # never the demo LDM
+    ldm = [f"method.ldm={request.getfixturevalue('tiny_ldm_dir')}"] if method == "domainfusion" else []
     # (erm: its debug config selects DomainBed's ResNet-50, random, at 32 px)
-    code, out, err, out_root = run_cli("train", f"method={method}", f"+debug={method}", *ldm, "target=sketch", clip=method != "erm")
+    code, out, err, out_root = run_cli(
+        "train", f"method={method}", f"+debug={method}", *ldm, "target=sketch", clip=method != "erm"
+    )
     assert code == 0, err
     (rec,) = results(out_root)
     assert FIELDS <= set(rec)
@@ -71,7 +76,11 @@ def test_sweep_then_collect_prints_the_table(run_cli):
     assert code == 0, err
     header = next(l for l in out.splitlines() if l.startswith("| Method"))
     assert header.split("|")[3:8] == [" handwritten ", " printed ", " sketch ", " photo ", " Avg "]
-    rows = [l for l in out.splitlines() if l.startswith("| zeroshot") or l.startswith("| coop") or l.startswith("| linear_probe")]
+    rows = [
+        l
+        for l in out.splitlines()
+        if l.startswith("| zeroshot") or l.startswith("| coop") or l.startswith("| linear_probe")
+    ]
     assert len(rows) == 3 and rows[0].startswith("| zeroshot")
     for f in ("results.md", "results.csv", "results.tex", "results.png"):
         assert (out_root / f).is_file()
@@ -119,7 +128,9 @@ def test_interrupted_run_resumes_from_its_checkpoint_with_identical_results(run_
     monkeypatch.setattr(TrainContext, "_save", saved)
     resumed_epochs = []
     load = TrainContext.checkpoint
-    monkeypatch.setattr(TrainContext, "checkpoint", lambda self, section: resumed_epochs.append(1) or load(self, section))
+    monkeypatch.setattr(
+        TrainContext, "checkpoint", lambda self, section: resumed_epochs.append(1) or load(self, section)
+    )
     monkeypatch.setenv("PROMPTDG_OUT", str(tmp_path / "interrupted"))
     code, out, err, _ = run_cli(*args)
     assert code == 0, err
@@ -176,7 +187,9 @@ def test_bad_input_gets_one_clear_line(run_cli, tmp_path):
 
 def _cli(*args, cwd, env=None, timeout=120):
     e = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "promptdg_cli", *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "promptdg_cli", *args], cwd=cwd, env=e, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_installed_cli_works_from_any_directory(tmp_path):
@@ -185,7 +198,10 @@ def test_installed_cli_works_from_any_directory(tmp_path):
     r = _cli("train", "--help", cwd=tmp_path)
     assert r.returncode == 0
     method_line = next(l for l in r.stdout.splitlines() if l.startswith("method:"))
-    assert all(name in method_line for name in builtin_method_names()) and "backbone: demo_clip, resnet50_imagenet, rn101, rn50" in r.stdout
+    assert (
+        all(name in method_line for name in builtin_method_names())
+        and "backbone: demo_clip, resnet50_imagenet, rn101, rn50" in r.stdout
+    )
     assert "experiment" in r.stdout and "promptstyler_main" in r.stdout
     r = _cli("train", "method=coop", "--cfg", "job", cwd=tmp_path)
     assert r.returncode == 0 and "n_ctx: 16" in r.stdout

@@ -97,9 +97,20 @@ def build_tree(root: Path) -> None:
         "coop", "rn50", 1, {"handwritten": 55.0, "printed": 85.0, "sketch": 50.0, "photo": 60.0}))
     write(root, "digits/coop/rn50/s2", make_record(
         "coop", "rn50", 2, {"handwritten": 57.0, "printed": 87.0, "sketch": 52.0, "photo": 62.0}))
-    write(root, "digits/coop/rn50/s3", make_record(
-        "coop", "rn50", 3, {}, targets=["handwritten", "printed", "sketch", "photo"], status="failed",
-        error="RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\nTraceback (most recent call last):\n  ..."))
+    write(
+        root,
+        "digits/coop/rn50/s3",
+        make_record(
+            "coop",
+            "rn50",
+            3,
+            {},
+            targets=["handwritten", "printed", "sketch", "photo"],
+            status="failed",
+            error="RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB\n"
+            "Traceback (most recent call last):\n  ...",
+        ),
+    )
 
     # accuracy keys deliberately not in canonical order
     write(root, "digits/dapl/vit_b16/s1", make_record(

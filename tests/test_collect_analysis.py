@@ -28,7 +28,11 @@ def test_runs_csv_has_a_row_per_run_and_target_and_loads_into_pandas(tmp_path):
     coop = df[(df.method == "coop") & (df.status == "finished")].set_index("target")
     assert coop.loc["sketch", "accuracy"] == 61.5 and coop.loc["photo", "accuracy"] == 70.25
     assert coop.loc["sketch", "source"] == "handwritten+printed+photo+painting"  # the sources in the dataset's order
-    assert coop.loc["sketch", "val_accuracy"] == 90.0 and coop.loc["sketch", "shots"] == 4 and coop.loc["sketch", "seed"] == 1
+    assert (
+        coop.loc["sketch", "val_accuracy"] == 90.0
+        and coop.loc["sketch", "shots"] == 4
+        and coop.loc["sketch", "seed"] == 1
+    )
     pair = df[df.method == "dapl"].iloc[0]
     assert (pair.source, pair.target, pair.accuracy, pair.protocol) == ("printed", "sketch", 55.0, "uda")
     failed = df[df.status == "failed"].iloc[0]
@@ -45,12 +49,35 @@ FEWSHOT = {  # (method, shots, seed) -> accuracy on the test split (a few-shot d
 
 def _fewshot(root):
     for (method, shots, seed), acc in FEWSHOT.items():
-        rec = make_record(method, "vit_b16", seed, {"oxford_pets": acc}, dataset="oxford_pets", protocol="fewshot", domains=["oxford_pets"])
+        rec = make_record(
+            method,
+            "vit_b16",
+            seed,
+            {"oxford_pets": acc},
+            dataset="oxford_pets",
+            protocol="fewshot",
+            domains=["oxford_pets"],
+        )
         write(root, f"{method}{shots}s{seed}", dict(rec, shots=shots))
-    zs = make_record("zeroshot", "vit_b16", 1, {"oxford_pets": 50.0}, dataset="oxford_pets", protocol="fewshot", domains=["oxford_pets"])
+    zs = make_record(
+        "zeroshot",
+        "vit_b16",
+        1,
+        {"oxford_pets": 50.0},
+        dataset="oxford_pets",
+        protocol="fewshot",
+        domains=["oxford_pets"],
+    )
     write(root, "zs", zs)
     # one shot count only: no figure for this dataset
-    write(root, "dtd", dict(make_record("coop", "vit_b16", 1, {"dtd": 40.0}, dataset="dtd", protocol="fewshot", domains=["dtd"]), shots=2))
+    write(
+        root,
+        "dtd",
+        dict(
+            make_record("coop", "vit_b16", 1, {"dtd": 40.0}, dataset="dtd", protocol="fewshot", domains=["dtd"]),
+            shots=2,
+        ),
+    )
 
 
 def test_accuracy_against_shots_per_dataset(tmp_path):
@@ -58,7 +85,9 @@ def test_accuracy_against_shots_per_dataset(tmp_path):
     assert main([str(tmp_path)]) == 0
     pts = pd.read_csv(tmp_path / "shots.csv")
     assert set(pts.dataset) == {"oxford_pets"}
-    for (method, shots), group in pd.DataFrame([(m, s, a) for (m, s, _), a in FEWSHOT.items()], columns=["m", "s", "a"]).groupby(["m", "s"]):
+    for (method, shots), group in pd.DataFrame(
+        [(m, s, a) for (m, s, _), a in FEWSHOT.items()], columns=["m", "s", "a"]
+    ).groupby(["m", "s"]):
         row = pts[(pts.label == method) & (pts.shots == shots)].iloc[0]
         assert row["mean"] == pytest.approx(statistics.fmean(group.a)) and row.seeds == len(group)
         assert (math.isnan(row["std"]) if len(group) == 1 else row["std"] == pytest.approx(statistics.stdev(group.a)))
@@ -71,8 +100,12 @@ def test_curves_from_metrics_jsonl(tmp_path, capsys):
     for seed, base in ((1, 2.0), (2, 3.0)):
         name = f"coop{seed}"
         write(tmp_path, name, make_record("coop", "vit_b16", seed, {"sketch": 60.0 + seed}))
-        lines = [{"time": 1.0, "target": "sketch", "epoch": e, "lr": 0.002, "loss": base / (e + 1), "val_acc": 50.0 + e} for e in range(3)]
-        lines.append({"time": 2.0, "target": "sketch", "selected_epoch": 2, "selected_val_acc": 52.0})  # not an epoch line
+        lines = [
+            {"time": 1.0, "target": "sketch", "epoch": e, "lr": 0.002, "loss": base / (e + 1), "val_acc": 50.0 + e}
+            for e in range(3)
+        ]
+        # not an epoch line
+        lines.append({"time": 2.0, "target": "sketch", "selected_epoch": 2, "selected_val_acc": 52.0})
         (tmp_path / name / "metrics.jsonl").write_text("\n".join(json.dumps(l) for l in lines) + "\n")
     write(tmp_path, "zs", make_record("zeroshot", "vit_b16", 1, {"sketch": 40.0}))  # no metrics.jsonl: nothing
     assert main([str(tmp_path), "--curves"]) == 0

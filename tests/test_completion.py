@@ -12,7 +12,9 @@ from promptdg_cli.cli import main
 BIN = Path(sys.executable).parent  # the venv's bin/, where the `promptdg` entry point is
 
 
-@pytest.mark.parametrize("argv", [["-sc", "install=bash"], ["train", "-sc", "install=bash"], ["eval", "-sc", "install=bash"]])
+@pytest.mark.parametrize(
+    "argv", [["-sc", "install=bash"], ["train", "-sc", "install=bash"], ["eval", "-sc", "install=bash"]]
+)
 def test_the_installed_script_registers_promptdg_itself(argv, capsys):
     assert main(argv) == 0
     last = capsys.readouterr().out.strip().splitlines()[-1]
@@ -32,7 +34,12 @@ def test_a_query_completes_commands_then_each_commands_config(capsys, monkeypatc
     assert _query("promptdg train method=co", capsys, monkeypatch) == {"method=coop"}
     assert _query("promptdg eval backbone=vit_b", capsys, monkeypatch) == {"backbone=vit_b16", "backbone=vit_b32"}
     assert _query("promptdg generate dataset=pa", capsys, monkeypatch) == {"dataset=pacs"}
-    assert _query("promptdg train seed=1 logger=", capsys, monkeypatch) == {"logger=csv", "logger=mlflow", "logger=tensorboard", "logger=wandb"}
+    assert _query("promptdg train seed=1 logger=", capsys, monkeypatch) == {
+        "logger=csv",
+        "logger=mlflow",
+        "logger=tensorboard",
+        "logger=wandb",
+    }
     assert _query("promptdg collect runs/ meth", capsys, monkeypatch) == {"method="}
     assert "--columns" in _query("promptdg collect --c", capsys, monkeypatch)
     assert _query("promptdg collect ", capsys, monkeypatch) == set()  # a folder: the shell completes file names

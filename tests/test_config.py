@@ -49,7 +49,9 @@ COMBINATIONS = sorted(
 
 @pytest.mark.parametrize("method,dataset,backbone", COMBINATIONS)
 def test_every_combination_composes(method, dataset, backbone):
-    cfg = compose("train", overrides=[f"method={method}", f"dataset={dataset}", f"backbone={backbone}"], return_hydra_config=True)
+    cfg = compose(
+        "train", overrides=[f"method={method}", f"dataset={dataset}", f"backbone={backbone}"], return_hydra_config=True
+    )
     assert cfg.method.name in builtin_methods() and cfg.method._target_.startswith("promptdg_cli.methods.")
     assert cfg.dataset.name == dataset and cfg.backbone.name == backbone
     assert len(cfg.dataset.classes) == len(set(cfg.dataset.classes.values()))
@@ -116,7 +118,9 @@ def test_every_experiment_sweeps_only_valid_choices(experiment):
         for value in str(params[group]).split(","):
             assert value in choices(group), f"{experiment}: {group}={value} does not exist"
     # the papers' three seeds; DomainBed's tables: its three trials (seed = trial_seed 0, 1, 2: DomainBed's splits)
-    assert [int(s) for s in str(params.seed).split(",")] == ([0, 1, 2] if experiment.startswith("domainfusion") else [1, 2, 3])
+    assert [int(s) for s in str(params.seed).split(",")] == (
+        [0, 1, 2] if experiment.startswith("domainfusion") else [1, 2, 3]
+    )
 
 
 def test_domainfusion_main_is_the_papers_setting():
@@ -127,7 +131,15 @@ def test_domainfusion_main_is_the_papers_setting():
     assert set(p.dataset.split(",")) == {"pacs", "vlcs", "officehome", "terra_incognita"}
     run = compose("train", overrides=["method=domainfusion", "dataset=terra_incognita", "backbone=resnet50_imagenet"])
     m, b = run.method, run.backbone
-    assert (m.lr, m.batch_size, m.weight_decay, m.steps, m.checkpoint_freq, m.select, m.ldm_resolution) == (5e-5, 32, 0.0, 5001, 300, "val", None)
+    assert (m.lr, m.batch_size, m.weight_decay, m.steps, m.checkpoint_freq, m.select, m.ldm_resolution) == (
+        5e-5,
+        32,
+        0.0,
+        5001,
+        300,
+        "val",
+        None,
+    )
     assert (b.kind, b.model, b.pretrained, b.image_size) == ("classifier", "resnet50", "IMAGENET1K_V1", 224)
     net = compose("train", overrides=["method=domainfusion", "dataset=domainnet", "backbone=resnet50_imagenet"]).method
     assert (net.checkpoint_freq, net.synthetic_fraction, net.augment_every) == (1000, 0.005, 2)
@@ -148,6 +160,8 @@ def test_few_shot_schema_fields_do_not_rename_existing_runs():
     from promptdg_cli.config import hashed_view
 
     view = hashed_view(compose("train", overrides=["dataset=pacs"]))
-    assert not {"split_format", "split_file", "image_dir", "split_paths", "classnames_file", "wnids"} & set(view["dataset"])
+    assert not {"split_format", "split_file", "image_dir", "split_paths", "classnames_file", "wnids"} & set(
+        view["dataset"]
+    )
     fewshot = hashed_view(compose("train", overrides=["dataset=oxford_pets"]))
     assert fewshot["dataset"]["split_file"]  # set: part of the identity

@@ -39,8 +39,15 @@ def test_dapl_loss_by_hand():
     x_tgt = torch.tensor([[0.6, 0.8], [0.8, -0.6], [0.0, 1.0]])
     pseudo, keep = torch.tensor([0, 2, 1]), torch.tensor([True, True, False])
     dot = lambda a, b: sum(p * q for p, q in zip(a, b))  # noqa: E731
-    src = [_ce([s * dot(x, t[d][k].tolist()) for k in range(3)], y) for x, d, y in zip(x_src.tolist(), d_src.tolist(), y_src.tolist())]
-    tgt = [_ce([s * dot(x, t[1][k].tolist()) for k in range(3)], y) for x, y, kp in zip(x_tgt.tolist(), pseudo.tolist(), keep.tolist()) if kp]
+    src = [
+        _ce([s * dot(x, t[d][k].tolist()) for k in range(3)], y)
+        for x, d, y in zip(x_src.tolist(), d_src.tolist(), y_src.tolist())
+    ]
+    tgt = [
+        _ce([s * dot(x, t[1][k].tolist()) for k in range(3)], y)
+        for x, y, kp in zip(x_tgt.tolist(), pseudo.tolist(), keep.tolist())
+        if kp
+    ]
     U = 0.7
     by_hand = sum(src) / 2 + U * sum(tgt) / 2  # the target term averages over the kept images only
     total, l_src, l_tgt = dapl_loss(t, s, x_src, d_src, y_src, x_tgt, 1, pseudo, keep, U)
@@ -69,7 +76,9 @@ def test_all_masked_target_batch_adds_zero_not_nan():
     # in the full loss: the total is exactly the source term, with finite gradients
     t = F.normalize(torch.randn(2, 3, 5, requires_grad=True), dim=-1)
     x = F.normalize(torch.randn(4, 5), dim=-1)
-    total, l_src, l_tgt = dapl_loss(t, 10.0, x, torch.tensor([0, 0, 0, 0]), torch.tensor([0, 1, 2, 0]), x, 1, torch.tensor([0, 1, 2, 0]), none, 1.0)
+    total, l_src, l_tgt = dapl_loss(
+        t, 10.0, x, torch.tensor([0, 0, 0, 0]), torch.tensor([0, 1, 2, 0]), x, 1, torch.tensor([0, 1, 2, 0]), none, 1.0
+    )
     assert l_tgt.item() == 0.0 and total.item() == pytest.approx(l_src.item())
     total.backward()
 
@@ -92,7 +101,9 @@ def test_prompt_rows_are_domain_major_with_shared_and_domain_context(clip):
             assert torch.equal(row[4:6], p.dom[d])  # domain d's context
             assert torch.equal(row[6:], full[k, 6 : emb.shape[1]])  # class k's name, ", a <domain> image..", EOS
             assert int(p.eot[d, k]) == int(tokens[k].argmax()) == int(eot[d * 3 + k])
-    paper = DomainPromptLearner(clip, names, words, n_ctx=3, n_dom_ctx=2, class_specific=False, seed=0, suffix="{name}.")
+    paper = DomainPromptLearner(
+        clip, names, words, n_ctx=3, n_dom_ctx=2, class_specific=False, seed=0, suffix="{name}."
+    )
     tokens = clip.tokenize([f"X X X X X {n}." for n in names])
     pe, _ = paper().full()
     assert torch.equal(pe[3 + 1, 6:], clip.token_embedding(tokens)[1, 6 : pe.shape[1]])  # the paper's form
@@ -159,7 +170,9 @@ def test_lr_is_stepped_every_batch_as_the_official_trainer_does(clip):
     assert got == pytest.approx(expected, rel=1e-12)
     assert got[26] == pytest.approx(0.0, abs=1e-12) and got[51] == pytest.approx(lr)  # back up after 50 batches
     per_epoch = DAPL(method_cfg("dapl", "lr_step=epoch"), clip, ["one"], torch.device("cpu"))
-    assert [per_epoch.lr(e, s, 10) for e in (0, 1, 2) for s in (0, 9)] == pytest.approx([1e-5, 1e-5, lr, lr] + [expected[2]] * 2)
+    assert [per_epoch.lr(e, s, 10) for e in (0, 1, 2) for s in (0, 9)] == pytest.approx(
+        [1e-5, 1e-5, lr, lr] + [expected[2]] * 2
+    )
 
 
 # --------------------------------------------------------------------- the UDA protocol
@@ -177,7 +190,9 @@ def test_uda_splits_cover_pairs_and_several_sources():
 
 def test_dapl_with_several_source_domains_end_to_end(run_cli):
     # dataset.metric=mean_per_class: the VisDA-2017 convention, recorded next to overall top-1
-    code, out, err, out_root = run_cli("train", *TINY_DAPL, "source=[handwritten,printed]", "target=sketch", "dataset.metric=mean_per_class")
+    code, out, err, out_root = run_cli(
+        "train", *TINY_DAPL, "source=[handwritten,printed]", "target=sketch", "dataset.metric=mean_per_class"
+    )
     assert code == 0, err
     (rec,) = results(out_root)
     assert rec["protocol"] == "uda" and list(rec["accuracy"]) == ["handwritten+printed→sketch"]
@@ -209,7 +224,9 @@ def test_no_target_label_reaches_training_or_model_selection(run_cli, monkeypatc
     from promptdg_cli import runner
 
     tested, real_eval = [], runner.evaluate
-    monkeypatch.setattr(runner, "evaluate", lambda method, feats, **k: tested.append(feats.y.clone()) or real_eval(method, feats, **k))
+    monkeypatch.setattr(
+        runner, "evaluate", lambda method, feats, **k: tested.append(feats.y.clone()) or real_eval(method, feats, **k)
+    )
     monkeypatch.setattr(data, "list_domain", shuffled)
     monkeypatch.setenv("PROMPTDG_OUT", str(tmp_path / "shuffled"))
     code, _, err, _ = run_cli(*args)
@@ -221,12 +238,16 @@ def test_no_target_label_reaches_training_or_model_selection(run_cli, monkeypatc
     assert torch.allclose(a["ctx"], b["ctx"], atol=1e-6) and torch.allclose(a["dom"], b["dom"], atol=1e-6)
     assert ref["val_accuracy"] == other["val_accuracy"]
     # the labels did change, and the final test saw the changed ones
-    photo_labels = torch.tensor(real(OmegaConf.load(Path(ref["run_dir"]) / ".hydra" / "config.yaml").dataset, "photo")[1])
+    photo_labels = torch.tensor(
+        real(OmegaConf.load(Path(ref["run_dir"]) / ".hydra" / "config.yaml").dataset, "photo")[1]
+    )
     assert any(len(y) == len(photo_labels) and torch.equal(y, (photo_labels + 3) % 10) for y in tested)
 
 
 def test_every_pair_into_a_target_and_zeroshot_in_the_same_table(run_cli):
-    code, _, err, out_root = run_cli("train", "-m", "method=zeroshot,dapl", "method.epochs=1", "dataset.protocol=uda", "target=sketch")
+    code, _, err, out_root = run_cli(
+        "train", "-m", "method=zeroshot,dapl", "method.epochs=1", "dataset.protocol=uda", "target=sketch"
+    )
     assert code == 0, err
     recs = results(out_root)
     pairs = ["handwritten→sketch", "printed→sketch", "photo→sketch"]

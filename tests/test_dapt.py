@@ -50,9 +50,13 @@ def test_intra_dispersion_by_hand_official_and_paper_forms():
 
 
 def test_intra_dispersion_official_scale_at_clip_width():
-    """At D = 512 (ViT-B/16) the official L_intra is 1/512 of the paper's form: the scale the official beta_v were tuned at."""
+    """At D = 512 (ViT-B/16) the official L_intra is 1/512 of the paper's form: the scale the official
+    beta_v were tuned at."""
     g = torch.Generator().manual_seed(0)
-    z, protos = torch.randn(6, 512, generator=g), torch.nn.functional.normalize(torch.randn(3, 512, generator=g), dim=-1)
+    z, protos = (
+        torch.randn(6, 512, generator=g),
+        torch.nn.functional.normalize(torch.randn(3, 512, generator=g), dim=-1),
+    )
     y = torch.tensor([0, 1, 2, 0, 1, 2])
     zn = z / z.norm(dim=-1, keepdim=True)
     expected = ((zn - protos[y]) ** 2).mean()  # torch.nn.functional.mse_loss written out
@@ -91,7 +95,13 @@ def test_official_defaults_by_dataset_and_shots():
     assert (m["lr"], m["beta_v"], m["beta_t"], m["epochs"]) == (20.0, 100.0, 0.01, 200)
     assert _dapt_cfg("dataset=imagenet", "shots=16")["epochs"] == 50  # ImageNet: vit_b16_ep50 for every shot count
     assert _dapt_cfg("dataset=eurosat", "shots=4")["beta_t"] == 10.0
-    assert [_dapt_cfg("dataset=caltech101", f"shots={k}")["epochs"] for k in (1, 2, 4, 8, 16)] == [50, 100, 100, 200, 200]
+    assert [_dapt_cfg("dataset=caltech101", f"shots={k}")["epochs"] for k in (1, 2, 4, 8, 16)] == [
+        50,
+        100,
+        100,
+        200,
+        200,
+    ]
     # a dataset without an official config: the official code's own defaults (train.py), CoOp's rate
     demo = _dapt_cfg("dataset=demo_digits", "shots=4")
     assert (demo["lr"], demo["beta_v"], demo["beta_t"], demo["epochs"]) == (0.002, 0.1, 0.1, 100)
@@ -117,7 +127,9 @@ def test_resnet_backbone_is_refused_before_anything_loads(run_cli):
 
 def test_dapt_end_to_end_saves_only_the_prompts(run_cli):
     """(That the frozen encoder's weights never change is tested in test_vpt.py.)"""
-    code, _, err, out_root = run_cli("train", "method=dapt", "shots=2", "method.epochs=2", "method.n_visual=2", "method.n_ctx=2", "target=sketch")
+    code, _, err, out_root = run_cli(
+        "train", "method=dapt", "shots=2", "method.epochs=2", "method.n_visual=2", "method.n_ctx=2", "target=sketch"
+    )
     assert code == 0, err
     (rec,) = results(out_root)
     model = load_file(str(Path(rec["run_dir"]) / "splits" / "sketch" / "model.safetensors"))
@@ -171,7 +183,9 @@ def test_imagenet_run_reevaluated_on_imagenet_a(run_cli, tmp_path, random_clip):
     make_imagenet(tmp_path)
     make_imagenet_a(tmp_path)
     common = (f"data_root={tmp_path}", "backbone.builder=null", "num_workers=0", f"backbone.pretrained={random_clip}")
-    code, _, err, out_root = run_cli("train", "method=coop", "dataset=imagenet", "shots=2", "method.epochs=1", "method.n_ctx=2", *common, tiny=False)
+    code, _, err, out_root = run_cli(
+        "train", "method=coop", "dataset=imagenet", "shots=2", "method.epochs=1", "method.n_ctx=2", *common, tiny=False
+    )
     assert code == 0, err
     (rec,) = results(out_root)
     code, _, err, _ = run_cli("eval", f"run_dir={rec['run_dir']}", "dataset=imagenet_a", *common, tiny=False)
@@ -188,8 +202,15 @@ def test_zero_shot_on_a_test_only_variant(run_cli, tmp_path, random_clip):
 
     make_imagenet(tmp_path)
     make_imagenet_a(tmp_path)
-    code, _, err, out_root = run_cli("eval", "dataset=imagenet_a", f"data_root={tmp_path}", "backbone.builder=null", "num_workers=0",
-                                     f"backbone.pretrained={random_clip}", tiny=False)
+    code, _, err, out_root = run_cli(
+        "eval",
+        "dataset=imagenet_a",
+        f"data_root={tmp_path}",
+        "backbone.builder=null",
+        "num_workers=0",
+        f"backbone.pretrained={random_clip}",
+        tiny=False,
+    )
     assert code == 0, err
     (rec,) = results(out_root)
     assert rec["method"] == "zeroshot" and list(rec["accuracy"]) == ["imagenet_a"]

@@ -33,27 +33,97 @@ CASES = {
     "linear_probe": (["method=linear_probe", "method.c_max=100", "method.refine_steps=4", "target=sketch"], "sketch"),
     # (drop_last=false: the uneven last batches are the point here)
     # 192 source images, batch 27: 7 batches of 27 (14 + 13) and one of 3 (2 + 1)
-    "coop": (["method=coop", "method.epochs=2", "method.n_ctx=4", "method.batch_size=27", "method.drop_last=false", "target=sketch"], "sketch"),
+    "coop": (
+        [
+            "method=coop",
+            "method.epochs=2",
+            "method.n_ctx=4",
+            "method.batch_size=27",
+            "method.drop_last=false",
+            "target=sketch",
+        ],
+        "sketch",
+    ),
     # UDA printed -> sketch: 64 source images, batch 9: the last batch holds 1 image (rank 1: none)
-    "dapl": (["method=dapl", "method.epochs=2", "method.n_ctx=2", "method.n_dom_ctx=2", "method.batch_size=9",
-              "method.target_batch_size=7", "method.drop_last=false", "source=[printed]", "target=sketch"], "printed_to_sketch"),
+    "dapl": (
+        [
+            "method=dapl",
+            "method.epochs=2",
+            "method.n_ctx=2",
+            "method.n_dom_ctx=2",
+            "method.batch_size=9",
+            "method.target_batch_size=7",
+            "method.drop_last=false",
+            "source=[printed]",
+            "target=sketch",
+        ],
+        "printed_to_sketch",
+    ),
     # 2 shots x 10 classes = 20 images, batch 7: 7 (4 + 3), 7, 6 (3 + 3); the test domain re-encoded by both ranks
-    "dapt": (["method=dapt", "method.epochs=2", "shots=2", "method.n_visual=2", "method.n_ctx=2", "method.batch_size=7",
-              "method.lr=0.5", "method.drop_last=false", "target=sketch"], "sketch"),
+    "dapt": (
+        [
+            "method=dapt",
+            "method.epochs=2",
+            "shots=2",
+            "method.n_visual=2",
+            "method.n_ctx=2",
+            "method.batch_size=7",
+            "method.lr=0.5",
+            "method.drop_last=false",
+            "target=sketch",
+        ],
+        "sketch",
+    ),
     # the same 20 images in batches of 19: the last batch holds 1 image, so rank 1's shard is empty (it
     # computes no loss, yet joins every collective of the step: the run must finish, not hang)
-    "dapt_empty_shard": (["method=dapt", "method.epochs=2", "shots=2", "method.n_visual=2", "method.n_ctx=2", "method.batch_size=19",
-                          "method.lr=0.5", "method.drop_last=false", "target=sketch"], "sketch"),
+    "dapt_empty_shard": (
+        [
+            "method=dapt",
+            "method.epochs=2",
+            "shots=2",
+            "method.n_visual=2",
+            "method.n_ctx=2",
+            "method.batch_size=19",
+            "method.lr=0.5",
+            "method.drop_last=false",
+            "target=sketch",
+        ],
+        "sketch",
+    ),
     # DomainBed's ERM on a random ResNet-18 at 32 px: 3 sources x 5 draws a step (15 = 8 + 7 over the ranks)
-    "erm": (["method=erm", *RESNET, "backbone.model=resnet18", "method.steps=3", "method.checkpoint_freq=2",
-             "method.batch_size=5", "target=sketch"], "sketch"),
+    "erm": (
+        [
+            "method=erm",
+            *RESNET,
+            "backbone.model=resnet18",
+            "method.steps=3",
+            "method.checkpoint_freq=2",
+            "method.batch_size=5",
+            "target=sketch",
+        ],
+        "sketch",
+    ),
     # DomainFusion in the paper's setting (a classifier, the tiny LDM in SD's layout): 3 x 3 source + 3
     # synthetic draws a step (6 + 6), 3 of them distilled (2 on rank 0, 1 on rank 1), the augmentation
     # round before period 1 shared out by batch
-    "domainfusion": (DF := ["method=domainfusion", "method.ldm={sd}", *RESNET, "backbone.model=resnet18", "method.steps=3",
-                            "method.checkpoint_freq=2", "method.batch_size=3", "method.augment_every=1", "method.candidates=2",
-                            "method.img2img_steps=4", "method.distill_per_step=3", "method.synthetic_fraction=0.25",
-                            "target=sketch"], "sketch"),
+    "domainfusion": (
+        DF := [
+            "method=domainfusion",
+            "method.ldm={sd}",
+            *RESNET,
+            "backbone.model=resnet18",
+            "method.steps=3",
+            "method.checkpoint_freq=2",
+            "method.batch_size=3",
+            "method.augment_every=1",
+            "method.candidates=2",
+            "method.img2img_steps=4",
+            "method.distill_per_step=3",
+            "method.synthetic_fraction=0.25",
+            "target=sketch",
+        ],
+        "sketch",
+    ),
     "domainfusion_resnet50": ([a for a in DF if a != "backbone.model=resnet18"], "sketch"),
 }
 ATOL = 1e-5
@@ -95,7 +165,9 @@ def _one_writer(run_dir: Path, ref_dir: Path):
 SCENARIOS = sorted((set(trained_methods()) - {"promptstyler"}) | set(CASES))
 
 
-@pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m.endswith("resnet50") else m for m in SCENARIOS])
+@pytest.mark.parametrize(
+    "method", [pytest.param(m, marks=pytest.mark.slow) if m.endswith("resnet50") else m for m in SCENARIOS]
+)
 def test_two_processes_match_one(run_cli, random_clip, shared_cache, tmp_path, method, request):
     args, split = CASES[method] if method in CASES else (tiny_args(method, request), None)
     if method.startswith("domainfusion"):
@@ -104,7 +176,8 @@ def test_two_processes_match_one(run_cli, random_clip, shared_cache, tmp_path, m
     if method == "linear_probe":  # the ranks' thread count (torchrun: one each), so that float32 sums in the same order
         torch.set_num_threads(1)
     try:
-        code, _, err, out_root = run_cli("train", *args, clip="backbone=resnet50_imagenet" not in args)  # one process (also fills the feature cache)
+        # one process (also fills the feature cache)
+        code, _, err, out_root = run_cli("train", *args, clip="backbone=resnet50_imagenet" not in args)
     finally:
         torch.set_num_threads(threads)
     assert code == 0, err
@@ -116,7 +189,8 @@ def test_two_processes_match_one(run_cli, random_clip, shared_cache, tmp_path, m
     rc = torchrun(args, tmp_path / "ddp", random_clip, shared_cache, log)
     assert rc == 0, log.read_text()[-4000:]
     (rec,) = results(tmp_path / "ddp")
-    assert rec["run_dir"] != ref["run_dir"] and Path(rec["run_dir"]).name == Path(ref["run_dir"]).name  # same config, same key
+    # same config, same key
+    assert rec["run_dir"] != ref["run_dir"] and Path(rec["run_dir"]).name == Path(ref["run_dir"]).name
     # ERM and DomainFusion fine-tune the featurizer with Adam: its per-weight rescaling turns summation-order
     # noise (~1e-9) into steps of up to lr = 5e-5 where a gradient is ~0, hence 1e-4 (accuracies exactly equal)
     worst = compare(rec, ref, split, atol=1e-4 if method.startswith(("erm", "domainfusion")) else ATOL)
@@ -126,7 +200,9 @@ def test_two_processes_match_one(run_cli, random_clip, shared_cache, tmp_path, m
     _one_writer(Path(rec["run_dir"]), Path(ref["run_dir"]))
 
 
-def test_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes(run_cli, random_clip, shared_cache, tmp_path):
+def test_signal_to_one_rank_stops_both_at_the_same_step_and_the_run_resumes(
+    run_cli, random_clip, shared_cache, tmp_path
+):
     """SIGTERM reaches rank 1 only (mid-epoch); the ranks agree to stop at the same step, rank 0
     writes the checkpoint, the job exits non-zero with a resumable record; torchrun again resumes
     and matches one uninterrupted process."""

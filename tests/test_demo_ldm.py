@@ -131,8 +131,13 @@ def test_demo_ldm_draws_the_digit_it_is_asked_for(tmp_path_factory):
     from promptdg_cli.demo.pretrain import RECIPE_REVISION as CLIP_REVISION
 
     root = tmp_path_factory.mktemp("real-ldm-cache")
-    cfg = SimpleNamespace(model="demo-clip-vit", pretrained=str(root / "demo_clip" / f"demo-clip-vit-r{CLIP_REVISION}.safetensors"),
-                          builder="demo_digits", cache_dir=None, arch="vit")
+    cfg = SimpleNamespace(
+        model="demo-clip-vit",
+        pretrained=str(root / "demo_clip" / f"demo-clip-vit-r{CLIP_REVISION}.safetensors"),
+        builder="demo_digits",
+        cache_dir=None,
+        arch="vit",
+    )
     clip = ClipBackbone.from_config(cfg)
     ldm = load_ldm(str(build_demo_ldm(demo_ldm_dir(str(root)), clip)), torch.device("cpu"), clip=clip)  # builds it
     info = json.loads((demo_ldm_dir(str(root)) / DEMO_MARKER).read_text())
@@ -148,7 +153,9 @@ def test_an_ldm_is_never_used_with_another_clips_text_tower(tiny_root, clip):
     """The folder is keyed by the CLIP's weights, and loading with other weights is refused by name."""
     from promptdg_cli.config import ConfigError
 
-    other = SimpleNamespace(model_name=clip.model_name, identity=lambda: {**clip.identity(), "weights": "another-checkpoint"})
+    other = SimpleNamespace(
+        model_name=clip.model_name, identity=lambda: {**clip.identity(), "weights": "another-checkpoint"}
+    )
     assert demo_ldm_dir(str(tiny_root), clip) != demo_ldm_dir(str(tiny_root), other)
     assert demo_ldm_dir(str(tiny_root), clip).name.startswith(f"demo-ldm-r{RECIPE_REVISION}-")
     with pytest.raises(ConfigError, match="another-checkpoint"):

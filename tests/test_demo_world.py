@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from promptdg_cli.demo import renderers, world
+from promptdg_cli.demo import canvas, renderers, world
 
 PER_CLASS = 6
 SIZE = 32
@@ -51,7 +51,7 @@ def test_constants():
     assert "sketch" in world.STYLE_WORDS["sketch"] and "photo" in world.STYLE_WORDS["photo"]
 
 
-@pytest.mark.parametrize("module", [world, renderers])
+@pytest.mark.parametrize("module", [world, renderers, canvas])
 def test_world_does_not_import_torch(module):
     src = Path(module.__file__).read_text()
     for mod in ("torch", "torchvision", "open_clip"):

@@ -30,7 +30,9 @@ def test_a_gpu_past_the_nodes_gpus_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"device='cuda:3' under torchrun: rank 1 of this node would use cuda:4.*"
                                           r"4 GPU\(s\) are visible.*device=cuda, or cuda:N with N <= 2"):
         devices.device_for_rank("cuda:3", 1, 2, 4, 2)
-    with pytest.raises(ConfigError, match=r"device='cuda:5': 2 GPU\(s\) are visible. Valid: auto, cpu, cuda, cuda:0, cuda:1"):
+    with pytest.raises(
+        ConfigError, match=r"device='cuda:5': 2 GPU\(s\) are visible. Valid: auto, cpu, cuda, cuda:0, cuda:1"
+    ):
         devices.device_for_rank("cuda:5", 0, 1, 2)
 
 
@@ -46,7 +48,9 @@ def _vm_hwm_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
 
 
-@pytest.mark.skipif(not devices.reset_peak_memory(torch.device("cpu")), reason="the process's peak cannot be reset here")
+@pytest.mark.skipif(
+    not devices.reset_peak_memory(torch.device("cpu")), reason="the process's peak cannot be reset here"
+)
 def test_a_run_in_a_long_process_reports_its_own_peak_not_the_process_s(run_cli):
     buf = _touch(1200)  # an earlier run of the same process (a sweep) that needed 1.2 GB more
     del buf
@@ -84,7 +88,9 @@ def restore_matmul():
 
 
 def test_matmul_precision_is_set_explicitly(restore_matmul):
-    assert devices.set_matmul_precision("auto", torch.device("cpu")) == "highest" and not torch.backends.cudnn.allow_tf32
+    assert (
+        devices.set_matmul_precision("auto", torch.device("cpu")) == "highest" and not torch.backends.cudnn.allow_tf32
+    )
     assert devices.set_matmul_precision("auto", torch.device("cuda")) == "high"  # TF32 on a GPU (set, not used, here)
     assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
     with pytest.raises(ConfigError, match="matmul_precision='tf32' is not valid. Valid: auto, highest, high, medium"):
@@ -96,7 +102,8 @@ def test_tf32_features_and_fp32_features_never_share_a_cache_file(clip, restore_
 
     devices.set_matmul_precision("highest", torch.device("cpu"))
     cpu_fp32 = clip.identity()
-    assert cpu_fp32 == {"model": "demo-clip-vit", "weights": clip.weights_id, "precision": "fp32"}  # (the keys of earlier versions)
+    # (the keys of earlier versions)
+    assert cpu_fp32 == {"model": "demo-clip-vit", "weights": clip.weights_id, "precision": "fp32"}
     devices.set_matmul_precision("high", torch.device("cpu"))
     tf32 = clip.identity()
     assert tf32 == {**cpu_fp32, "device": "cpu", "matmul_precision": "high", "cudnn_tf32": True}
@@ -106,14 +113,23 @@ def test_tf32_features_and_fp32_features_never_share_a_cache_file(clip, restore_
 
 
 # --------------------------------------------------------------------- num_workers=auto
-@pytest.mark.parametrize("environ, want", [
-    ({}, (15, "auto: 16 CPUs (sched_getaffinity) - 1 for the main process, at most 32")),
-    ({"SLURM_CPUS_PER_TASK": "8"}, (7, "auto: 8 CPUs (SLURM_CPUS_PER_TASK) - 1 for the main process, at most 32")),
-    ({"LOCAL_WORLD_SIZE": "4"}, (3, "auto: 4 CPUs (sched_getaffinity / 4 torchrun ranks) - 1 for the main process, at most 32")),
-    # one Slurm task a rank (submitit's tasks_per_node): the task's CPUs are its own
-    ({"LOCAL_WORLD_SIZE": "4", "SLURM_NTASKS": "4", "SLURM_CPUS_PER_TASK": "4"}, (3, "auto: 4 CPUs (SLURM_CPUS_PER_TASK) - 1 for the main process, at most 32")),
-    ({"SLURM_CPUS_PER_TASK": "1"}, (0, "auto: 1 CPUs (SLURM_CPUS_PER_TASK) - 1 for the main process, at most 32")),
-])
+@pytest.mark.parametrize(
+    "environ, want",
+    [
+        ({}, (15, "auto: 16 CPUs (sched_getaffinity) - 1 for the main process, at most 32")),
+        ({"SLURM_CPUS_PER_TASK": "8"}, (7, "auto: 8 CPUs (SLURM_CPUS_PER_TASK) - 1 for the main process, at most 32")),
+        (
+            {"LOCAL_WORLD_SIZE": "4"},
+            (3, "auto: 4 CPUs (sched_getaffinity / 4 torchrun ranks) - 1 for the main process, at most 32"),
+        ),
+        # one Slurm task a rank (submitit's tasks_per_node): the task's CPUs are its own
+        (
+            {"LOCAL_WORLD_SIZE": "4", "SLURM_NTASKS": "4", "SLURM_CPUS_PER_TASK": "4"},
+            (3, "auto: 4 CPUs (SLURM_CPUS_PER_TASK) - 1 for the main process, at most 32"),
+        ),
+        ({"SLURM_CPUS_PER_TASK": "1"}, (0, "auto: 1 CPUs (SLURM_CPUS_PER_TASK) - 1 for the main process, at most 32")),
+    ],
+)
 def test_auto_workers_come_from_the_cpus_the_job_has(monkeypatch, environ, want):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     assert devices.loader_workers("auto", environ) == want
@@ -152,17 +168,27 @@ def test_an_epoch_loader_keeps_its_workers_across_epochs_and_starts_new_ones_for
         assert [i for b, _ in got for i in b] == [i for b in order for i in b]  # this epoch's batches, in order
         seen.append(set().union(*(p for _, p in got)))
     assert len(seen[0]) == 2 and seen[0] == seen[1] == seen[2]  # the same two worker processes
-    assert set().union(*(p for _, p in pool.epoch("b", _Pids, batches, 2))).isdisjoint(seen[0])  # a new dataset: new workers
+    # a new dataset: new workers
+    assert set().union(*(p for _, p in pool.epoch("b", _Pids, batches, 2))).isdisjoint(seen[0])
     import os
 
-    assert set().union(*(p for _, p in pool.epoch("b", _Pids, batches[:2], 2))) == {os.getpid()}  # two batches: no worker
+    # two batches: no worker
+    assert set().union(*(p for _, p in pool.epoch("b", _Pids, batches[:2], 2))) == {os.getpid()}
 
 
 def test_dapt_trains_the_same_with_workers_kept_across_epochs_as_in_the_main_process(run_cli):
     from safetensors.torch import load_file
 
-    args = ("train", "method=dapt", "shots=2", "method.epochs=2", "method.n_visual=2", "method.n_ctx=2", "method.batch_size=4",
-            "target=sketch")  # 20 images: 5 batches an epoch (workers load them)
+    args = (
+        "train",
+        "method=dapt",
+        "shots=2",
+        "method.epochs=2",
+        "method.n_visual=2",
+        "method.n_ctx=2",
+        "method.batch_size=4",
+        "target=sketch",
+    )  # 20 images: 5 batches an epoch (workers load them)
     code, _, err, out_root = run_cli(*args)  # (TINY: num_workers=0)
     assert code == 0, err
     code, _, err, _ = run_cli(*args, "num_workers=2", "force=true")

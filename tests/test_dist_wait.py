@@ -36,8 +36,13 @@ def test_the_other_ranks_wait_for_rank_0_past_the_collective_timeout(tmp_path, o
     script = tmp_path / "prepare.py"
     script.write_text(SCRIPT)
     env = {**os.environ, "PROMPTDG_DIST_TIMEOUT_MIN": "0.05", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), outcome],
-                         capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), outcome],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     text = out.stdout + out.stderr
     if outcome == "ok":
         assert out.returncode == 0, text[-3000:]
@@ -45,4 +50,6 @@ def test_the_other_ranks_wait_for_rank_0_past_the_collective_timeout(tmp_path, o
     else:
         assert out.returncode != 0
         assert "rank 0: ValueError: disk full" in text
-        assert "rank 1: RuntimeError: rank 0 failed while extracting image features: ValueError: disk full" in text, text[-3000:]
+        assert "rank 1: RuntimeError: rank 0 failed while extracting image features: ValueError: disk full" in text, (
+            text[-3000:]
+        )

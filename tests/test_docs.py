@@ -223,7 +223,12 @@ def help_of_every_documented_script():
     for _, _, command in COMMANDS:
         for seg in segments(tokens(command)):
             words = [w for w in seg if not ENV_PREFIX.match(w)]
-            if len(words) > 1 and words[0] in ("python", "python3") and words[1] != "-m" and (REPO / words[1]).is_file():
+            if (
+                len(words) > 1
+                and words[0] in ("python", "python3")
+                and words[1] != "-m"
+                and (REPO / words[1]).is_file()
+            ):
                 HELP.setdefault(words[1], subprocess.Popen([sys.executable, str(REPO / words[1]), "--help"], cwd=REPO,
                                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     yield
@@ -260,7 +265,9 @@ def check_python(args):
 def check_make(args):
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
-    done = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        ["make", "-n", "--no-print-directory", *args], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -294,7 +301,9 @@ def check(words):
 
 
 @pytest.mark.parametrize("path,line,command", COMMANDS, ids=[f"{p.name}:{n}" for p, n, _ in COMMANDS])
-def test_every_documented_command_runs_as_far_as_it_can(path, line, command, tmp_path, monkeypatch, help_of_every_documented_script):
+def test_every_documented_command_runs_as_far_as_it_can(
+    path, line, command, tmp_path, monkeypatch, help_of_every_documented_script
+):
     pipeline = segments(tokens(command))
     if PLACEHOLDER.search(" ".join(" ".join(seg) for seg in pipeline)):
         pytest.skip("a line the user edits (it holds a placeholder)")

@@ -34,7 +34,14 @@ CPU = torch.device("cpu")
 
 def _cfg(model, pretrained, cache_dir=None):
     """A backbone config (kind classifier) at 32 px."""
-    values = {"model": model, "pretrained": pretrained, "cache_dir": cache_dir, "image_size": 32, "precision": "fp32", "arch": "resnet"}
+    values = {
+        "model": model,
+        "pretrained": pretrained,
+        "cache_dir": cache_dir,
+        "image_size": 32,
+        "precision": "fp32",
+        "arch": "resnet",
+    }
     return SimpleNamespace(**values, get=lambda k, d=None: values.get(k, d))
 
 
@@ -85,7 +92,9 @@ def test_the_split_is_domainbeds_for_two_trial_seeds(tmp_path):
 def test_a_run_records_the_held_out_images_and_tests_on_the_targets_in_part(run_cli, trial):
     """Zero-shot on the demo world (seed 1; trial_seed null = the seed, then 0): the run folder lists every
     domain's held-out images as DomainBed splits them, and the target is tested on its "in" part."""
-    code, _, err, out_root = run_cli("train", "method=zeroshot", "target=sketch", *([f"trial_seed={trial}"] if trial is not None else []))
+    code, _, err, out_root = run_cli(
+        "train", "method=zeroshot", "target=sketch", *([f"trial_seed={trial}"] if trial is not None else [])
+    )
     assert code == 0, err
     (rec,) = results(out_root)
     run_dir = Path(rec["run_dir"])
@@ -111,10 +120,17 @@ def test_a_trained_run_records_every_source_domains_validation_images(run_cli):
         assert record["domains"][d]["out"] == [str(Path(p).relative_to(root)) for p in want[d][0]]
         assert record["domains"][d]["role"] == ("target" if d == "photo" else "source")
     # the oracle rule: the last checkpoint, the test domain's held-out accuracy recorded, the row marked
-    assert rec["selection"] == "oracle" and set(rec["oracle_accuracy"]) == {"photo"} and rec["weights"] == {"kind": "random-init", "id": "random-init"}
+    assert (
+        rec["selection"] == "oracle"
+        and set(rec["oracle_accuracy"]) == {"photo"}
+        and rec["weights"] == {"kind": "random-init", "id": "random-init"}
+    )
     code, out, err, _ = run_cli("collect", str(out_root), tiny=False)
     assert code == 0, err
-    assert "| erm (select=oracle‡) | resnet50_imagenet |" in out and "select=oracle‡: DomainBed's test-domain validation" in out
+    assert (
+        "| erm (select=oracle‡) | resnet50_imagenet |" in out
+        and "select=oracle‡: DomainBed's test-domain validation" in out
+    )
 
 
 def test_hparams_seed_draws_domainbeds_random_hyperparameters():
@@ -124,10 +140,15 @@ def test_hparams_seed_draws_domainbeds_random_hyperparameters():
     def r(name):
         return np.random.RandomState(seed_hash(seed, name))
 
-    want = {"lr": 10 ** r("lr").uniform(-5, -3.5), "weight_decay": 10 ** r("weight_decay").uniform(-6, -2),
-            "batch_size": int(2 ** r("batch_size").uniform(3, 5.5)), "resnet_dropout": float(r("resnet_dropout").choice([0.0, 0.1, 0.5]))}
+    want = {
+        "lr": 10 ** r("lr").uniform(-5, -3.5),
+        "weight_decay": 10 ** r("weight_decay").uniform(-6, -2),
+        "batch_size": int(2 ** r("batch_size").uniform(3, 5.5)),
+        "resnet_dropout": float(r("resnet_dropout").choice([0.0, 0.1, 0.5])),
+    }
     assert random_hparams(3, 1, "pacs") == pytest.approx(want)
-    assert random_hparams(3, 1, "domainnet")["batch_size"] == int(2 ** r("batch_size").uniform(3, 5))  # DomainNet's range
+    # DomainNet's range
+    assert random_hparams(3, 1, "domainnet")["batch_size"] == int(2 ** r("batch_size").uniform(3, 5))
     assert random_hparams(0, 1, "pacs") == {}  # hparams_seed 0: the defaults
 
 
@@ -166,7 +187,9 @@ def test_one_erm_step_equals_adam_on_a_separately_built_resnet50(tmp_path):
     x = torch.stack([tf(Image.open(paths[i]).convert("RGB")) for i in idx.tolist()])
     ref = resnet50()
     ref.fc = torch.nn.Linear(2048, 10)
-    ref.load_state_dict({**{k: v for k, v in backbone.network.state_dict().items()}, **{f"fc.{k}": v for k, v in head0.items()}})
+    ref.load_state_dict(
+        {**{k: v for k, v in backbone.network.state_dict().items()}, **{f"fc.{k}": v for k, v in head0.items()}}
+    )
     ref.train()
     for mod in ref.modules():  # DomainBed's freeze_bn
         if isinstance(mod, torch.nn.BatchNorm2d):
@@ -184,7 +207,10 @@ def test_one_erm_step_equals_adam_on_a_separately_built_resnet50(tmp_path):
         k: v for k, v in ref.state_dict().items() if k.startswith("fc.")}
     assert got.keys() == want.keys()
     worst = max((got[k].double() - want[k].double()).abs().max().item() for k in got)
-    moved = max((want[f"featurizer.network.{k}"].double() - v.double()).abs().max().item() for k, v in backbone.network.state_dict().items())
+    moved = max(
+        (want[f"featurizer.network.{k}"].double() - v.double()).abs().max().item()
+        for k, v in backbone.network.state_dict().items()
+    )
     assert worst <= 1e-7 and moved > 1e-5  # equal, and the step did move the featurizer (by up to lr)
 
 

@@ -73,8 +73,15 @@ def test_no_gradient_or_update_reaches_the_ldm(ldm):
     opt = torch.optim.SGD(head.parameters(), lr=1.0)
     x01 = torch.rand(2, 3, 32, 32)
     p = head(torch.randn(2, 8)).softmax(-1)[:, 3]
-    loss, _ = latent_distillation_loss(ldm, p, x01, ldm.encode_text(["a photo of a three"] * 2), torch.tensor([10, 700]),
-                                       torch.randn(2, 4, 8, 8), guidance=7.5)
+    loss, _ = latent_distillation_loss(
+        ldm,
+        p,
+        x01,
+        ldm.encode_text(["a photo of a three"] * 2),
+        torch.tensor([10, 700]),
+        torch.randn(2, 4, 8, 8),
+        guidance=7.5,
+    )
     loss.backward()
     opt.step()
     assert all(p.grad is None for p in ldm.parameters())
@@ -154,13 +161,24 @@ def test_stable_diffusion_layout_loads_with_a_transformers_text_encoder(tmp_path
     sd = tmp_path / "tiny-sd"
     for part in ("vae", "unet", "scheduler"):
         shutil.copytree(tiny_ldm_dir / part, sd / part)
-    vocab = {w: i for i, w in enumerate(["<|startoftext|>", "<|endoftext|>", "a</w>", "photo</w>", "of</w>", "dog</w>", "!</w>"])}
+    vocab = {
+        w: i
+        for i, w in enumerate(["<|startoftext|>", "<|endoftext|>", "a</w>", "photo</w>", "of</w>", "dog</w>", "!</w>"])
+    }
     (tmp_path / "vocab.json").write_text(json.dumps(vocab))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
     tok.save_pretrained(sd / "tokenizer")
-    enc = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab), hidden_size=128, intermediate_size=64, num_hidden_layers=1,
-                                       num_attention_heads=2, max_position_embeddings=16))
+    enc = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=128,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+        )
+    )
     enc.save_pretrained(sd / "text_encoder")
     ldm = load_ldm(str(sd), torch.device("cpu"))
     states = ldm.encode_text(["a photo of a dog", ""])
@@ -172,8 +190,18 @@ def test_stable_diffusion_layout_loads_with_a_transformers_text_encoder(tmp_path
 
 # --------------------------------------------------------------------- end to end
 def _args(ldm_dir, *extra):
-    return ("method=domainfusion", f"method.ldm={ldm_dir}", "method.steps=3", "method.checkpoint_freq=2", "method.augment_every=1",
-            "method.candidates=2", "method.img2img_steps=4", "method.batch_size=16", "method.train_encoder=false", *extra)
+    return (
+        "method=domainfusion",
+        f"method.ldm={ldm_dir}",
+        "method.steps=3",
+        "method.checkpoint_freq=2",
+        "method.augment_every=1",
+        "method.candidates=2",
+        "method.img2img_steps=4",
+        "method.batch_size=16",
+        "method.train_encoder=false",
+        *extra,
+    )
 
 
 def test_train_end_to_end_counts_generated_images(run_cli, tiny_ldm_dir):

@@ -23,11 +23,14 @@ def test_a_run_records_versions_hardware_and_the_tree(run_cli):
     assert rec["record_version"] == 3
     env = rec["environment"]
     assert env["torch"] == torch.__version__  # (2.13.0+cpu: the local version tag names the CPU build)
-    assert env["torchvision"] == torchvision.__version__.split("+")[0]  # (its wheel's metadata has no tag; __version__ does)
+    # (its wheel's metadata has no tag; __version__ does)
+    assert env["torchvision"] == torchvision.__version__.split("+")[0]
     assert env["open_clip"] == open_clip.__version__ and env["diffusers"] == diffusers.__version__
     assert env["cuda"] == torch.version.cuda and env["gpu"] is None  # a CPU run
     assert env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
-    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, capture_output=True, text=True)
+    status = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, capture_output=True, text=True
+    )
     dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
     assert rec["git_dirty"] is dirty and (rec["git_diff_sha256"] is not None) == bool(dirty)
     assert rec["weights"]["kind"] == "file" and rec["weights"]["path"] == str(Path(rec["pretrained"]).resolve())
@@ -38,7 +41,9 @@ def test_a_run_records_versions_hardware_and_the_tree(run_cli):
 
 
 def _git(repo: Path, *args: str) -> bytes:
-    return subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=repo, capture_output=True, check=True).stdout
+    return subprocess.run(
+        ["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=repo, capture_output=True, check=True
+    ).stdout
 
 
 def test_the_tree_state_is_dirty_with_a_hash_of_the_changes(tmp_path):

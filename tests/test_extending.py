@@ -74,7 +74,8 @@ DATASET_YAML = """
 name: three_digits
 folder: three_digits
 domains: [printed, sketch, photo]
-classes: {zero: zero, one: one, two: two, three: three, four: four, five: five, six: six, seven: seven, eight: eight, nine: nine}
+classes: {zero: zero, one: one, two: two, three: three, four: four, five: five, six: six, seven: seven,
+  eight: eight, nine: nine}
 """
 
 
@@ -95,8 +96,14 @@ def _setup(tmp_path: Path):
 
 
 def _run(tmp_path, random_clip, *args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path / "src"), os.environ.get("PYTHONPATH", "")]),
-           "PROMPTDG_CACHE": str(tmp_path / "cache"), "PROMPTDG_OUT": str(tmp_path / "out"), "PROMPTDG_DATA": str(tmp_path / "data")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(tmp_path / "src"), os.environ.get("PYTHONPATH", "")]),
+        "PROMPTDG_CACHE": str(tmp_path / "cache"),
+        "PROMPTDG_OUT": str(tmp_path / "out"),
+        "PROMPTDG_DATA": str(tmp_path / "data"),
+    }
     cmd = [sys.executable, "-m", "promptdg_cli", "train", "--config-dir", str(tmp_path / "myconf"), *TINY[1:],
            f"backbone.pretrained={random_clip}", *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
@@ -109,7 +116,9 @@ def test_a_method_and_a_dataset_from_outside_the_package(tmp_path, random_clip):
     (rec,) = [json.loads(p.read_text()) for p in (tmp_path / "out").rglob("results.json")]
     assert rec["status"] == "finished" and rec["method"] == "linear_head" and rec["dataset"] == "three_digits"
     assert rec["source_domains"] == {"sketch": ["printed", "photo"]}  # the user's domains, not the demo's four
-    epochs = [json.loads(l)["epoch"] for l in Path(rec["run_dir"], "metrics.jsonl").read_text().splitlines() if '"epoch"' in l]
+    epochs = [
+        json.loads(l)["epoch"] for l in Path(rec["run_dir"], "metrics.jsonl").read_text().splitlines() if '"epoch"' in l
+    ]
     assert epochs == [0, 1]  # the training loop ran the method's epochs
 
 

@@ -19,8 +19,11 @@ from conftest import TINY
 REPO = Path(__file__).resolve().parents[1]
 # the package's metadata as pip installed it from pyproject.toml (`make install` reinstalls when it changes)
 REQUIRES = importlib.metadata.metadata("promptdg").get_all("Requires-Dist")
-PINS = {re.split(r"[=<>!~ ]", l)[0].lower().replace("_", "-"): l for l in (REPO / "constraints.txt").read_text().splitlines()
-        if l.strip() and not l.startswith("#")}
+PINS = {
+    re.split(r"[=<>!~ ]", l)[0].lower().replace("_", "-"): l
+    for l in (REPO / "constraints.txt").read_text().splitlines()
+    if l.strip() and not l.startswith("#")
+}
 
 
 def _dist(requirement: str) -> str:
@@ -38,7 +41,9 @@ def test_each_extra_is_declared_pinned_and_provides_its_modules():
         dists = {_dist(r) for r in optional[extra]}
         assert dists and all(d in PINS for d in dists), f"{extra}: {dists} not all pinned in constraints.txt"
         for module in modules:  # e.g. the module mlflow comes from the distribution mlflow-skinny
-            assert {d.lower().replace("_", "-") for d in provided[module]} & dists, f"{extra}: nothing in it provides {module}"
+            assert {d.lower().replace("_", "-") for d in provided[module]} & dists, (
+                f"{extra}: nothing in it provides {module}"
+            )
     core = {_dist(r) for r in optional[""]}
     extras_only = {_dist(r) for e in EXTRAS for r in optional[e]}
     assert not core & extras_only  # the core install needs none of them
@@ -49,7 +54,9 @@ def test_a_missing_extra_is_named_with_its_pip_line(monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if not installed
     with pytest.raises(MissingExtra) as err:
         require("domainfusion", "method=domainfusion")
-    assert str(err.value).startswith("method=domainfusion needs diffusers, which is not installed: pip install 'promptdg[domainfusion]'")
+    assert str(err.value).startswith(
+        "method=domainfusion needs diffusers, which is not installed: pip install 'promptdg[domainfusion]'"
+    )
     require("plots")  # installed here: nothing raised
 
 
@@ -75,13 +82,23 @@ print("LOADED", json.dumps(sorted(n for n in {BLOCKED!r} if sys.modules.get(n) i
 
 def test_the_core_install_runs_and_collects_and_names_the_extra_a_run_needs(tmp_path, shared_cache, random_clip):
     out = tmp_path / "out"
-    env = {"PROMPTDG_CACHE": str(shared_cache), "PROMPTDG_OUT": str(out), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"}
+    env = {
+        "PROMPTDG_CACHE": str(shared_cache),
+        "PROMPTDG_OUT": str(out),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": "/usr/bin:/bin",
+    }
     args = [*TINY, f"backbone.pretrained={random_clip}"]
-    proc = subprocess.run([sys.executable, "-c", CORE_ONLY, str(out), *args], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", CORE_ONLY, str(out), *args], capture_output=True, text=True, env=env, timeout=300
+    )
     assert "CODES" in proc.stdout, proc.stderr[-3000:]
     codes = json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("CODES"))[6:])
     assert codes == {"zeroshot": 0, "domainfusion": 2, "collect": 0}, proc.stderr[-3000:]
-    assert "method=domainfusion needs diffusers, transformers, which is not installed: pip install 'promptdg[domainfusion]'" in proc.stderr
+    assert (
+        "method=domainfusion needs diffusers, transformers, which is not installed: "
+        "pip install 'promptdg[domainfusion]'" in proc.stderr
+    )
     assert "no results.png" in proc.stderr and "pip install 'promptdg[plots]'" in proc.stderr
     assert (out / "results.md").is_file() and not (out / "results.png").exists()
     assert json.loads(next(l for l in proc.stdout.splitlines() if l.startswith("LOADED"))[7:]) == []
@@ -95,8 +112,23 @@ def test_the_wheel_ships_py_typed_and_the_logger_configs(tmp_path):
         shutil.copy(REPO / name, src / name)
     for name in ("conf", "promptdg_cli"):
         shutil.copytree(REPO / name, src / name, ignore=skip)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(src), "-w", str(tmp_path)],
-                   check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            str(src),
+            "-w",
+            str(tmp_path),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     (wheel,) = tmp_path.glob("promptdg-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     assert "promptdg_cli/py.typed" in names

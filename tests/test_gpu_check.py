@@ -11,11 +11,34 @@ sys.path.insert(0, str(SCRIPTS))
 gpu_check = pytest.importorskip("gpu_check")
 
 
-def test_gpu_check_tiny_on_cpu_runs_every_method_and_both_ways_of_every_step(tmp_path, random_clip, tiny_ldm_dir, capsys):
+def test_gpu_check_tiny_on_cpu_runs_every_method_and_both_ways_of_every_step(
+    tmp_path, random_clip, tiny_ldm_dir, capsys
+):
     out = tmp_path / "gpu_check.json"
-    code = gpu_check.main(["--device", "cpu", "--sizes", "tiny", "--precision", "bf16", "--clip", str(random_clip),
-                           "--ldm", str(tiny_ldm_dir), "--per-class", "8", "--workers", "0", "--threads", "1", "--work", str(tmp_path / "work"),
-                           "--out", str(out)])
+    code = gpu_check.main(
+        [
+            "--device",
+            "cpu",
+            "--sizes",
+            "tiny",
+            "--precision",
+            "bf16",
+            "--clip",
+            str(random_clip),
+            "--ldm",
+            str(tiny_ldm_dir),
+            "--per-class",
+            "8",
+            "--workers",
+            "0",
+            "--threads",
+            "1",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(out),
+        ]
+    )
     res = json.loads(out.read_text())
     assert code == 0 and res["ok"] and res["errors"] == [], res["errors"]
     assert set(res["runs"]) == set(gpu_check.METHODS)
@@ -23,7 +46,8 @@ def test_gpu_check_tiny_on_cpu_runs_every_method_and_both_ways_of_every_step(tmp
         rec = json.loads(Path(run["record"]).read_text())  # what the run itself wrote
         assert (rec["status"], rec["device"], rec["precision"], rec["method"]) == ("finished", "cpu", "bf16", method)
         assert rec["accuracy"] and run["avg_accuracy"] == rec["avg_accuracy"]
-    assert res["runs"]["promptstyler"]["accuracy"].keys() == {"handwritten", "printed", "sketch", "photo"}  # source-free
+    # source-free
+    assert res["runs"]["promptstyler"]["accuracy"].keys() == {"handwritten", "printed", "sketch", "photo"}
     assert list(res["runs"]["dapl"]["accuracy"]) == ["printed→photo"]
     t = res["timings"]
     for key in ("coop_step", "dapl_step", "dapt_step", "promptstyler_iteration"):

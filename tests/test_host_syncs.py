@@ -64,8 +64,16 @@ def test_the_training_loop_reads_the_loss_once_an_epoch_not_once_a_step(run_cli,
     seen = []
     for batch in (64, 32, 16):
         before = reads["n"]
-        code, _, err, _ = run_cli("train", "method=coop", "method.epochs=1", "method.n_ctx=2", "target=sketch", "method.augment=none",
-                                  f"method.batch_size={batch}", "method.select=last")
+        code, _, err, _ = run_cli(
+            "train",
+            "method=coop",
+            "method.epochs=1",
+            "method.n_ctx=2",
+            "target=sketch",
+            "method.augment=none",
+            f"method.batch_size={batch}",
+            "method.select=last",
+        )
         assert code == 0, err
         seen.append(reads["n"] - before)
     assert seen[1] == seen[2], seen

@@ -62,7 +62,9 @@ def test_slurm_launcher_with_a_resource_shape_composes(hydra_ctx, monkeypatch, t
 
     monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))
     params = {k: v for k, v in launcher.items() if k != "_target_"}
-    executor = submitit.AutoExecutor(cluster="slurm", folder=tmp_path, slurm_max_num_timeout=params.pop("max_num_timeout"))
+    executor = submitit.AutoExecutor(
+        cluster="slurm", folder=tmp_path, slurm_max_num_timeout=params.pop("max_num_timeout")
+    )
     params.pop("submitit_folder")
     base = set(OmegaConf.structured(BaseQueueConf).keys())  # the launcher's own renaming
     executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items()})
@@ -79,7 +81,9 @@ def test_resource_shapes_set_only_the_launcher(hydra_ctx, launcher, shape, gpus)
     """A resource shape changes hydra.launcher only: the run config, its hash and its run directory stay."""
     args = ["method=coop", "dataset=pacs", "backbone=vit_b16", "seed=2", "target=sketch"]
     plain = compose("train", overrides=args, return_hydra_config=True)
-    shaped = compose("train", overrides=args + [f"hydra/launcher={launcher}", f"resources={shape}"], return_hydra_config=True)
+    shaped = compose(
+        "train", overrides=args + [f"hydra/launcher={launcher}", f"resources={shape}"], return_hydra_config=True
+    )
     assert shaped.hydra.launcher._target_ == {"slurm": SLURM_TARGET, "local": LOCAL_TARGET}[launcher]
     assert shaped.hydra.launcher.gpus_per_node == gpus and shaped.hydra.launcher.tasks_per_node == 1
     assert job_config(shaped) == job_config(plain)
@@ -131,7 +135,9 @@ def test_local_launcher_sweep_in_separate_processes_then_collect(run_cli, tmp_pa
     code, _, err, _ = run_cli("train", "method=zeroshot", "target=sketch", f"out_root={tmp_path / 'warm'}")
     assert code == 0, err
     t = time.time()
-    code, out, err, out_root = run_cli("train", "-m", "hydra/launcher=local", "method=zeroshot,zeroshot_name", "target=sketch")
+    code, out, err, out_root = run_cli(
+        "train", "-m", "hydra/launcher=local", "method=zeroshot,zeroshot_name", "target=sketch"
+    )
     elapsed = time.time() - t
     assert code == 0, err
     recs = results(out_root)
@@ -141,7 +147,9 @@ def test_local_launcher_sweep_in_separate_processes_then_collect(run_cli, tmp_pa
     # miss: the features warmed above) and wrote below $PROMPTDG_OUT
     jobs = list((out_root / ".submitit").glob("*/*_result.pkl"))
     assert len(jobs) == 2
-    assert all(r["feature_cache"]["misses"] == 0 and Path(r["run_dir"]).parent.parent.parent.parent == out_root for r in recs)
+    assert all(
+        r["feature_cache"]["misses"] == 0 and Path(r["run_dir"]).parent.parent.parent.parent == out_root for r in recs
+    )
     assert "[promptdg] sweep of 2 runs: 2 finished" in out
     assert not (out_root / ".promptdg").exists()  # the jobs' report folder is removed
     print(f"\n[local launcher] 2 jobs in {elapsed:.1f} s")
@@ -158,7 +166,9 @@ def test_a_sweep_through_the_plugins_own_launcher_name(run_cli, tmp_path):
     code, _, err, _ = run_cli("train", "method=zeroshot", "target=sketch", f"out_root={tmp_path / 'warm'}")
     assert code == 0, err
     t = time.time()
-    code, out, err, out_root = run_cli("train", "-m", "hydra/launcher=submitit_local", "method=zeroshot,zeroshot_name", "target=sketch")
+    code, out, err, out_root = run_cli(
+        "train", "-m", "hydra/launcher=submitit_local", "method=zeroshot,zeroshot_name", "target=sketch"
+    )
     elapsed = time.time() - t
     assert code == 0, err
     recs = results(out_root)

@@ -230,7 +230,9 @@ def test_a_sweep_resumed_from_its_checkpoint_equals_an_uninterrupted_one(tmp_pat
 def test_patience_stops_the_path_where_the_full_path_stops_improving(tmp_path):
     full, ctx = _probe(tmp_path / "full", refine_steps=0)
     full.fit(_data(), ctx)
-    accs = [json.loads(l)["val_acc"] for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines() if '"C"' in l]
+    accs = [
+        json.loads(l)["val_acc"] for l in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines() if '"C"' in l
+    ]
     assert len(accs) == 13
     # by hand: the first prefix whose last 2 accuracies are not above the best before them
     stop = next(i for i in range(3, 14) if accs[0] < max(accs[: i - 2]) >= max(accs[i - 2 : i]))

@@ -227,12 +227,18 @@ def test_train_refuses_a_locked_run_directory_and_takes_over_a_stale_lock(run_cl
     code, out, err, _ = run_cli(*args)
     print(f"\n[fresh foreign lock] refused in {time.time() - t:.2f} s: {err.strip()}")
     assert code == 2 and "promptdg: error: " in err and "is in use by process 4242 on node-b" in err
-    assert re.search(r"heartbeat 2\d s ago", err) and json.loads((lock.parent / "results.json").read_text())["status"] == "finished"
+    assert (
+        re.search(r"heartbeat 2\d s ago", err)
+        and json.loads((lock.parent / "results.json").read_text())["status"] == "finished"
+    )
     write_lock(lock, "node-b", 4242, age=stale_s() + 60)
     t = time.time()
     code, out, err, _ = run_cli(*args)
     line = next(l for l in (out + err).splitlines() if "taking over" in l)
     print(f"[stale foreign lock] run finished in {time.time() - t:.2f} s: {line}")
     assert code == 0, err
-    assert "taking over the lock of process 4242 on node-b" in out + err and "no heartbeat for more than 300 s" in out + err
+    assert (
+        "taking over the lock of process 4242 on node-b" in out + err
+        and "no heartbeat for more than 300 s" in out + err
+    )
     assert not lock.exists()

@@ -35,7 +35,9 @@ def test_make_demo_trains_every_registered_method_once():
     names = {m for m, _ in runs}
     # every method that runs on the demo CLIP has a row (erm trains an ImageNet classifier: none in the demo world)
     methods = builtin_method_names()
-    assert {n for n in names if n in methods} == {m for m in methods if "clip" in method_class({"name": m}).backbone_kinds}
+    assert {n for n in names if n in methods} == {
+        m for m in methods if "clip" in method_class({"name": m}).backbone_kinds
+    }
     assert all(len(v) == 1 for v in runs.values()), runs  # and is trained once per protocol
     assert ("dapl", "uda") in runs and ("zeroshot", "uda") in runs  # DAPL next to its UDA baseline
 

@@ -101,7 +101,9 @@ def test_the_per_dataset_values_are_the_per_domain_tables_averages():
     transcriptions must agree exactly, which catches a typo in either."""
     tables = _load(REPO / "conf" / "papers" / "promptstyler.yaml")["tables"]
     key = lambda r: (r["method"], r.get("variant") or "", r["backbone"])  # noqa: E731
-    by_dataset = {t["dataset"]: {key(r): r["average"] for r in t["rows"]} for t in tables if t["columns_by"] == "domain"}
+    by_dataset = {
+        t["dataset"]: {key(r): r["average"] for r in t["rows"]} for t in tables if t["columns_by"] == "domain"
+    }
     checked = 0
     for t in tables:
         if t["columns_by"] != "dataset":
@@ -172,7 +174,9 @@ def _paper_file(tmp_path: Path, row: dict, **table) -> Path:
     ({"shots": 0}, {}, "shots", "0", "integer >= 1"),
     ({}, {"columns_by": "domains"}, "columns_by", "domains", "domain or dataset"),
 ])
-def test_a_bad_paper_file_is_an_error_naming_the_key_the_value_and_the_valid_ones(tmp_path, capsys, row, table, key, value, valid):
+def test_a_bad_paper_file_is_an_error_naming_the_key_the_value_and_the_valid_ones(
+    tmp_path, capsys, row, table, key, value, valid
+):
     path = _paper_file(tmp_path, row, **table)
     records = tmp_path / "runs"
     _write_records(records)
@@ -204,7 +208,9 @@ def _write_records(root: Path) -> None:
     promptstyler (93.7, 94.7, 99.4, 84.9; Avg 93.2), seed 1 only: 93.7, 94.0, 99.4, 84.9
     linear_probe (not in the paper), seed 1: 50.0 everywhere
     """
-    runs = [("zeroshot", s, dict(zip(PACS, [a, 94.4, 99.0, 80.0])), "[class]") for s, a in ((1, 88.5), (2, 89.0), (3, 89.5))]
+    runs = [
+        ("zeroshot", s, dict(zip(PACS, [a, 94.4, 99.0, 80.0])), "[class]") for s, a in ((1, 88.5), (2, 89.0), (3, 89.5))
+    ]
     runs += [("promptstyler", 1, dict(zip(PACS, [93.7, 94.0, 99.4, 84.9])), ""),
              ("linear_probe", 1, dict(zip(PACS, [50.0] * 4)), "")]
     for method, seed, accuracy, variant in runs:
@@ -244,7 +250,8 @@ def test_markdown_cells_show_the_paper_value_and_the_signed_delta(collected):
 
 def test_the_markdown_summary_counts_cells_within_the_seeds_spread(collected):
     md, _, _ = collected
-    # zeroshot: art (|0.1| <= 0.5), cartoon (0 <= 0.05), Avg (0 <= 0.125) within; photo (0.3 > 0.05), sketch (0.2 > 0.05) not
+    # zeroshot: art (|0.1| <= 0.5), cartoon (0 <= 0.05), Avg (0 <= 0.125) within;
+    # photo (0.3 > 0.05), sketch (0.2 > 0.05) not
     assert ("- zeroshot ([class]) / rn50: 5 cell(s) with a paper value (PromptStyler Tab. C1), 5 measured, "
             "3 within the seeds' spread; largest |delta| 0.3 (photo)") in md
     # promptstyler, one seed (s = 0): art, photo, sketch exactly equal; cartoon (0.7) and Avg (0.2) not

@@ -20,7 +20,11 @@ def test_autocast_is_bf16_or_fp16_on_cuda_only():
         fp16 = devices.autocast(torch.device("cuda", 1), "fp16")
     assert isinstance(bf16, torch.autocast) and bf16.device == "cuda" and bf16.fast_dtype == torch.bfloat16
     assert isinstance(fp16, torch.autocast) and fp16.fast_dtype == torch.float16
-    for device, precision in ((torch.device("cuda"), "fp32"), (torch.device("cpu"), "bf16"), (torch.device("cpu"), "fp32")):
+    for device, precision in (
+        (torch.device("cuda"), "fp32"),
+        (torch.device("cpu"), "bf16"),
+        (torch.device("cpu"), "fp32"),
+    ):
         ctx = devices.autocast(device, precision)
         assert not isinstance(ctx, torch.autocast)
         with ctx:  # a context that changes nothing
@@ -67,12 +71,29 @@ def test_the_precision_reaches_feature_extraction_and_the_training_step(run_cli,
 # the forwards outside the loop's step, by method: the site (function) that runs each under the precision
 EVERY_FORWARD = {
     # stage 1's iterations, each learned style's feature, the content and style-content features
-    "promptstyler": (["method.n_styles=2", "method.style_iters=2", "method.epochs=1"], {"style_step", "learn_style", "fit"}),
+    "promptstyler": (
+        ["method.n_styles=2", "method.style_iters=2", "method.epochs=1"],
+        {"style_step", "learn_style", "fit"},
+    ),
     # the prototypes (augmented shots through the frozen encoder), the test images re-encoded with the prompts
-    "dapt": (["shots=2", "method.epochs=1", "method.n_visual=2", "method.n_ctx=2", "target=sketch"], {"prototypes", "features_for"}),
+    "dapt": (
+        ["shots=2", "method.epochs=1", "method.n_visual=2", "method.n_ctx=2", "target=sketch"],
+        {"prototypes", "features_for"},
+    ),
     # the frozen CLIP encoder's features of the synthetic set
-    "domainfusion": (["method.train_encoder=false", "method.steps=2", "method.checkpoint_freq=2", "method.augment_every=1",
-                      "method.candidates=2", "method.img2img_steps=4", "method.synthetic_fraction=0.25", "target=sketch"], {"encode_files"}),
+    "domainfusion": (
+        [
+            "method.train_encoder=false",
+            "method.steps=2",
+            "method.checkpoint_freq=2",
+            "method.augment_every=1",
+            "method.candidates=2",
+            "method.img2img_steps=4",
+            "method.synthetic_fraction=0.25",
+            "target=sketch",
+        ],
+        {"encode_files"},
+    ),
 }
 
 
@@ -104,7 +125,13 @@ class Toy(Method):
     """loss = <w, g(epoch, step)>: its gradient is g, SGD lr 0.1, 2 epochs of 2 steps."""
 
     def __init__(self, precision):
-        super().__init__(SimpleNamespace(name="toy", epochs=2, select="last"), None, ["a"], torch.device("cpu"), RunEnv(precision=precision))
+        super().__init__(
+            SimpleNamespace(name="toy", epochs=2, select="last"),
+            None,
+            ["a"],
+            torch.device("cpu"),
+            RunEnv(precision=precision),
+        )
         self.w = torch.nn.Parameter(torch.ones(2))
 
     def parameters_to_train(self):

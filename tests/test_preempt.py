@@ -35,32 +35,109 @@ CASES = {
     # 192 source images, batch 32: 6 steps + 1 epoch checkpoint per epoch -> signal at epoch 1, step 2
     "coop": (["method=coop", "method.epochs=3", "method.n_ctx=4", "target=sketch"], "sketch", 9, True),
     # 17 C values (13 + 4 refined; strongly regularised ones only: quick fits): stop after the 5th fit
-    "linear_probe": (["method=linear_probe", "method.c_max=100", "method.refine_steps=4", "target=sketch"], "sketch", 5, False),
+    "linear_probe": (
+        ["method=linear_probe", "method.c_max=100", "method.refine_steps=4", "target=sketch"],
+        "sketch",
+        5,
+        False,
+    ),
     # 2 styles then 2 classifier epochs: stop after the second style
-    "promptstyler": (["method=promptstyler", "method.n_styles=2", "method.style_iters=3", "method.epochs=2"], "all", 2, False),
+    "promptstyler": (
+        ["method=promptstyler", "method.n_styles=2", "method.style_iters=3", "method.epochs=2"],
+        "all",
+        2,
+        False,
+    ),
     # UDA printed -> sketch: 64 source images, batch 16: 4 steps + 1 per epoch -> epoch 1, step 2
-    "dapl": (["method=dapl", "method.epochs=2", "method.n_ctx=2", "method.n_dom_ctx=2", "method.batch_size=16",
-              "method.target_batch_size=16", "source=[printed]", "target=sketch"], "printed_to_sketch", 7, True),
+    "dapl": (
+        [
+            "method=dapl",
+            "method.epochs=2",
+            "method.n_ctx=2",
+            "method.n_dom_ctx=2",
+            "method.batch_size=16",
+            "method.target_batch_size=16",
+            "source=[printed]",
+            "target=sketch",
+        ],
+        "printed_to_sketch",
+        7,
+        True,
+    ),
     # 2 shots x 10 classes = 20 images, batch 6: steps of 6, 6, 6 (the last 2 dropped) -> stop in epoch 0 after step 2
-    "dapt": (["method=dapt", "method.epochs=2", "shots=2", "method.n_visual=2", "method.n_ctx=2", "method.batch_size=6",
-              "target=sketch"], "sketch", 2, True),
+    "dapt": (
+        [
+            "method=dapt",
+            "method.epochs=2",
+            "shots=2",
+            "method.n_visual=2",
+            "method.n_ctx=2",
+            "method.batch_size=6",
+            "target=sketch",
+        ],
+        "sketch",
+        2,
+        True,
+    ),
     # DomainBed's ERM on a random ResNet-18 at 32 px: 4 steps in evaluation periods of 1, 2 and 1 step
     # (a point after every step and at every period's end) -> stop after the second step of period 1
-    "erm": (["method=erm", *RESNET, "backbone.model=resnet18", "method.steps=4", "method.checkpoint_freq=2",
-             "method.batch_size=2", "target=sketch"], "sketch", 4, True),
+    "erm": (
+        [
+            "method=erm",
+            *RESNET,
+            "backbone.model=resnet18",
+            "method.steps=4",
+            "method.checkpoint_freq=2",
+            "method.batch_size=2",
+            "target=sketch",
+        ],
+        "sketch",
+        4,
+        True,
+    ),
     # DomainFusion in the paper's setting (a classifier, the tiny LDM in SD's layout): periods of 1 and 2
     # steps, an augmentation round (3 batches of 16) before period 1 -> stop after period 1's first step
-    "domainfusion": (DF := ["method=domainfusion", "method.ldm={sd}", *RESNET, "backbone.model=resnet18", "method.steps=3",
-                            "method.checkpoint_freq=2", "method.batch_size=2", "method.augment_every=1", "method.candidates=2",
-                            "method.img2img_steps=4", "method.distill_per_step=2", "method.synthetic_fraction=0.25",
-                            "target=sketch"], "sketch", 6, True),
+    "domainfusion": (
+        DF := [
+            "method=domainfusion",
+            "method.ldm={sd}",
+            *RESNET,
+            "backbone.model=resnet18",
+            "method.steps=3",
+            "method.checkpoint_freq=2",
+            "method.batch_size=2",
+            "method.augment_every=1",
+            "method.candidates=2",
+            "method.img2img_steps=4",
+            "method.distill_per_step=2",
+            "method.synthetic_fraction=0.25",
+            "target=sketch",
+        ],
+        "sketch",
+        6,
+        True,
+    ),
     # the same on the ResNet-50 itself (slow: a few ResNet-50 steps and checkpoints on the CPU)
     "domainfusion_resnet50": ([a for a in DF if a != "backbone.model=resnet18"], "sketch", 6, True),
     # the CLIP-encoder variant on a frozen encoder, stopped inside the augmentation round at the start of
     # period 1 (2 points in period 0, then one per generated batch of 16): the round resumes from its files
-    "domainfusion_round": (["method=domainfusion", "method.ldm={ldm}", "method.steps=3", "method.checkpoint_freq=2",
-                            "method.augment_every=1", "method.candidates=2", "method.img2img_steps=4", "method.distill_per_step=4",
-                            "method.train_encoder=false", "target=sketch"], "sketch", 4, False),
+    "domainfusion_round": (
+        [
+            "method=domainfusion",
+            "method.ldm={ldm}",
+            "method.steps=3",
+            "method.checkpoint_freq=2",
+            "method.augment_every=1",
+            "method.candidates=2",
+            "method.img2img_steps=4",
+            "method.distill_per_step=4",
+            "method.train_encoder=false",
+            "target=sketch",
+        ],
+        "sketch",
+        4,
+        False,
+    ),
 }
 
 
@@ -110,14 +187,19 @@ SCENARIOS = sorted(set(trained_methods()) | set(CASES))
 
 
 @pytest.mark.parametrize("method", [pytest.param(m, marks=pytest.mark.slow) if m in SLOW else m for m in SCENARIOS])
-def test_signal_stops_at_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(run_cli, monkeypatch, tmp_path, method, request):
+def test_signal_stops_at_a_checkpoint_and_the_rerun_equals_an_uninterrupted_run(
+    run_cli, monkeypatch, tmp_path, method, request
+):
     """A scenario of CASES, or a method's tiny run from its configs (``tiny_args``): then the signal
     comes at the middle one of the uninterrupted run's preempt points."""
     if method in CASES:
         args, split, at, mid_epoch = CASES[method]
     else:
         args, split, at, mid_epoch = tiny_args(method, request), None, None, None
-    clip = "backbone=resnet50_imagenet" not in args and "clip" in method_class({"name": method.split("_round")[0].split("_resnet50")[0]}).backbone_kinds
+    clip = (
+        "backbone=resnet50_imagenet" not in args
+        and "clip" in method_class({"name": method.split("_round")[0].split("_resnet50")[0]}).backbone_kinds
+    )
     if method.startswith("domainfusion"):
         fixture = "tiny_ldm_dir" if clip else "tiny_sd_dir"
         args = [a.format(ldm=request.getfixturevalue(fixture), sd=request.getfixturevalue(fixture)) for a in args]
@@ -174,14 +256,20 @@ def test_dapt_resumes_mid_epoch_reading_only_the_remaining_images(run_cli, monke
     assert code == 128 + signal.SIGUSR1, err
     _unhook(monkeypatch)
     loaded, real = [], dapt.image_loader
-    monkeypatch.setattr(dapt, "image_loader", lambda paths, tf, batches, *a, **k: loaded.append(batches) or real(paths, tf, batches, *a, **k))
+    monkeypatch.setattr(
+        dapt,
+        "image_loader",
+        lambda paths, tf, batches, *a, **k: loaded.append(batches) or real(paths, tf, batches, *a, **k),
+    )
     code, _, err, _ = run_cli("train", *args)
     assert code == 0, err
     # epoch 0 from its third batch (positions 12-17 of the epoch's order), then epoch 1 whole
     assert loaded == [[list(range(12, 18))], [list(range(0, 6)), list(range(6, 12)), list(range(12, 18))]]
 
 
-def test_sigterm_from_outside_stops_a_cli_process_and_the_rerun_resumes(run_cli, random_clip, shared_cache, tmp_path, monkeypatch):
+def test_sigterm_from_outside_stops_a_cli_process_and_the_rerun_resumes(
+    run_cli, random_clip, shared_cache, tmp_path, monkeypatch
+):
     """A real SIGTERM from another process, at whatever step the run is in: exit 143, a resumable
     record, and the rerun equals an uninterrupted run."""
     args = ["method=coop", "method.epochs=4", "method.n_ctx=4", "method.batch_size=8", "target=photo"]
@@ -254,12 +342,29 @@ def test_requeue_through_submitit_resumes(run_cli, random_clip, shared_cache, tm
         "    e.TrainContext.stop_point = hooked\n"
     )
     out = tmp_path / "sweep"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PROMPTDG_CACHE": str(shared_cache), "PROMPTDG_OUT": str(out),
-           "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]), "PDG_SIGNALLED": str(tmp_path / "signalled")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PROMPTDG_CACHE": str(shared_cache),
+        "PROMPTDG_OUT": str(out),
+        "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+        "PDG_SIGNALLED": str(tmp_path / "signalled"),
+    }
     # (the local executor allows 3 requeues after a timeout: submitit counts a signal within the last
     # 10 minutes of timeout_min as one)
-    cmd = [sys.executable, "-m", "promptdg_cli", "train", "-m", "hydra/launcher=submitit_local",
-           "hydra.launcher.timeout_min=10", "hydra.launcher.name=promptdg_preempt_test", *TINY, f"backbone.pretrained={random_clip}", *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "promptdg_cli",
+        "train",
+        "-m",
+        "hydra/launcher=submitit_local",
+        "hydra.launcher.timeout_min=10",
+        "hydra.launcher.name=promptdg_preempt_test",
+        *TINY,
+        f"backbone.pretrained={random_clip}",
+        *args,
+    ]
     r = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     logs = "".join(p.read_text() for p in sorted(out.rglob(".submitit/*/*_log.*")))
     assert r.returncode == 0, r.stderr[-3000:] + logs[-3000:]

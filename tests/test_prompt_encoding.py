@@ -88,9 +88,13 @@ def test_dapl_prompts_features_and_gradients(backbone):
     suffixes that differ per domain and per class (EOT at different positions)."""
     ctx, dom, sos, suffix, eot = dapl_pieces(backbone)
     assert len(set(eot.flatten().tolist())) >= 3  # EOTs really at different positions
-    tail = (torch.randn(len(CLASSES), 2, backbone.text_width, generator=torch.Generator().manual_seed(2)) * 0.02).requires_grad_()
+    tail = (
+        torch.randn(len(CLASSES), 2, backbone.text_width, generator=torch.Generator().manual_seed(2)) * 0.02
+    ).requires_grad_()
     eot2 = eot + 2
-    rows = [torch.cat([sos, ctx, dom[d], tail[c], suffix[d, c]]) for d in range(len(DOMAINS)) for c in range(len(CLASSES))]
+    rows = [
+        torch.cat([sos, ctx, dom[d], tail[c], suffix[d, c]]) for d in range(len(DOMAINS)) for c in range(len(CLASSES))
+    ]
     ref = plain(backbone, rows, eot2).view(len(DOMAINS), len(CLASSES), -1)
     prompts = PromptGroups.from_parts([sos, ctx, dom], [tail, suffix], eot2)
     assert prompts.prefix.shape[:2] == (len(DOMAINS), 1 + ctx.shape[0] + dom.shape[1])
@@ -133,7 +137,9 @@ def test_padding_after_eot_changes_nothing(clip):
     after = torch.arange(suffix.shape[2]) > (eot - 1 - ctx.shape[0] - dom.shape[1])[..., None]  # (G, C, S)
     noisy[after] = torch.randn(int(after.sum()), clip.text_width)
     assert after.any() and not after.all()
-    torch.testing.assert_close(clip.encode_grouped(PromptGroups.from_parts([sos, ctx, dom], [noisy], eot)), clean, **TOL)
+    torch.testing.assert_close(
+        clip.encode_grouped(PromptGroups.from_parts([sos, ctx, dom], [noisy], eot)), clean, **TOL
+    )
 
 
 def test_one_suffix_set_for_all_groups_and_one_prefix_for_all_groups(clip):
@@ -155,7 +161,9 @@ def test_one_suffix_set_for_all_groups_and_one_prefix_for_all_groups(clip):
 def test_class_specific_context_has_no_shared_prefix(backbone):
     """Every class its own context: the prefix is [SOS] alone and the contexts sit in the suffix."""
     ctx, _, sos, suffix, eot = dapl_pieces(backbone, n_ctx=5, n_dom=0)
-    csc = (torch.randn(len(CLASSES), 5, backbone.text_width, generator=torch.Generator().manual_seed(3)) * 0.02).requires_grad_()
+    csc = (
+        torch.randn(len(CLASSES), 5, backbone.text_width, generator=torch.Generator().manual_seed(3)) * 0.02
+    ).requires_grad_()
     rows = [torch.cat([sos, csc[c], suffix[0, c]]) for c in range(len(CLASSES))]
     ref = plain(backbone, rows, eot[0])
     ours = backbone.encode_grouped(PromptGroups.from_parts([sos], [csc, suffix[0]], eot[0]), normalize=False)[0]
@@ -227,7 +235,8 @@ def test_common_prefix_of_texts():
     assert g.prefix_len == 3 and g.suffix.shape == (1, 3, 3, 2)
     assert torch.equal(g.eot, torch.tensor([[4, 5, 5]]))
     same = torch.tensor([[9, 4, 99, 0], [9, 4, 99, 0]])
-    assert PromptGroups.from_tokens(torch.randn(2, 4, 2), same, same.argmax(1)).prefix_len == 2  # EOT stays in the suffix
+    # EOT stays in the suffix
+    assert PromptGroups.from_tokens(torch.randn(2, 4, 2), same, same.argmax(1)).prefix_len == 2
 
 
 def assert_style_word_path_equals_plain(clip, g: PromptGroups, seed: int):
@@ -266,7 +275,16 @@ def test_length_buckets_minimise_the_positions_run():
 def test_style_content_prompts_of_many_lengths_run_in_buckets(clip):
     """Class names of 1 to 8 tokens: the prompts split into buckets (checked), and the features and the
     style word's gradient equal the plain path's."""
-    names = ["cat", "dog", "car", "tree", "the eiffel tower at night", "sun", "pen", "a very long and strange name of a thing"]
+    names = [
+        "cat",
+        "dog",
+        "car",
+        "tree",
+        "the eiffel tower at night",
+        "sun",
+        "pen",
+        "a very long and strange name of a thing",
+    ]
     texts = [f"a X style of a {c}" for c in names]
     g = clip.group_texts(texts)
     lengths = (g.eot[0] - g.prefix_len + 1).tolist()

@@ -154,8 +154,16 @@ def test_styles_are_learned_in_turn_earlier_ones_frozen(clip, tmp_path, monkeypa
     ps = PromptStyler(cfg, clip, ["one", "two", "three"], torch.device("cpu"), RunEnv(seed=1))
     snapshots = []
     save = TrainContext._save
-    monkeypatch.setattr(TrainContext, "_save", lambda self, sec, st: snapshots.append(
-        (sec, {k: {i: dict(r) for i, r in v.items()} if k == "results" else v for k, v in st.items()})) or save(self, sec, st))
+    monkeypatch.setattr(
+        TrainContext,
+        "_save",
+        lambda self, sec, st: (
+            snapshots.append(
+                (sec, {k: {i: dict(r) for i, r in v.items()} if k == "results" else v for k, v in st.items()})
+            )
+            or save(self, sec, st)
+        ),
+    )
     ps.fit(TrainData(), _ctx(tmp_path))
     after = [st["results"] for sec, st in snapshots if sec == "units:styles"]
     assert [sorted(r) for r in after] == [[0], [0, 1], [0, 1, 2]]  # one checkpoint after each style
@@ -215,7 +223,9 @@ def test_training_reads_no_image_and_tests_every_domain(run_cli, monkeypatch):
 
     monkeypatch.setattr(PIL.Image, "open", guard("PIL.Image.open", PIL.Image.open))
     monkeypatch.setattr(data, "list_domain", guard("list_domain", data.list_domain))
-    monkeypatch.setattr(data.FeatureCache, "domain_features", guard("domain_features", data.FeatureCache.domain_features))
+    monkeypatch.setattr(
+        data.FeatureCache, "domain_features", guard("domain_features", data.FeatureCache.domain_features)
+    )
     monkeypatch.setattr(data.FeatureCache, "_encode", guard("_encode", data.FeatureCache._encode))
     real_fit = PromptStyler.fit
 
@@ -275,7 +285,11 @@ def test_interrupted_promptstyler_resumes_with_identical_results(run_cli, monkey
     assert torch.equal(model["styles"], ref_model["styles"])
     assert torch.allclose(model["classifier"], ref_model["classifier"], atol=1e-6)
     assert resumed["accuracy"] == reference["accuracy"]
-    styles = [json.loads(l)["style"] for l in (Path(resumed["run_dir"]) / "metrics.jsonl").read_text().splitlines() if '"style"' in l and '"stage": "style"' in l]
+    styles = [
+        json.loads(l)["style"]
+        for l in (Path(resumed["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        if '"style"' in l and '"stage": "style"' in l
+    ]
     assert styles == [0, 1, 2]  # styles 0 and 1 before the interruption, only style 2 after it
 
 
@@ -301,7 +315,11 @@ def test_experiment_sweep_then_collect_prints_the_papers_shape(run_cli, monkeypa
     assert code == 0, err
     recs = results(out_root)
     assert len(recs) == 6  # 3 methods x 2 seeds (the command line narrowed the experiment's seeds)
-    assert {(r["method"], r["variant"]) for r in recs} == {("zeroshot", "[class]"), ("zeroshot", "a photo of a [class]."), ("promptstyler", "")}
+    assert {(r["method"], r["variant"]) for r in recs} == {
+        ("zeroshot", "[class]"),
+        ("zeroshot", "a photo of a [class]."),
+        ("promptstyler", ""),
+    }
     code, out, err, _ = run_cli("collect", str(out_root / "promptstyler_demo"), "--columns", "dataset", tiny=False)
     assert code == 0, err
     header = next(l for l in out.splitlines() if l.startswith("| Method"))

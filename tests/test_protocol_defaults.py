@@ -63,7 +63,10 @@ def test_no_default_anywhere_selects_on_a_test_split():
                 continue  # a refused combination (a domain method on a few-shot set, select=val without validation)
             if select == "val":
                 split_paths = cfg.dataset.get("split_paths") or {}
-                assert not (split_paths.get("val") and split_paths.get("val") == split_paths.get("test")), (method, dataset)
+                assert not (split_paths.get("val") and split_paths.get("val") == split_paths.get("test")), (
+                    method,
+                    dataset,
+                )
                 assert protocol.name in ("dg", "fewshot") or cfg.method.get("source_holdout"), (method, dataset)
             checked += 1
     assert checked > 50
@@ -80,8 +83,14 @@ def test_select_val_without_validation_data_is_refused():
 
 def test_zeroshot_coop_uses_coops_template_of_the_dataset():
     # CoOp's trainers/zsclip.py CUSTOM_TEMPLATES, written out
-    official = {"dtd": "{} texture.", "eurosat": "a centered satellite photo of {}.", "oxford_pets": "a photo of a {}, a type of pet.",
-                "ucf101": "a photo of a person doing {}.", "food101": "a photo of {}, a type of food.", "imagenet": "a photo of a {}."}
+    official = {
+        "dtd": "{} texture.",
+        "eurosat": "a centered satellite photo of {}.",
+        "oxford_pets": "a photo of a {}, a type of pet.",
+        "ucf101": "a photo of a person doing {}.",
+        "food101": "a photo of {}, a type of food.",
+        "imagenet": "a photo of a {}.",
+    }
     for dataset, template in official.items():
         cfg = compose_run("method=zeroshot_coop", f"dataset={dataset}")
         assert list(OmegaConf.to_container(cfg.method, resolve=True)["templates"]) == [template]
@@ -92,7 +101,9 @@ def test_zeroshot_coop_uses_coops_template_of_the_dataset():
 def test_the_augmentation_is_dassls_training_transform():
     """Dassl's INPUT.TRANSFORMS of CoOp and DAPL: RandomResizedCrop(224, scale (0.08, 1), bicubic),
     RandomHorizontalFlip, ToTensor, Normalize with CLIP's mean and std."""
-    plain = open_clip.image_transform(224, is_train=False, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))
+    plain = open_clip.image_transform(
+        224, is_train=False, mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711)
+    )
     steps = [t for t in augmented_transform(plain).transforms if not callable(getattr(t, "__name__", None))]
     crop = next(t for t in steps if isinstance(t, T.RandomResizedCrop))
     assert crop.size == (224, 224) and crop.scale == (0.08, 1.0) and crop.interpolation == T.InterpolationMode.BICUBIC
@@ -100,7 +111,11 @@ def test_the_augmentation_is_dassls_training_transform():
     flip = next(t for t in steps if isinstance(t, T.RandomHorizontalFlip))
     assert flip.p == 0.5 and steps.index(flip) == steps.index(crop) + 1
     norm = next(t for t in steps if isinstance(t, T.Normalize))
-    assert tuple(norm.mean) == (0.48145466, 0.4578275, 0.40821073) and tuple(norm.std) == (0.26862954, 0.26130258, 0.27577711)
+    assert tuple(norm.mean) == (0.48145466, 0.4578275, 0.40821073) and tuple(norm.std) == (
+        0.26862954,
+        0.26130258,
+        0.27577711,
+    )
     assert not any(isinstance(t, (T.Resize, T.CenterCrop)) for t in steps)
 
 
@@ -120,14 +135,18 @@ def test_fresh_views_are_drawn_per_epoch_and_image_and_shared_by_every_list(clip
     assert e0.shape == (12, clip.embed_dim) and not torch.allclose(e0, e1)  # a new view every epoch
     assert not torch.allclose(views.epoch(0, rep=1), e0)  # and every pass
     # another list holding some of the images (another run's split) draws the same views of them
-    other = FreshViews(FeatureCache(shared_cache, num_workers=0), clip, "demo_digits", "another-list", paths[4:9], seed=1)
+    other = FreshViews(
+        FeatureCache(shared_cache, num_workers=0), clip, "demo_digits", "another-list", paths[4:9], seed=1
+    )
     assert torch.allclose(other.epoch(1), e1[4:9], atol=1e-6)
     # kept in the cache: a second run reads it; without the cache the same numbers are computed
     again = FeatureCache(shared_cache, num_workers=0)
     assert torch.equal(FreshViews(again, clip, "demo_digits", "sketch-views-test", paths, seed=1).epoch(0), e0)
     assert again.views == {"computed": 0, "read": 1}
     nocache = FeatureCache(tmp_path / "empty", num_workers=0)
-    assert torch.allclose(FreshViews(nocache, clip, "demo_digits", "x", paths, seed=1, store=False).epoch(0), e0, atol=1e-6)
+    assert torch.allclose(
+        FreshViews(nocache, clip, "demo_digits", "x", paths, seed=1, store=False).epoch(0), e0, atol=1e-6
+    )
     assert not (tmp_path / "empty" / "features").exists()
     assert not torch.allclose(FreshViews(nocache, clip, "demo_digits", "x", paths, seed=2, store=False).epoch(0), e0)
 
@@ -145,7 +164,8 @@ def test_a_view_is_the_same_wherever_the_dataset_lies(clip, tmp_path, sketch):
     here = FreshViews(cache, clip, "demo_digits", "a", paths, seed=1, store=False, root=root).epoch(3)
     there = FreshViews(cache, clip, "demo_digits", "a", moved, seed=1, store=False, root=copy).epoch(3)
     assert torch.allclose(here, there, atol=1e-6)
-    elsewhere = FreshViews(cache, clip, "demo_digits", "a", moved, seed=1, store=False).epoch(3)  # keyed by the full path
+    # keyed by the full path
+    elsewhere = FreshViews(cache, clip, "demo_digits", "a", moved, seed=1, store=False).epoch(3)
     assert not torch.allclose(here, elsewhere)
 
 
@@ -194,7 +214,10 @@ def test_runs_record_their_protocol_and_opt_ins_and_collect_marks_them(run_cli):
     assert official["protocol_details"] == {"augment": "official", "aug_views": 0, "select": "last", "epochs": 1}
     views = official["data_used"]["augmented_views"]
     assert views["computed"] + views["read"] >= 2  # each epoch's views were encoded (or read: another test drew them)
-    assert cheap["protocol_details"]["augment"] == "none" and cheap["data_used"]["augmented_views"] == {"computed": 0, "read": 0}
+    assert cheap["protocol_details"]["augment"] == "none" and cheap["data_used"]["augmented_views"] == {
+        "computed": 0,
+        "read": 0,
+    }
     code, out, err, _ = run_cli("collect", str(out_root), tiny=False)
     assert code == 0, err
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| coop")]
@@ -203,24 +226,39 @@ def test_runs_record_their_protocol_and_opt_ins_and_collect_marks_them(run_cli):
 
 
 def test_select_target_test_is_an_opt_in_marked_in_the_table(run_cli):
-    code, _, err, out_root = run_cli("train", "method=dapl", "dataset.protocol=uda", "method.epochs=2", "method.n_ctx=2",
-                                     "method.n_dom_ctx=2", "source=[printed]", "target=sketch", "method.augment=none",
-                                     "method.select=target_test")
+    code, _, err, out_root = run_cli(
+        "train",
+        "method=dapl",
+        "dataset.protocol=uda",
+        "method.epochs=2",
+        "method.n_ctx=2",
+        "method.n_dom_ctx=2",
+        "source=[printed]",
+        "target=sketch",
+        "method.augment=none",
+        "method.select=target_test",
+    )
     assert code == 0, err
     (rec,) = results(out_root)
     assert rec["opt_ins"] == ["augment=none", "select=target_test"]
     lines = [json.loads(line) for line in (Path(rec["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [line["val_acc"] for line in lines if "val_acc" in line]  # the epochs were scored on the target's test set
     code, out, err, _ = run_cli("collect", str(out_root), tiny=False)
-    assert "dapl (augment=none*, select=target_test†)" in out and "select=target_test†: the epoch is selected on the target's test labels" in out
+    assert (
+        "dapl (augment=none*, select=target_test†)" in out
+        and "select=target_test†: the epoch is selected on the target's test labels" in out
+    )
 
 
 def test_a_k_shot_run_records_the_images_it_drew(run_cli):
-    code, _, err, out_root = run_cli("train", "method=coop", "shots=2", "method.epochs=1", "method.n_ctx=2", "target=sketch",
-                                     "method.augment=none")
+    code, _, err, out_root = run_cli(
+        "train", "method=coop", "shots=2", "method.epochs=1", "method.n_ctx=2", "target=sketch", "method.augment=none"
+    )
     assert code == 0, err
     (rec,) = results(out_root)
     drawn = json.loads((Path(rec["run_dir"]) / "splits" / "sketch" / "shots.json").read_text())
     assert drawn["sampler"] == "dassl" and len(drawn["train"]) == 2 * 10 and len(drawn["val"]) == 2 * 10
-    assert all(not Path(p).is_absolute() and p.split("/")[0] in ("handwritten", "printed", "photo") for p in drawn["train"])
+    assert all(
+        not Path(p).is_absolute() and p.split("/")[0] in ("handwritten", "printed", "photo") for p in drawn["train"]
+    )
     assert rec["data_used"]["shots_sampler"] == {"sketch": "dassl"}

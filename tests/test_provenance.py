@@ -40,7 +40,9 @@ def test_every_keyed_row_is_the_composed_default(method):
     for row in keyed:
         got = OmegaConf.select(cfg, row["key"])
         got = OmegaConf.to_container(got, resolve=True) if OmegaConf.is_config(got) else got
-        assert _same(got, row["default"]), f"{method} {row['name']}: config {row['key']}={got!r}, table says {row['default']!r}"
+        assert _same(got, row["default"]), (
+            f"{method} {row['name']}: config {row['key']}={got!r}, table says {row['default']!r}"
+        )
     for row in PROV[method]["rows"]:  # every row says where its value comes from
         assert {"name", "paper", "official", "default", "why"} <= set(row), row
 
@@ -72,4 +74,6 @@ def test_every_method_default_names_its_source(path):
         else:
             m = re.match(r"^([a-zA-Z_]+):\s*(.*)$", line)
             if m and m.group(1) not in ("variant", "_target_"):  # (_target_ names the class, not a protocol value)
-                assert SOURCE.search(line.partition("#")[2]) or SOURCE.search(block), f"{path}: {line!r} names no source"
+                assert SOURCE.search(line.partition("#")[2]) or SOURCE.search(block), (
+                    f"{path}: {line!r} names no source"
+                )

@@ -128,7 +128,12 @@ def test_version_2_records_read_with_the_version_3_fields_null(tmp_path):
 
 def test_version_3_fields_are_checked():
     env = {"torch": "2.13.0", "cuda": None, "cpu_capability": "AVX2"}
-    weights = {"kind": "hf-hub", "id": "hf-hub:org/repo@abc/open_clip_model.safetensors", "repo": "org/repo", "revision": "abc"}
+    weights = {
+        "kind": "hf-hub",
+        "id": "hf-hub:org/repo@abc/open_clip_model.safetensors",
+        "repo": "org/repo",
+        "revision": "abc",
+    }
     d = dict(finished_record().to_dict(), environment=env, git_dirty=True, git_diff_sha256="0" * 64, weights=weights)
     rec = RunRecord.from_dict(d)
     assert rec.environment == env and rec.weights["revision"] == "abc" and rec.to_dict() == d
@@ -157,7 +162,12 @@ def test_version_1_fields_land_where_they_belong():
     assert rec.extra == {"generated_images": 384, "synthetic_images": 192}
     assert rec.peak_memory_mb == {"cpu_rss": 678.9, "cuda": None} and rec.source_free is False
     ev = RunRecord.from_dict(v1_reevaluated())
-    assert (ev.evaluated_run, ev.trained_on, ev.class_subset, ev.extra) == ("/out/imagenet/coop/run", "imagenet", 200, {})
+    assert (ev.evaluated_run, ev.trained_on, ev.class_subset, ev.extra) == (
+        "/out/imagenet/coop/run",
+        "imagenet",
+        200,
+        {},
+    )
     failed = RunRecord.from_dict(v1_failed_by_the_cli())
     assert failed.config_hash is None and failed.error.startswith("ConfigError")
 
@@ -237,10 +247,18 @@ def test_collect_reports_and_skips_a_malformed_record_and_tables_the_good_ones(t
     domains = ["art_painting", "sketch"]
 
     def good(seed, art, sketch):
-        return v1_finished(method="coop", dataset="pacs", backbone="vit_b16", seed=seed, domains=domains,
-                           target_domains=domains, source_domains={"art_painting": ["sketch"], "sketch": ["art_painting"]},
-                           accuracy={"art_painting": art, "sketch": sketch}, avg_accuracy=(art + sketch) / 2,
-                           val_accuracy={})
+        return v1_finished(
+            method="coop",
+            dataset="pacs",
+            backbone="vit_b16",
+            seed=seed,
+            domains=domains,
+            target_domains=domains,
+            source_domains={"art_painting": ["sketch"], "sketch": ["art_painting"]},
+            accuracy={"art_painting": art, "sketch": sketch},
+            avg_accuracy=(art + sketch) / 2,
+            val_accuracy={},
+        )
 
     def put(name, text):
         (root / name).mkdir(parents=True)

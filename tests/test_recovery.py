@@ -94,7 +94,8 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one_or_restarts(run_c
     metrics = [json.loads(l) for l in (split.parent.parent / "metrics.jsonl").read_text().splitlines()]
     epochs = [m["epoch"] for m in metrics if "epoch" in m]
     assert epochs == ([0, 1, 1, 2] if broken == "latest" else [0, 1, 0, 1, 2])  # what the rerun trained again
-    assert sorted(p.name for p in split.iterdir()) == ["holdout.json", "model.safetensors", "result.json"]  # no checkpoint left
+    # no checkpoint left
+    assert sorted(p.name for p in split.iterdir()) == ["holdout.json", "model.safetensors", "result.json"]
 
 
 # --------------------------------------------------------------------- feature cache
@@ -110,7 +111,11 @@ def test_a_truncated_feature_file_is_computed_again(clip, tmp_path):
     assert (cache.misses, cache.hits) == (1, 0)
     assert torch.equal(got.x, ref.x) and got.paths == ref.paths
     (event,) = cache.recovered
-    assert event["file"] == str(file) and "incomplete metadata" in event["error"] and event["action"] == "deleted and computed again"
+    assert (
+        event["file"] == str(file)
+        and "incomplete metadata" in event["error"]
+        and event["action"] == "deleted and computed again"
+    )
     again = FeatureCache(tmp_path / "cache", num_workers=0)
     again.domain_features(clip, world, "sketch")
     assert (again.hits, again.recovered) == (1, [])  # the file written again reads
@@ -142,7 +147,14 @@ def test_a_truncated_png_of_an_augmentation_round_is_generated_again(clip, tiny_
     root = dataset_dir(world)
     inputs = sorted(str(p) for p in (root / "sketch").rglob("*.png"))[:6]
     labels = list(range(6))
-    cfg = method_cfg("domainfusion", f"ldm={tiny_ldm_dir}", "candidates=2", "img2img_steps=4", "generate_batch=4", "train_encoder=false")
+    cfg = method_cfg(
+        "domainfusion",
+        f"ldm={tiny_ldm_dir}",
+        "candidates=2",
+        "img2img_steps=4",
+        "generate_batch=4",
+        "train_encoder=false",
+    )
     method = DomainFusion(cfg, clip, [f"class {i}" for i in range(10)], torch.device("cpu"))
     outs = [tmp_path / "round1" / f"{k:06d}.png" for k in range(6)]
     assert method.write_round(inputs, labels, outs, 5, "round 1", make_files) == []

@@ -126,7 +126,10 @@ def test_dapl_step_and_pseudo_labels(clip, tmp_path):
                      "batch_size=6", "target_batch_size=6", f"tau={tau}", "T=1.0", "U=1.0")
     m = DAPL(cfg, clip, names, CPU, RunEnv(seed=SEED))
     target = Features(xt, torch.full((6,), -1), ["sketch"] * 6, [f"s/{i}" for i in range(6)])
-    m.fit(TrainData(train=feats(xs, ys, "printed"), target=target, train_views=Plain(xs), target_views=Plain(xt)), ctx_in(tmp_path))
+    m.fit(
+        TrainData(train=feats(xs, ys, "printed"), target=target, train_views=Plain(xs), target_views=Plain(xt)),
+        ctx_in(tmp_path),
+    )
     assert torch.equal(m.pseudo, pseudo) and int(m.keep.sum()) == 3
 
     g = torch.Generator().manual_seed(SEED)  # the prompt learner's init: N(0, 0.02^2), ctx then dom
@@ -134,7 +137,8 @@ def test_dapl_step_and_pseudo_labels(clip, tmp_path):
     dom0 = torch.empty(2, 2, clip.text_width).normal_(0, 0.02, generator=g)
     c, d = ctx0.clone().requires_grad_(True), dom0.clone().requires_grad_(True)
     t = []
-    for k, word in enumerate(words):  # the official PromptLearner's text: "X"*(M1+M2) name + " " + ", a {} image." + "."
+    # the official PromptLearner's text: "X"*(M1+M2) name + " " + ", a {} image." + "."
+    for k, word in enumerate(words):
         emb, eot = embed(clip, ["X X X X " + n + " " + ", a {} image.".format(word) + "." for n in names])
         t.append(F.normalize(text77(clip, spliced(spliced(emb, 1, c), 3, d[k]), eot), dim=-1))
     loss_x = F.cross_entropy(scale * xs @ t[0].T, ys)
@@ -211,7 +215,8 @@ def test_promptstyler_style_steps_and_classifier_step(clip, tmp_path):
         learned.append((s0 - lr_s * s.grad).detach())
         with torch.no_grad():
             earlier.append(encode(learned[-1])[0])
-        assert torch.allclose(ps.styles[i], learned[-1], atol=step_tol(lr_s, s.grad, s0) * (i + 1))  # style i sees i earlier ones
+        # style i sees i earlier ones
+        assert torch.allclose(ps.styles[i], learned[-1], atol=step_tol(lr_s, s.grad, s0) * (i + 1))
 
     with torch.no_grad():
         x = torch.cat([encode(s)[1] for s in learned])  # (K*N, D)
@@ -269,13 +274,29 @@ def test_domainfusion_step(clip, tiny_ldm_dir, ldm, tmp_path):
     paths = [str(next((root / "photo" / n).iterdir())) for n in names[:4]]
     y = torch.arange(4)
     with torch.no_grad():
-        x = F.normalize(clip.model.encode_image(torch.stack([clip.preprocess(Image.open(p).convert("RGB")) for p in paths])), dim=-1)
+        x = F.normalize(
+            clip.model.encode_image(torch.stack([clip.preprocess(Image.open(p).convert("RGB")) for p in paths])), dim=-1
+        )
     lr, lam, guide, b = 0.01, 1.0, 3.0, 2
-    cfg = method_cfg("domainfusion", f"ldm={tiny_ldm_dir}", "train_encoder=false", "steps=1", "checkpoint_freq=1", "augment_every=5",
-                     f"batch_size={b}", "synthetic_fraction=1.0", "distill_per_step=2", f"distill_weight={lam}", f"lr={lr}",
-                     f"distill_guidance={guide}")
+    cfg = method_cfg(
+        "domainfusion",
+        f"ldm={tiny_ldm_dir}",
+        "train_encoder=false",
+        "steps=1",
+        "checkpoint_freq=1",
+        "augment_every=5",
+        f"batch_size={b}",
+        "synthetic_fraction=1.0",
+        "distill_per_step=2",
+        f"distill_weight={lam}",
+        f"lr={lr}",
+        f"distill_guidance={guide}",
+    )
     m = DomainFusion(cfg, clip, names, CPU, RunEnv(seed=SEED))
-    m.fit(TrainData(train=Features(x, y, ["photo"] * 4, paths), val=Features(x, y, ["photo"] * 4, paths)), ctx_in(tmp_path))
+    m.fit(
+        TrainData(train=Features(x, y, ["photo"] * 4, paths), val=Features(x, y, ["photo"] * 4, paths)),
+        ctx_in(tmp_path),
+    )
 
     # the step's draws, as DomainBed draws them: b with replacement from the source domain, then b of the
     # synthetic set (round 0: copies of the 4 source images, after them), then a seed per draw
@@ -292,8 +313,12 @@ def test_domainfusion_step(clip, tiny_ldm_dir, ldm, tmp_path):
     ce = F.cross_entropy(logits, labels)
     # latent distillation of the distilled draws (the 2 source draws: evenly spaced over the source part)
     p = logits[:2].softmax(-1)[torch.arange(2), labels[:2]]
-    x01 = torch.stack([torch.from_numpy(np.asarray(Image.open(paths[i]).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
-                       for i in src.tolist()])
+    x01 = torch.stack(
+        [
+            torch.from_numpy(np.asarray(Image.open(paths[i]).convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+            for i in src.tolist()
+        ]
+    )
     pixels = 2 * (p.view(-1, 1, 1, 1) * x01) - 1  # x(theta) = p x on [0, 1], then the LDM's [-1, 1]
     z = ldm.vae.encode(pixels).latent_dist.mean * ldm.vae.config.scaling_factor
     lo, hi = int(0.02 * 999), int(0.98 * 999)
@@ -320,4 +345,5 @@ def test_domainfusion_step(clip, tiny_ldm_dir, ldm, tmp_path):
         tol = adam_first_step_tol(lr, grad, p0, param_rel=rel(), **kw)
         diff = (got - (p0 - lr * grad / (grad.abs() + 1e-8))).abs()
         assert bool((diff <= tol).all()), float((diff - tol).max())
-        assert float((tol < 0.1 * lr).float().mean()) > 0.9  # a wrong step (sign or size of lr) would fail almost everywhere
+        # a wrong step (sign or size of lr) would fail almost everywhere
+        assert float((tol < 0.1 * lr).float().mean()) > 0.9

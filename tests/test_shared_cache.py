@@ -31,7 +31,9 @@ from promptdg_cli.data import FeatureCache
 
 logging.basicConfig(level=logging.INFO)
 a = json.loads(sys.argv[1])
-backbone = ClipBackbone.from_config(SimpleNamespace(model="demo-clip-vit", pretrained=a["clip"], builder=None, cache_dir=None, arch="vit"))
+backbone = ClipBackbone.from_config(
+    SimpleNamespace(model="demo-clip-vit", pretrained=a["clip"], builder=None, cache_dir=None, arch="vit")
+)
 cache = FeatureCache(a["cache"], num_workers=0)
 real = FeatureCache._encode
 
@@ -81,7 +83,9 @@ def test_processes_asking_at_once_encode_a_domain_once_and_get_the_same_features
     assert sorted(o["misses"] for o in outs) == [0] * (n - 1) + [1]
     assert all(torch.equal(o["x"], outs[0]["x"]) and o["paths"] == outs[0]["paths"] for o in outs)
     assert outs[0]["x"].shape == (len(paths), 128) and outs[0]["paths"] == [str(p) for p in paths]
-    per_process = [[l for l in log.splitlines() if "waiting for the features of demo_digits/sketch" in l] for log in logs]
+    per_process = [
+        [l for l in log.splitlines() if "waiting for the features of demo_digits/sketch" in l] for log in logs
+    ]
     assert all(len(w) <= 1 for w in per_process)  # logged once, however long the wait
     waiting = [l for w in per_process for l in w]
     assert waiting and all("being computed by process" in l for l in waiting)  # (a late one may find the file)
@@ -105,8 +109,14 @@ def test_a_waiting_job_gives_up_naming_the_file_and_who_computes_it(tmp_path, mo
     assert f"process {os.getpid()} on " in msg and "stop it" in msg
     holder.release()
     # the claim gone, the next caller computes it; a later one reads it
-    assert compute_once(file, lambda: b"x", lambda v, p: p.write_bytes(v), lambda p: p.read_bytes(), "a test file") == (b"x", True)
-    assert compute_once(file, lambda: b"y", lambda v, p: p.write_bytes(v), lambda p: p.read_bytes(), "a test file") == (b"x", False)
+    assert compute_once(file, lambda: b"x", lambda v, p: p.write_bytes(v), lambda p: p.read_bytes(), "a test file") == (
+        b"x",
+        True,
+    )
+    assert compute_once(file, lambda: b"y", lambda v, p: p.write_bytes(v), lambda p: p.read_bytes(), "a test file") == (
+        b"x",
+        False,
+    )
 
 
 def test_a_claim_left_by_a_dead_process_is_taken_over(tmp_path):
@@ -114,9 +124,23 @@ def test_a_claim_left_by_a_dead_process_is_taken_over(tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "import os; print(os.getpid())"], stdout=subprocess.PIPE, text=True)
     pid = int(dead.communicate()[0])
     now = time.time()
-    claim_path(file).write_text(json.dumps({"token": "d" * 32, "host": FileLock(file).host, "pid": pid, "pid_start": None,
-                                            "started": now, "heartbeat": now, "job": None, "restart": 0}))
-    value, computed = compute_once(file, lambda: b"z", lambda v, p: p.write_bytes(v), lambda p: p.read_bytes(), "a test file")
+    claim_path(file).write_text(
+        json.dumps(
+            {
+                "token": "d" * 32,
+                "host": FileLock(file).host,
+                "pid": pid,
+                "pid_start": None,
+                "started": now,
+                "heartbeat": now,
+                "job": None,
+                "restart": 0,
+            }
+        )
+    )
+    value, computed = compute_once(
+        file, lambda: b"z", lambda v, p: p.write_bytes(v), lambda p: p.read_bytes(), "a test file"
+    )
     assert (value, computed) == (b"z", True) and file.read_bytes() == b"z" and not claim_path(file).exists()
 
 
@@ -158,8 +182,15 @@ print("BUILT" if build_once(folder, (folder / "marker").is_file, build, "a test 
 
 def test_processes_needing_a_missing_build_at_once_build_it_once(tmp_path):
     n = 3
-    args = [{"folder": str(tmp_path / "cache" / "model"), "go": str(tmp_path / "go"), "ready": str(tmp_path / f"ready{i}"),
-             "counter": str(tmp_path / "built")} for i in range(n)]
+    args = [
+        {
+            "folder": str(tmp_path / "cache" / "model"),
+            "go": str(tmp_path / "go"),
+            "ready": str(tmp_path / f"ready{i}"),
+            "counter": str(tmp_path / "built"),
+        }
+        for i in range(n)
+    ]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", BUILDER, json.dumps(a)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for a in args]

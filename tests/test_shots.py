@@ -46,7 +46,9 @@ def pets(tmp_path):
             (ds / "images" / rel).parent.mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (2, 2), (label, 0, 0)).save(ds / "images" / rel, format="PNG")
     (ds / "split_zhou_OxfordPets.json").write_text(json.dumps(split))
-    cfg = OmegaConf.merge(OmegaConf.structured(DatasetConfig), OmegaConf.load(CONF_DIR / "oxford_pets.yaml"), {"root": str(tmp_path)})
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(DatasetConfig), OmegaConf.load(CONF_DIR / "oxford_pets.yaml"), {"root": str(tmp_path)}
+    )
     return cfg, split
 
 
@@ -164,7 +166,9 @@ def test_an_official_draw_file_never_executes_code(pets, tmp_path):
 
 def test_an_official_draw_file_of_other_images_is_a_clear_error(pets):
     cfg, split = pets
-    write_official(Path(cfg.root) / "oxford_pets" / "split_fewshot" / "shot_1-seed_1.pkl", [("beagle/nowhere.jpg", 1)], [])
+    write_official(
+        Path(cfg.root) / "oxford_pets" / "split_fewshot" / "shot_1-seed_1.pkl", [("beagle/nowhere.jpg", 1)], []
+    )
     with pytest.raises(DrawFileError, match="beagle/nowhere.jpg is not in this dataset's train split"):
         fewshot.few_shot_splits(cfg, 1, 1)
 
@@ -177,7 +181,9 @@ def test_a_dataset_whose_val_split_is_its_test_split_draws_train_only(tmp_path):
                 f.parent.mkdir(parents=True, exist_ok=True)
                 Image.new("RGB", (2, 2)).save(f, format="PNG")
     (tmp_path / "imagenet" / "classnames.txt").write_text("n01 tench\nn02 goldfish\n")
-    cfg = OmegaConf.merge(OmegaConf.structured(DatasetConfig), OmegaConf.load(CONF_DIR / "imagenet.yaml"), {"root": str(tmp_path)})
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(DatasetConfig), OmegaConf.load(CONF_DIR / "imagenet.yaml"), {"root": str(tmp_path)}
+    )
     assert fewshot.val_is_test(cfg)
     out = fewshot.few_shot_splits(cfg, 2, 1)
     assert out["val"] is None and out["draw"].val is None

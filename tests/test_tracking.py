@@ -13,7 +13,8 @@ import yaml
 from conftest import results
 
 EPOCHS, BATCH = 2, 32
-COOP = ("method=coop", f"method.epochs={EPOCHS}", "target=sketch", "method.select=val")  # (select=val: each epoch is scored)
+# (select=val: each epoch is scored)
+COOP = ("method=coop", f"method.epochs={EPOCHS}", "target=sketch", "method.select=val")
 # CoOp's rate, by hand: one constant warm-up epoch at warmup_lr, then the cosine restarted at 0 (so the
 # second epoch runs at the full lr: 0.5 * 0.002 * (1 + cos(0)))
 LR = {0: 1e-5, 1: 0.002}
@@ -64,7 +65,11 @@ def test_tensorboard_event_files_hold_steps_epochs_hparams_and_the_record(run_cl
     assert val == pytest.approx([l["val_acc"] for l in _epoch_lines(rec)], abs=1e-4)
     assert acc.Scalars("test/sketch")[0].value == pytest.approx(rec["accuracy"]["sketch"], abs=1e-4)
     content = acc.PluginTagToContent("hparams")
-    start = next(d for d in map(plugin_data_pb2.HParamsPluginData.FromString, content.values()) if d.HasField("session_start_info"))
+    start = next(
+        d
+        for d in map(plugin_data_pb2.HParamsPluginData.FromString, content.values())
+        if d.HasField("session_start_info")
+    )
     hp = start.session_start_info.hparams
     assert hp["method.lr"].number_value == pytest.approx(0.002) and hp["seed"].number_value == 1
     assert hp["group"].string_value == group and hp["config_hash"].string_value == rec["config_hash"]
@@ -85,14 +90,21 @@ def test_mlflow_file_store_holds_a_run_per_seed_grouped_by_config(run_cli):
     for run in runs:
         rec = next(r for r in recs if str(Path(r["run_dir"])) == run.data.tags["promptdg.run_dir"])
         assert run.data.params["method.lr"] == "0.002" and run.data.params["seed"] == str(rec["seed"])
-        history = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"sketch/train/{k}")} for k in ("loss", "lr")}
+        history = {
+            k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, f"sketch/train/{k}")}
+            for k in ("loss", "lr")
+        }
         _check_steps({s: {"loss": history["loss"][s], "lr": history["lr"][s]} for s in history["loss"]}, rec)
         assert run.data.metrics["test/sketch"] == pytest.approx(rec["accuracy"]["sketch"])
         assert run.data.metrics["test/avg"] == pytest.approx(rec["avg_accuracy"])
         art = Path(client.download_artifacts(run.info.run_id, "record.json", str(out_root / f"dl{rec['seed']}")))
         logged = json.loads(art.read_text())
         assert logged["accuracy"] == rec["accuracy"] and logged["config_hash"] == rec["config_hash"]
-        config = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "config.yaml", str(out_root / f"c{rec['seed']}"))).read_text())
+        config = yaml.safe_load(
+            Path(
+                client.download_artifacts(run.info.run_id, "config.yaml", str(out_root / f"c{rec['seed']}"))
+            ).read_text()
+        )
         assert config["method"]["name"] == "coop" and config["seed"] == rec["seed"]
 
 
@@ -100,7 +112,9 @@ def test_wandb_offline_run_files_read_back_with_wandbs_reader(run_cli):
     out_root, (rec,) = _run(run_cli, "logger=wandb")
     (log,) = Path(rec["run_dir"]).glob("wandb/offline-run-*/run-*.wandb")
     wandb = Path(sys.executable).parent / "wandb"
-    out = subprocess.run([str(wandb), "leet", "inspect", str(log), "--json"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(wandb), "leet", "inspect", str(log), "--json"], capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     records = [json.loads(l) for l in out.stdout.splitlines() if l.strip()]
     run = next(r["run"] for r in records if r["type"] == "run")
@@ -108,13 +122,24 @@ def test_wandb_offline_run_files_read_back_with_wandbs_reader(run_cli):
     assert run["run_group"].startswith("demo_digits/coop/demo_clip/sketch_") and run["project"] == "promptdg"
     assert run["config"]["update"]["method"]["lr"] == 0.002 and run["config"]["update"]["seed"] == 1
     items = [r["history"]["item"] for r in records if r["type"] == "history"]
-    steps = {int(i["sketch/step"]): {"loss": i["sketch/train/loss"], "lr": i["sketch/train/lr"]} for i in items if "sketch/train/loss" in i}
+    steps = {
+        int(i["sketch/step"]): {"loss": i["sketch/train/loss"], "lr": i["sketch/train/lr"]}
+        for i in items
+        if "sketch/train/loss" in i
+    }
     _check_steps(steps, rec)
-    summary = json.loads(subprocess.run([str(wandb), "leet", "inspect", str(log), "--summary", "--json"], capture_output=True,
-                                        text=True, timeout=120).stdout)
+    summary = json.loads(
+        subprocess.run(
+            [str(wandb), "leet", "inspect", str(log), "--summary", "--json"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        ).stdout
+    )
     assert summary["state"] == "finished" and summary["exit_code"] == 0
     assert summary["summary"]["test/sketch"] == pytest.approx(rec["accuracy"]["sketch"])
-    assert json.loads((log.parent / "files" / "record.json").read_text())["accuracy"] == rec["accuracy"]  # synced with the run
+    # synced with the run
+    assert json.loads((log.parent / "files" / "record.json").read_text())["accuracy"] == rec["accuracy"]
 
 
 def test_csv_metrics_load_into_pandas_and_hparams_are_the_config(run_cli):
@@ -124,7 +149,9 @@ def test_csv_metrics_load_into_pandas_and_hparams_are_the_config(run_cli):
     folder = Path(rec["run_dir"]) / "csv"
     df = pd.read_csv(folder / "metrics.csv")
     steps = df[df["sketch/train/loss"].notna()]
-    _check_steps({int(r.step): {"loss": r["sketch/train/loss"], "lr": r["sketch/train/lr"]} for _, r in steps.iterrows()}, rec)
+    _check_steps(
+        {int(r.step): {"loss": r["sketch/train/loss"], "lr": r["sketch/train/lr"]} for _, r in steps.iterrows()}, rec
+    )
     epochs = df[df["sketch/epoch/val_acc"].notna()]
     assert list(epochs["sketch/epoch/val_acc"]) == pytest.approx([l["val_acc"] for l in _epoch_lines(rec)])
     assert df["test/sketch"].dropna().tolist() == pytest.approx([rec["accuracy"]["sketch"]])
@@ -152,7 +179,8 @@ def test_a_failing_tracker_costs_the_run_nothing(run_cli, monkeypatch):
     (rec,) = results(out_root)
     assert rec["status"] == "finished" and math.isfinite(rec["accuracy"]["sketch"])
     job_log = (Path(rec["run_dir"]) / "promptdg_train.log").read_text()
-    assert job_log.count("logger CSV failed (OSError: disk full); the run goes on without it") == 1  # said once, then left out
+    # said once, then left out
+    assert job_log.count("logger CSV failed (OSError: disk full); the run goes on without it") == 1
 
 
 def test_other_ranks_have_no_tracker_but_the_same_step_schedule():
@@ -170,6 +198,10 @@ def test_a_resumed_run_continues_its_tracker_runs_and_a_rerun_starts_new_ones(tm
 
     ids = tmp_path / "tracking.json"
     ids.write_text(json.dumps({"wandb": "abc", "mlflow": "123"}))
-    for status, expected in (("preempted", {"wandb": "abc", "mlflow": "123"}), ("failed", {"wandb": "abc", "mlflow": "123"}), ("finished", {})):
+    for status, expected in (
+        ("preempted", {"wandb": "abc", "mlflow": "123"}),
+        ("failed", {"wandb": "abc", "mlflow": "123"}),
+        ("finished", {}),
+    ):
         (tmp_path / "results.json").write_text(json.dumps({"status": status}))
         assert _resume_ids(tmp_path, ids) == expected

@@ -74,10 +74,17 @@ def test_a_value_outside_its_range_is_refused(method, field, rng, items, is_int)
     assert f"method.{field}=" in msg and str(bad) in msg and "must be" in msg and "\n" not in msg
 
 
-@pytest.mark.parametrize("override,key", [("shots=0", "shots"), ("num_workers=-1", "num_workers"), ("trial_seed=-1", "trial_seed"),
-                                          ("backbone=resnet50_imagenet backbone.image_size=4", "backbone.image_size"),
-                                          ("dataset.val_fraction=1.0", "dataset.val_fraction"),
-                                          ("dataset.val_fraction=0", "dataset.val_fraction")])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("shots=0", "shots"),
+        ("num_workers=-1", "num_workers"),
+        ("trial_seed=-1", "trial_seed"),
+        ("backbone=resnet50_imagenet backbone.image_size=4", "backbone.image_size"),
+        ("dataset.val_fraction=1.0", "dataset.val_fraction"),
+        ("dataset.val_fraction=0", "dataset.val_fraction"),
+    ],
+)
 def test_run_and_dataset_ranges(override, key):
     """(Through composition with a command-line override, as a user types it.)"""
     with pytest.raises(ConfigError, match=rf"^{key}="):
@@ -88,7 +95,9 @@ def test_run_and_dataset_schemas_carry_their_ranges():
     assert {f.name for f, _ in _ranged(RunConfig)} == {"shots", "trial_seed"}  # (num_workers: auto or >= 0, below)
 
 
-@pytest.mark.parametrize("value, ok", [("auto", True), ("0", True), ("12", True), ("-1", False), ("many", False), ("1.5", False)])
+@pytest.mark.parametrize(
+    "value, ok", [("auto", True), ("0", True), ("12", True), ("-1", False), ("many", False), ("1.5", False)]
+)
 def test_num_workers_is_auto_or_a_count(value, ok):
     cfg = _compose("method=coop", f"num_workers={value}")
     if ok:

@@ -20,7 +20,9 @@ from promptdg_cli.errors import WeightsNotFound
 
 from conftest import results
 
-MODEL_CFG = json.loads((Path(__file__).resolve().parents[1] / "promptdg_cli" / "model_configs" / "demo-clip-vit.json").read_text())
+MODEL_CFG = json.loads(
+    (Path(__file__).resolve().parents[1] / "promptdg_cli" / "model_configs" / "demo-clip-vit.json").read_text()
+)
 REPO_ID = "test-org/tiny-clip"
 COMMITS = ("a" * 40, "b" * 40)
 
@@ -52,7 +54,9 @@ def hub_cache(tmp_path_factory):
 
 
 def _backbone(model: str, cache: Path) -> ClipBackbone:
-    return ClipBackbone.from_config(SimpleNamespace(model=model, pretrained="none", builder=None, cache_dir=str(cache), arch="vit"))
+    return ClipBackbone.from_config(
+        SimpleNamespace(model=model, pretrained="none", builder=None, cache_dir=str(cache), arch="vit")
+    )
 
 
 def _same_weights(bb: ClipBackbone, file: Path) -> bool:
@@ -67,10 +71,16 @@ def test_hf_hub_loads_the_cached_commit_and_is_named_by_it(hub_cache):
     assert bb.weights["kind"] == "hf-hub" and bb.weights["repo"] == REPO_ID and bb.weights["revision"] == COMMITS[0]
     assert bb.weights_id == f"hf-hub:{REPO_ID}@{COMMITS[0]}/open_clip_model.safetensors" == bb.identity()["weights"]
     pinned = _backbone(f"hf-hub:{REPO_ID}@{COMMITS[1]}", hub_cache)  # a pinned revision, whatever main says
-    assert _same_weights(pinned, snap / COMMITS[1] / "open_clip_model.safetensors") and pinned.weights["revision"] == COMMITS[1]
+    assert (
+        _same_weights(pinned, snap / COMMITS[1] / "open_clip_model.safetensors")
+        and pinned.weights["revision"] == COMMITS[1]
+    )
     local = _backbone(f"local-dir:{snap / COMMITS[1]}", hub_cache)  # a snapshot folder named directly
     assert _same_weights(local, snap / COMMITS[1] / "open_clip_model.safetensors")
-    assert local.weights["kind"] == "local-dir" and (local.weights["repo"], local.weights["revision"]) == (REPO_ID, COMMITS[1])
+    assert local.weights["kind"] == "local-dir" and (local.weights["repo"], local.weights["revision"]) == (
+        REPO_ID,
+        COMMITS[1],
+    )
 
 
 def test_a_moved_branch_gives_new_cache_keys_and_a_new_record(run_cli, tmp_path):
@@ -78,7 +88,13 @@ def test_a_moved_branch_gives_new_cache_keys_and_a_new_record(run_cli, tmp_path)
     for i, commit in enumerate(COMMITS):
         _snapshot(cache, commit, seed=10 + i)
     _point_main(cache, COMMITS[0])
-    args = ("method=zeroshot", "target=sketch", f"backbone.model=hf-hub:{REPO_ID}", "backbone.pretrained=none", f"backbone.cache_dir={cache}")
+    args = (
+        "method=zeroshot",
+        "target=sketch",
+        f"backbone.model=hf-hub:{REPO_ID}",
+        "backbone.pretrained=none",
+        f"backbone.cache_dir={cache}",
+    )
 
     def run(name):  # each in its own output root, all with the same feature cache
         code, _, err, _ = run_cli("train", *args, f"out_root={tmp_path / name}")
@@ -89,10 +105,17 @@ def test_a_moved_branch_gives_new_cache_keys_and_a_new_record(run_cli, tmp_path)
     first = run("first")
     assert first["weights"]["revision"] == COMMITS[0] and first["feature_cache"]["misses"] > 0
     again = run("again")
-    assert again["weights"]["revision"] == COMMITS[0] and again["feature_cache"] == {"hits": first["feature_cache"]["misses"], "misses": 0}
+    assert again["weights"]["revision"] == COMMITS[0] and again["feature_cache"] == {
+        "hits": first["feature_cache"]["misses"],
+        "misses": 0,
+    }
     _point_main(cache, COMMITS[1])  # main moves on: new weights, new features
     moved = run("moved")
-    assert moved["weights"]["revision"] == COMMITS[1] and moved["feature_cache"]["hits"] == 0 and moved["feature_cache"]["misses"] > 0
+    assert (
+        moved["weights"]["revision"] == COMMITS[1]
+        and moved["feature_cache"]["hits"] == 0
+        and moved["feature_cache"]["misses"] > 0
+    )
 
 
 def test_an_uncached_repository_offline_fails_fast_with_what_to_do(tmp_path):
@@ -101,7 +124,10 @@ def test_an_uncached_repository_offline_fails_fast_with_what_to_do(tmp_path):
         _backbone("hf-hub:test-org/absent", tmp_path)
     assert time.time() - t < 5
     msg = str(e.value)
-    assert "offline mode (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE" in msg and "huggingface-cli download test-org/absent" in msg
+    assert (
+        "offline mode (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE" in msg
+        and "huggingface-cli download test-org/absent" in msg
+    )
     assert "local-dir:" in msg
 
 

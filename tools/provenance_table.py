@@ -1,7 +1,8 @@
 """conf/provenance.yaml as markdown: one table per trained method, each row a hyper-parameter with the
 paper's value, the official code's, promptdg's default and why. ``tools/render_docs.py`` writes the
-tables into docs/methods.md and DomainBed's two into docs/domainbed.md (between generated-block markers); tests/test_provenance.py compares
-every keyed row's default with the composed config, and tests/test_docs.py the doc with this render.
+tables into docs/methods.md and DomainBed's two into docs/domainbed.md (between generated-block
+markers); tests/test_provenance.py compares every keyed row's default with the composed config,
+and tests/test_docs.py the doc with this render.
 """
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def render(prov: dict, order=METHOD_ORDER) -> str:
                 "| hyper-parameter | paper | official code | promptdg default | why |", "|:---|:---|:---|:---|:---|"]
         for r in t["rows"]:
             key = f" (`{r['key']}`)" if r.get("key") else ""
-            out.append(f"| {_cell(r['name'])}{key} | {_cell(r['paper'])} | {_cell(r['official'])} | {_cell(r['default'])} | {_cell(r['why'])} |")
+            out.append(
+                f"| {_cell(r['name'])}{key} | {_cell(r['paper'])} | {_cell(r['official'])} "
+                f"| {_cell(r['default'])} | {_cell(r['why'])} |"
+            )
         out.append("")
     return "\n".join(out).rstrip() + "\n"

@@ -37,7 +37,9 @@ DATASETS = ROOT / "conf" / "dataset"
 
 
 def begin(name: str, source: str) -> str:
-    return f"<!-- generated:{name} begin (python tools/render_docs.py writes this from {source}; edit that, not this) -->"
+    return (
+        f"<!-- generated:{name} begin (python tools/render_docs.py writes this from {source}; edit that, not this) -->"
+    )
 
 
 def end(name: str) -> str:
@@ -84,7 +86,11 @@ def _classes(cfg: dict) -> str:
 
 
 def _folder(cfg: dict) -> str:
-    root = str(cfg.get("root", "${data_root}")).replace("${data_root}", "$PROMPTDG_DATA").replace("${cache_root}", "$PROMPTDG_CACHE")
+    root = (
+        str(cfg.get("root", "${data_root}"))
+        .replace("${data_root}", "$PROMPTDG_DATA")
+        .replace("${cache_root}", "$PROMPTDG_CACHE")
+    )
     return f"{root}/{cfg['folder']}"
 
 
@@ -96,15 +102,20 @@ def render_datasets(folder: Path = DATASETS) -> str:
     for name, text in configs:
         cfg = yaml.safe_load(text)
         domains = ", ".join(str(d) for d in cfg.get("domains") or []) or "–"
-        out.append(f"| [`{name}`](#{name}) | `{_folder(cfg)}` | {PROTOCOLS.get(cfg.get('protocol', 'dg'), cfg.get('protocol'))} "
-                   f"| {domains} | {_classes(cfg)} |")
+        out.append(
+            f"| [`{name}`](#{name}) | `{_folder(cfg)}` "
+            f"| {PROTOCOLS.get(cfg.get('protocol', 'dg'), cfg.get('protocol'))} | {domains} | {_classes(cfg)} |"
+        )
     for name, text in configs:
         cfg = yaml.safe_load(text)
         out += ["", f"### {name}", "", _header(text) or "(no description)", ""]
         if cfg.get("prepare"):
             out += ["```text", cfg["prepare"].rstrip(), "```"]
         else:
-            out.append(f"Nothing to prepare: `conf/dataset/{name}.yaml` names a generator, and the images are made on first use.")
+            out.append(
+                f"Nothing to prepare: `conf/dataset/{name}.yaml` names a generator, "
+                f"and the images are made on first use."
+            )
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -159,7 +170,10 @@ def main(argv=None) -> int:
         elif args.check:
             same = current == body
             ok &= same
-            print(f"{doc}: {name} {'is up to date' if same else f'differs from {block.source}: run python tools/render_docs.py'}")
+            print(
+                f"{doc}: {name} "
+                f"{'is up to date' if same else f'differs from {block.source}: run python tools/render_docs.py'}"
+            )
         elif current != body:
             block.doc.write_text(replaced(text, block, body))
             print(f"{doc}: rewrote {name} from {block.source}")

@@ -14,7 +14,9 @@ from .long import LONG_NAME, long_rows, render_long_csv
 from .shots import SHOTS_NAMES, render_shots_csv, shot_points, write_shots_plot
 
 
-def write_analysis(records: Sequence[Mapping[str, Any]], out_dir: Path, curves: bool = False) -> Tuple[List[Path], List[str]]:
+def write_analysis(
+    records: Sequence[Mapping[str, Any]], out_dir: Path, curves: bool = False
+) -> Tuple[List[Path], List[str]]:
     """Write the analysis files into ``out_dir``; returns (the paths written, notes for the user)."""
     out_dir = Path(out_dir)
     written, notes = [out_dir / LONG_NAME], []

@@ -66,7 +66,8 @@ See docs/reproducing.md.
 Markdown goes to stdout; results.md, results.csv, results.tex and results.png are written to
 DIR (or --output-dir), with runs.csv (one row per run and target, for pandas), shots.csv/.png (accuracy
 against shots per class, when a dataset has two or more shot counts) and, with --curves,
-curves.csv/.png (the training curves of every run's metrics.jsonl). Exit code 2 when no record is found or a filter is invalid.
+curves.csv/.png (the training curves of every run's metrics.jsonl). Exit code 2 when no record is \
+found or a filter is invalid.
 """
 
 
@@ -157,7 +158,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     n_failed = sum(len(t.failed) for t in tables)
     try:
         paths = write_outputs(tables, args.output_dir or root, markdown)
-        more, notes = write_analysis(records, Path(args.output_dir or root), curves=args.curves)  # runs.csv, shots, curves
+        # runs.csv, shots, curves
+        more, notes = write_analysis(records, Path(args.output_dir or root), curves=args.curves)
         paths += more
     except OSError as exc:
         _err(f"error: cannot write results: {exc}")

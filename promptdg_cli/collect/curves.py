@@ -16,13 +16,25 @@ import json
 import math
 import os
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Mapping, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 from ..extras import require
 from .records import as_mapping, backbone_label, method_label
 
 CURVES_NAMES = ("curves.csv", "curves.png")
-CURVE_FIELDS = ("run_dir", "method", "variant", "dataset", "backbone", "seed", "shots", "split", "epoch", "metric", "value")
+CURVE_FIELDS = (
+    "run_dir",
+    "method",
+    "variant",
+    "dataset",
+    "backbone",
+    "seed",
+    "shots",
+    "split",
+    "epoch",
+    "metric",
+    "value",
+)
 NOT_CURVES = {"time", "target", "epoch"}
 MAX_PANELS = 6
 
@@ -37,7 +49,10 @@ def load_curves(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
         path = os.path.join(run_dir, "metrics.jsonl")
         if not os.path.isfile(path):
             continue
-        base = {"run_dir": run_dir, **{k: rec.get(k) for k in ("method", "variant", "dataset", "backbone", "seed", "shots")}}
+        base = {
+            "run_dir": run_dir,
+            **{k: rec.get(k) for k in ("method", "variant", "dataset", "backbone", "seed", "shots")},
+        }
         with open(path, encoding="utf-8") as f:
             for line in f:
                 try:
@@ -47,9 +62,22 @@ def load_curves(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
                 if "epoch" not in entry:
                     continue
                 for metric, value in entry.items():
-                    if metric in NOT_CURVES or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    if (
+                        metric in NOT_CURVES
+                        or isinstance(value, bool)
+                        or not isinstance(value, (int, float))
+                        or not math.isfinite(value)
+                    ):
                         continue
-                    rows.append({**base, "split": entry.get("target"), "epoch": int(entry["epoch"]), "metric": metric, "value": float(value)})
+                    rows.append(
+                        {
+                            **base,
+                            "split": entry.get("target"),
+                            "epoch": int(entry["epoch"]),
+                            "metric": metric,
+                            "value": float(value),
+                        }
+                    )
     return rows
 
 
@@ -64,7 +92,9 @@ def render_curves_csv(rows: Iterable[Mapping[str, Any]]) -> str:
 
 def curve_lines(rows: Iterable[Mapping[str, Any]]) -> Dict[str, Dict[Tuple[str, ...], Dict[int, List[float]]]]:
     """metric -> line (dataset, label, backbone, split) -> epoch -> the seeds' values."""
-    lines: Dict[str, Dict[Tuple[str, ...], Dict[int, List[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    lines: Dict[str, Dict[Tuple[str, ...], Dict[int, List[float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(list))
+    )
     for r in rows:
         key = (str(r["dataset"]), method_label(r), backbone_label(r), str(r["split"]))
         lines[r["metric"]][key][r["epoch"]].append(r["value"])
@@ -75,7 +105,7 @@ def _panel_order(metric: str) -> Tuple[int, str]:
     return (2 if metric == "lr" else 1 if "acc" in metric else 0, metric)
 
 
-def write_curves_plot(rows: List[Mapping[str, Any]], path: os.PathLike | str) -> None:
+def write_curves_plot(rows: Sequence[Mapping[str, Any]], path: os.PathLike | str) -> None:
     require("plots", "the figure curves.png")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -91,7 +121,7 @@ def write_curves_plot(rows: List[Mapping[str, Any]], path: os.PathLike | str) ->
     for ax in axes[len(metrics):]:
         ax.set_visible(False)
     keys = sorted({k for m in metrics for k in lines[m]})
-    handles = {}
+    handles: Dict[Tuple[str, ...], Any] = {}  # a line per key, for the figure's legend
     for ax, metric in zip(axes, metrics):
         for i, key in enumerate(keys):
             per_epoch = lines[metric].get(key)
@@ -100,12 +130,24 @@ def write_curves_plot(rows: List[Mapping[str, Any]], path: os.PathLike | str) ->
             epochs = sorted(per_epoch)
             means = [sum(per_epoch[e]) / len(per_epoch[e]) for e in epochs]
             (line,) = ax.plot(epochs, means, color=f"C{i % 10}", label=" | ".join(key))
-            ax.fill_between(epochs, [min(per_epoch[e]) for e in epochs], [max(per_epoch[e]) for e in epochs], color=f"C{i % 10}", alpha=0.15)
+            ax.fill_between(
+                epochs,
+                [min(per_epoch[e]) for e in epochs],
+                [max(per_epoch[e]) for e in epochs],
+                color=f"C{i % 10}",
+                alpha=0.15,
+            )
             handles.setdefault(key, line)
         ax.set_title(metric)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if handles:
-        fig.legend(list(handles.values()), [" | ".join(k) for k in handles], loc="center right", fontsize="small", title="dataset | method | backbone | split")
+        fig.legend(
+            list(handles.values()),
+            [" | ".join(k) for k in handles],
+            loc="center right",
+            fontsize="small",
+            title="dataset | method | backbone | split",
+        )
     fig.tight_layout(rect=(0, 0, 0.8 if handles else 1, 1))
     fig.savefig(str(path), dpi=110)

@@ -34,12 +34,24 @@ def long_rows(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
     record's order."""
     rows: List[Dict[str, Any]] = []
     for rec in map(as_mapping, records):
-        base = {"run_dir": _run_dir(rec), **{k: rec.get(k) for k in ("method", "variant", "dataset", "backbone", "protocol", "seed", "shots")}}
+        base = {
+            "run_dir": _run_dir(rec),
+            **{k: rec.get(k) for k in ("method", "variant", "dataset", "backbone", "protocol", "seed", "shots")},
+        }
         status = str(rec.get("status") or "finished")
         if status != "finished":
             for target in rec.get("target_domains") or [None]:
-                rows.append({**base, "source": None, "target": target, "accuracy": None, "mean_per_class_accuracy": None,
-                             "val_accuracy": None, "status": status})
+                rows.append(
+                    {
+                        **base,
+                        "source": None,
+                        "target": target,
+                        "accuracy": None,
+                        "mean_per_class_accuracy": None,
+                        "val_accuracy": None,
+                        "status": status,
+                    }
+                )
             continue
         per_class = rec.get(METRICS[1]) or {}
         val = rec.get("val_accuracy") or {}

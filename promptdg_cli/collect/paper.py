@@ -256,7 +256,10 @@ def _column_problem(table: PaperTable, column: str, vocab: Vocabulary) -> Option
     sources, target = split_pair(column)
     if all(d in domains for d in (*sources, target)) and (PAIR_ARROW not in column or sources):
         return None
-    return f"a domain of {table.dataset} ({', '.join(domains)}) or a pair of them such as {domains[0] if domains else 'a'}{PAIR_ARROW}..."
+    return (
+        f"a domain of {table.dataset} ({', '.join(domains)}) or a pair of them such as "
+        f"{domains[0] if domains else 'a'}{PAIR_ARROW}..."
+    )
 
 
 def check_keys(tables: Sequence[PaperTable], vocab: Vocabulary) -> None:

@@ -68,6 +68,7 @@ def write_plot(tables: Sequence[Table], path: os.PathLike | str) -> None:
             handles.setdefault(key, container)
             for x, c in zip(xs, (c for c in cells if c.n)):
                 if c.std is not None:
+                    assert c.mean is not None  # (two seeds or more)
                     err_x.append(x)
                     err_y.append(c.mean)
                     err_s.append(c.std)

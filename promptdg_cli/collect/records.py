@@ -53,7 +53,7 @@ class Loaded(NamedTuple):
     skipped: List[Tuple[str, str]]  # (path, reason) of unreadable or invalid files
 
 
-def find_results(root: os.PathLike | str) -> List[Path]:
+def find_results(root: os.PathLike[str] | str) -> List[Path]:
     """Every ``results.json`` below ``root`` (recursively, sorted, symlinked dirs not followed)."""
     found = []
     for folder, dirs, files in os.walk(root):

@@ -81,7 +81,9 @@ def render_markdown(tables: Sequence[Table], heading_level: int = 3) -> str:
             for row in table.rows:
                 ref = row.max_seeds
                 cells = [format_cell(row.cells[c], ref) for c in table.columns] + [format_cell(row.avg, ref)]
-                out.append("| " + " | ".join(_md_escape(x) for x in [_row_label(table, row), row.backbone] + cells) + " |")
+                out.append(
+                    "| " + " | ".join(_md_escape(x) for x in [_row_label(table, row), row.backbone] + cells) + " |"
+                )
         else:
             out.append("_No finished runs._")
         out.extend(paper_view.markdown_summary(table))
@@ -124,7 +126,9 @@ def render_csv(tables: Sequence[Table]) -> str:
     with_paper = any(t.paper_checked for t in tables)  # collect --paper: paper_view.CSV_FIELDS follow
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(list(DATASET_CSV_FIELDS if by_dataset else CSV_FIELDS) + (list(paper_view.CSV_FIELDS) if with_paper else []))
+    writer.writerow(
+        list(DATASET_CSV_FIELDS if by_dataset else CSV_FIELDS) + (list(paper_view.CSV_FIELDS) if with_paper else [])
+    )
     for table in tables:
         for row in table.rows:
             for column, cell in [(c, row.cells[c]) for c in table.columns] + [("Avg", row.avg)]:

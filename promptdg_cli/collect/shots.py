@@ -16,7 +16,7 @@ import math
 import os
 import statistics
 from collections import defaultdict
-from typing import Any, Dict, Iterable, List, Mapping, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 from ..extras import require
 from .records import as_mapping, backbone_label
@@ -53,8 +53,17 @@ def shot_points(records: Iterable[Mapping[str, Any]]) -> List[Dict[str, Any]]:
         if dataset not in wanted or (not shots and (dataset, backbone) not in zero_backbones):
             continue
         values = [statistics.fmean(acc.values()) for acc in seeds.values()]
-        points.append({"dataset": dataset, "label": label, "backbone": backbone, "shots": shots, "mean": statistics.fmean(values),
-                       "std": statistics.stdev(values) if len(values) > 1 else None, "seeds": len(values)})
+        points.append(
+            {
+                "dataset": dataset,
+                "label": label,
+                "backbone": backbone,
+                "shots": shots,
+                "mean": statistics.fmean(values),
+                "std": statistics.stdev(values) if len(values) > 1 else None,
+                "seeds": len(values),
+            }
+        )
     return points
 
 
@@ -67,7 +76,7 @@ def render_shots_csv(points: Iterable[Mapping[str, Any]]) -> str:
     return out.getvalue()
 
 
-def write_shots_plot(points: List[Mapping[str, Any]], path: os.PathLike | str) -> None:
+def write_shots_plot(points: Sequence[Mapping[str, Any]], path: os.PathLike | str) -> None:
     require("plots", "the figure shots.png")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -88,7 +97,15 @@ def write_shots_plot(points: List[Mapping[str, Any]], path: os.PathLike | str) -
             line = sorted((p for p in mine if (p["label"], p["backbone"]) == key), key=lambda p: p["shots"])
             name = f"{key[0]} [{key[1]}]"
             if all(p["shots"] == 0 for p in line):  # zero-shot CLIP: a star at 0 shots
-                ax.plot([x[0]], [line[0]["mean"]], marker="*", markersize=12, linestyle="none", color=f"C{i % 10}", label=name)
+                ax.plot(
+                    [x[0]],
+                    [line[0]["mean"]],
+                    marker="*",
+                    markersize=12,
+                    linestyle="none",
+                    color=f"C{i % 10}",
+                    label=name,
+                )
                 continue
             ax.errorbar([x[p["shots"]] for p in line], [p["mean"] for p in line], yerr=[p["std"] or 0.0 for p in line],
                         marker="o", capsize=3, color=f"C{i % 10}", label=name)

@@ -202,14 +202,14 @@ def collect_tables(
     """
     if columns not in COLUMN_MODES:
         raise CollectError(f"unknown column layout {columns!r}; valid: {', '.join(COLUMN_MODES)}")
-    records = [as_mapping(r) for r in records]
+    mapped: Sequence[Mapping[str, Any]] = [as_mapping(r) for r in records]
     if filters:
-        records = filter_records(records, filters)
-    order = sorted(range(len(records)), key=lambda i: (float(records[i].get("_mtime") or 0.0), i))
+        mapped = filter_records(mapped, filters)
+    order = sorted(range(len(mapped)), key=lambda i: (float(mapped[i].get("_mtime") or 0.0), i))
 
     groups: Dict[Tuple[str, str], _Group] = {}
     for i in order:
-        rec = records[i]
+        rec = mapped[i]
         key = (str(rec.get("dataset") or "?"), str(rec.get("protocol") or "dg"))
         group = groups.setdefault(key, _Group())
         group.add_domains(rec.get("domains"))

@@ -176,7 +176,9 @@ def _new_scheduler():
 def _adamw(model, lr: float, weight_decay: float):
     decay = [p for p in model.parameters() if p.ndim >= 2]
     rest = [p for p in model.parameters() if p.ndim < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr)
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}], lr=lr
+    )
 
 
 # --------------------------------------------------------------------- build
@@ -198,12 +200,14 @@ def build_demo_ldm(folder: Path, clip, recipe: dict | None = None) -> Path:
 
     # ---- data: pretraining renders, their (domain, digit) and the distinct captions' text states
     n_render = len(DOMAINS) * len(CLASSES) * recipe["per_class"]
-    images, labels = [], []
-    for domain, digit, im in tqdm(sample_images(LDM_SEED, recipe["per_class"]), total=n_render, desc="demo LDM: data", unit="img"):
+    images, classes = [], []
+    for domain, digit, im in tqdm(
+        sample_images(LDM_SEED, recipe["per_class"]), total=n_render, desc="demo LDM: data", unit="img"
+    ):
         images.append(torch.from_numpy(np.asarray(im, dtype=np.uint8).copy()))
-        labels.append(DOMAINS.index(domain) * len(CLASSES) + digit)
+        classes.append(DOMAINS.index(domain) * len(CLASSES) + digit)
     pixels = torch.stack(images).permute(0, 3, 1, 2).float().div(127.5).sub(1)  # (N, 3, 32, 32) in [-1, 1]
-    labels = torch.tensor(labels)
+    labels = torch.tensor(classes)
     captions, pools, n_plain = [""], [], []
     for domain in DOMAINS:
         for digit in range(len(CLASSES)):
@@ -234,12 +238,12 @@ def build_demo_ldm(folder: Path, clip, recipe: dict | None = None) -> Path:
     bar.close()
     vae.eval().requires_grad_(False)
     with torch.no_grad():
-        mean, std = [], []
+        means, stds = [], []
         for i in range(0, n, 512):
             d = vae.encode(pixels[i : i + 512].to(device)).latent_dist
-            mean.append(d.mean.cpu())
-            std.append(d.std.cpu())
-        mean, std = torch.cat(mean), torch.cat(std)
+            means.append(d.mean.cpu())
+            stds.append(d.std.cpu())
+        mean, std = torch.cat(means), torch.cat(stds)
     scale = float(1.0 / torch.sqrt(mean.var() + std.pow(2).mean()))  # 1 / std of the sampled latents
     vae.register_to_config(scaling_factor=scale)
 

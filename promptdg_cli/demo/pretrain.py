@@ -23,6 +23,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import List
 
 import numpy as np
 import open_clip
@@ -97,7 +98,9 @@ def pretraining_set(recipe: dict, size: int, workers: int | None = None):
     workers = workers or min(2, os.cpu_count() or 1)
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            chunks = list(tqdm(pool.map(_render_chunk, jobs), total=len(jobs), desc="demo CLIP: rendering", unit="class"))
+            chunks = list(
+                tqdm(pool.map(_render_chunk, jobs), total=len(jobs), desc="demo CLIP: rendering", unit="class")
+            )
     else:
         chunks = [_render_chunk(j) for j in tqdm(jobs, desc="demo CLIP: rendering", unit="class")]
     domains = [j[0] for j in jobs for _ in range(j[3])]
@@ -147,7 +150,9 @@ def default_benchmark_root(path: Path) -> Path:
 
 
 @torch_threads(BUILD_THREADS)  # the same weights at any caller's thread count (demo/__init__.py)
-def build_demo_clip(path: Path, model_name: str, recipe: dict | None = None, benchmark_root: Path | None = None) -> Path:
+def build_demo_clip(
+    path: Path, model_name: str, recipe: dict | None = None, benchmark_root: Path | None = None
+) -> Path:
     """Train the demo CLIP, measure it (``properties.measure_demo_clip``) and write it to ``path``.
 
     safetensors, written atomically; its metadata holds the recipe, the seed and the measured
@@ -182,7 +187,8 @@ def build_demo_clip(path: Path, model_name: str, recipe: dict | None = None, ben
     # The token embedding (49408 x width, of which captions use ~100 rows) gets sparse gradients and
     # a lazy Adam (SparseAdam: only the rows in the batch move): dense Adam on it costs ~25 % of a step.
     model.token_embedding.sparse = True
-    decay, no_decay = [], []
+    decay: List[torch.Tensor] = []
+    no_decay: List[torch.Tensor] = []
     for name, p in model.named_parameters():
         if name not in ("logit_scale", "token_embedding.weight"):
             (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)

@@ -167,5 +167,7 @@ def format_properties(p: dict) -> str:
                     f"{p['confident_share'][d]:>7.1f} {('-' if acc is None else f'{acc:.1f}'):>12} "
                     f"{p['style_shift_cos'][d]:>9.2f}")
     s = p["summary"]
-    rows.append(f"common (printed, photo) top-1 {s['common_top1']:.1f}, rare (sketch, handwritten) {s['rare_top1']:.1f}")
+    rows.append(
+        f"common (printed, photo) top-1 {s['common_top1']:.1f}, rare (sketch, handwritten) {s['rare_top1']:.1f}"
+    )
     return "\n".join(rows)

@@ -16,55 +16,40 @@ Domains
     colourful background of gradients and shapes, under uneven lighting, colour cast and noise.
 
 Only Pillow's bundled font is used (never system fonts), so for a given generator state the output
-is identical on every machine with the same Pillow version. This module imports neither torch nor
-torchvision nor open_clip.
+is identical on every machine with the same Pillow version. What every domain shares (glyphs,
+placement, masks, noise, compositing, downsampling) is in ``canvas.py``. This module imports neither
+torch nor torchvision nor open_clip.
 """
 
 from __future__ import annotations
 
-import colorsys
 import functools
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFilter, ImageFont
+from PIL import Image, ImageDraw, ImageFilter
+
+from .canvas import (
+    SUPERSAMPLE,
+    composite,
+    dilate,
+    erode,
+    finish,
+    glyph,
+    hsv,
+    luma,
+    place,
+    record_ink,
+    smooth_noise,
+    smoothstep,
+)
 
 DOMAINS: tuple[str, ...] = ("handwritten", "printed", "sketch", "photo")
 SPLITS: tuple[str, ...] = ("benchmark", "pretrain")
 
-_SUPERSAMPLE = 4  # draw at size*4, then box-downsample: smooth anti-aliased strokes
-_GLYPH_PX = 96  # font size at which glyphs are rasterised before being warped into place
-
 
 # --------------------------------------------------------------------------------------------
-# shared helpers
+# domains
 # --------------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _font(px: int) -> ImageFont.FreeTypeFont:
-    font = ImageFont.load_default(size=px)
-    if not isinstance(font, ImageFont.FreeTypeFont):  # pragma: no cover - depends on the build
-        raise RuntimeError(
-            "the demo world needs Pillow built with FreeType (ImageFont.load_default(size=...) "
-            f"returned a {type(font).__name__}); install a standard Pillow wheel (>= 10.1)"
-        )
-    return font
-
-
-@functools.lru_cache(maxsize=None)
-def _glyph(digit: int, stroke: int) -> Image.Image:
-    """The digit in Pillow's bundled font, white on black ("L"), cropped to its ink."""
-    font = _font(_GLYPH_PX)
-    text = str(digit)
-    pad = 4 + stroke
-    im = Image.new("L", (_GLYPH_PX + 2 * pad, _GLYPH_PX + 2 * pad), 0)
-    ImageDraw.Draw(im).text(
-        (pad, pad - _GLYPH_PX // 4), text, fill=255, font=font,
-        stroke_width=stroke, stroke_fill=255,
-    )
-    bbox = im.getbbox()
-    assert bbox is not None
-    return im.crop(bbox)
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,115 +72,14 @@ def _handwritten_indices(digit: int, split: str | None) -> np.ndarray:
     return idx
 
 
-def _place(
-    src: Image.Image,
-    canvas: int,
-    rng: np.random.Generator,
-    *,
-    height: float,
-    rotation: float,
-    shear: float = 0.0,
-    aspect: float = 1.0,
-    margin: float = 0.06,
-    attrs: dict | None = None,
-) -> np.ndarray:
-    """Warp an "L" mask into a canvas x canvas float array in [0, 1].
-
-    The source is scaled to ``height`` pixels tall (times ``aspect`` in width), sheared,
-    rotated by ``rotation`` degrees and put at a random position that keeps it inside the
-    canvas (shrunk if it would not fit). ``attrs`` (a dict) receives the rotation and shear.
-    """
-    w, h = src.size
-    s = height / h
-    th = np.deg2rad(rotation)
-    rot = np.array([[np.cos(th), -np.sin(th)], [np.sin(th), np.cos(th)]])
-    a = s * rot @ np.array([[1.0, shear], [0.0, 1.0]]) @ np.diag([aspect, 1.0])
-    corners = np.array([[-w, -h], [w, -h], [-w, h], [w, h]], dtype=np.float64) / 2.0
-    ext = np.abs(corners @ a.T).max(axis=0)  # half extents (x, y) in output pixels
-    room = canvas / 2.0 - margin * canvas
-    fit = min(1.0, room / ext.max())
-    a *= fit
-    ext *= fit
-    lo = margin * canvas + ext
-    hi = canvas - margin * canvas - ext
-    cx, cy = rng.uniform(lo, np.maximum(lo, hi) + 1e-9)
-    inv = np.linalg.inv(a)
-    c = np.array([w / 2.0, h / 2.0]) - inv @ np.array([cx, cy])
-    data = (inv[0, 0], inv[0, 1], c[0], inv[1, 0], inv[1, 1], c[1])
-    out = src.transform((canvas, canvas), Image.Transform.AFFINE, data, Image.Resampling.BICUBIC)
-    if attrs is not None:
-        attrs.update(rotation=float(rotation), shear=float(shear))
-    return np.asarray(out, dtype=np.float32) / 255.0
-
-
-def _record_ink(attrs: dict, mask: np.ndarray, ink) -> None:
-    """Where the ink of ``mask`` lies (fractions of the canvas: bounding box size, centroid) and its colour."""
-    C = mask.shape[0]
-    ys, xs = np.nonzero(mask > 0.5)
-    ys, xs = (ys, xs) if len(ys) else (np.array([C // 2]), np.array([C // 2]))
-    attrs.update(height=float(ys.max() - ys.min() + 1) / C, width=float(xs.max() - xs.min() + 1) / C, cx=float(xs.mean()) / C,
-                 cy=float(ys.mean()) / C, ink=tuple(float(v) for v in np.asarray(ink, dtype=np.float32).reshape(-1, 3).mean(0)))
-
-
-def _smooth_noise(rng: np.random.Generator, canvas: int, cells: int) -> np.ndarray:
-    """Low-frequency noise in roughly [0, 1]: a cells x cells grid bicubically upsampled."""
-    grid = rng.random((cells, cells), dtype=np.float32)
-    im = Image.fromarray(grid, mode="F").resize((canvas, canvas), Image.Resampling.BICUBIC)
-    return np.asarray(im, dtype=np.float32)
-
-
-def _smoothstep(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    t = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
-    return t * t * (3.0 - 2.0 * t)
-
-
-def _dilate(mask: np.ndarray, k: int) -> np.ndarray:
-    im = Image.fromarray((np.clip(mask, 0, 1) * 255).astype(np.uint8))
-    return np.asarray(im.filter(ImageFilter.MaxFilter(k)), dtype=np.float32) / 255.0
-
-
-def _erode(mask: np.ndarray, k: int) -> np.ndarray:
-    im = Image.fromarray((np.clip(mask, 0, 1) * 255).astype(np.uint8))
-    return np.asarray(im.filter(ImageFilter.MinFilter(k)), dtype=np.float32) / 255.0
-
-
-def _composite(bg: np.ndarray, colour, alpha: np.ndarray) -> np.ndarray:
-    """Paint ``colour`` (RGB 0..255, or an HxWx3 array) over ``bg`` with coverage ``alpha``."""
-    a = np.clip(alpha, 0.0, 1.0)[..., None]
-    return bg * (1.0 - a) + np.asarray(colour, dtype=np.float32) * a
-
-
-def _finish(arr: np.ndarray, size: int, rng: np.random.Generator, noise: float) -> Image.Image:
-    """Box-downsample the supersampled canvas to size x size, add pixel grain, quantise."""
-    im = Image.fromarray(np.clip(arr, 0, 255).round().astype(np.uint8), mode="RGB")
-    small = np.asarray(im.reduce(_SUPERSAMPLE), dtype=np.float32)
-    if noise > 0:
-        small = small + rng.normal(0.0, noise, small.shape).astype(np.float32)
-    return Image.fromarray(np.clip(small, 0, 255).round().astype(np.uint8), mode="RGB")
-
-
-def _hsv(h: float, s: float, v: float) -> np.ndarray:
-    return np.array(colorsys.hsv_to_rgb(h % 1.0, s, v), dtype=np.float32) * 255.0
-
-
-def _luma(rgb) -> np.ndarray:
-    rgb = np.asarray(rgb, dtype=np.float32)
-    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
-
-
-# --------------------------------------------------------------------------------------------
-# domains
-# --------------------------------------------------------------------------------------------
-
-
 def _render_handwritten(digit: int, rng: np.random.Generator, size: int, split: str | None, attrs: dict):
-    C = size * _SUPERSAMPLE
+    C = size * SUPERSAMPLE
     images, _ = _digits_pool()
     idx = _handwritten_indices(digit, split)
     scan = np.pad(images[rng.choice(idx)], 1)  # 10x10, zero border
     src = Image.fromarray((scan * 255).astype(np.uint8)).resize((40, 40), Image.Resampling.BICUBIC)
     src = src.filter(ImageFilter.GaussianBlur(1.2))
-    m = _place(
+    m = place(
         src, C, rng,
         height=rng.uniform(0.95, 1.2) * C,  # the 8x8 scans carry ~1/10 blank border per side
         rotation=rng.uniform(-14, 14), shear=rng.uniform(-0.3, 0.2),
@@ -203,12 +87,12 @@ def _render_handwritten(digit: int, rng: np.random.Generator, size: int, split: 
     )
     # Threshold the soft upscaled scan into a stroke; the threshold sets the pen thickness.
     t = rng.uniform(0.36, 0.56)
-    ink_a = _smoothstep(m, t - 0.12, t + 0.12)
+    ink_a = smoothstep(m, t - 0.12, t + 0.12)
     # Paper: cream, mottled, sometimes ruled like a notebook.
     paper = np.array([rng.uniform(236, 252), rng.uniform(226, 242), rng.uniform(188, 218)],
                      dtype=np.float32)
     bg = np.broadcast_to(paper, (C, C, 3)).copy()
-    bg += (_smooth_noise(rng, C, 5)[..., None] - 0.5) * rng.uniform(8, 20)
+    bg += (smooth_noise(rng, C, 5)[..., None] - 0.5) * rng.uniform(8, 20)
     ruled = rng.random() < 0.5
     if ruled:
         gap = rng.uniform(0.22, 0.32) * C
@@ -216,7 +100,7 @@ def _render_handwritten(digit: int, rng: np.random.Generator, size: int, split: 
         ys = np.arange(C, dtype=np.float32)
         d = np.abs(((ys - off) % gap) - gap / 2.0) - gap / 2.0 + 2.5
         line = np.clip(d / 2.5, 0, 1)[:, None] * np.ones((1, C), dtype=np.float32)
-        bg = _composite(bg, (120, 160, 215), line * rng.uniform(0.35, 0.7))
+        bg = composite(bg, (120, 160, 215), line * rng.uniform(0.35, 0.7))
     # Ink: blue/black ballpoint or graphite, with uneven pressure.
     kind = rng.random()
     if kind < 0.45:
@@ -226,19 +110,19 @@ def _render_handwritten(digit: int, rng: np.random.Generator, size: int, split: 
         ink = (g, g, g * rng.uniform(0.95, 1.1))  # black pen / graphite
     else:
         ink = (rng.uniform(20, 50), rng.uniform(20, 40), rng.uniform(60, 95))  # dark violet
-    pressure = 0.7 + 0.3 * _smooth_noise(rng, C, 4)
-    _record_ink(attrs, ink_a, ink)
+    pressure = 0.7 + 0.3 * smooth_noise(rng, C, 4)
+    record_ink(attrs, ink_a, ink)
     attrs.update(thickness=float((0.56 - t) / 0.2), paper=tuple(float(v) for v in paper), ruled=bool(ruled))
-    arr = _composite(bg, ink, ink_a * pressure * rng.uniform(0.85, 1.0))
-    return _finish(arr, size, rng, noise=rng.uniform(1.0, 3.0))
+    arr = composite(bg, ink, ink_a * pressure * rng.uniform(0.85, 1.0))
+    return finish(arr, size, rng, noise=rng.uniform(1.0, 3.0))
 
 
 def _render_printed(digit: int, rng: np.random.Generator, size: int, attrs: dict):
-    C = size * _SUPERSAMPLE
+    C = size * SUPERSAMPLE
     stroke = int(rng.integers(0, 5))
     italic = rng.random() < 0.2
-    m = _place(
-        _glyph(digit, stroke), C, rng,
+    m = place(
+        glyph(digit, stroke), C, rng,
         height=rng.uniform(0.5, 0.85) * C, rotation=rng.uniform(-7, 7),
         shear=(-rng.uniform(0.15, 0.3) if italic else rng.uniform(-0.05, 0.05)),
         aspect=rng.uniform(0.8, 1.25), margin=0.05, attrs=attrs,
@@ -255,17 +139,17 @@ def _render_printed(digit: int, rng: np.random.Generator, size: int, attrs: dict
         ink = (rng.uniform(90, 140), rng.uniform(0, 25), rng.uniform(0, 30))  # dark red
     else:
         ink = (rng.uniform(0, 25), rng.uniform(50, 80), rng.uniform(20, 45))  # dark green
-    _record_ink(attrs, m, ink)
+    record_ink(attrs, m, ink)
     attrs.update(thickness=stroke / 4.0, italic=bool(italic), paper=(white, white, white))
-    arr = _composite(bg, ink, m)
-    return _finish(arr, size, rng, noise=rng.uniform(0.0, 1.0))
+    arr = composite(bg, ink, m)
+    return finish(arr, size, rng, noise=rng.uniform(0.0, 1.0))
 
 
 def _warp(mask: np.ndarray, rng: np.random.Generator, amp: float) -> np.ndarray:
     """Displace a mask by a smooth random field (hand wobble), nearest-neighbour."""
     C = mask.shape[0]
-    dx = (_smooth_noise(rng, C, 5) - 0.5) * 2 * amp
-    dy = (_smooth_noise(rng, C, 5) - 0.5) * 2 * amp
+    dx = (smooth_noise(rng, C, 5) - 0.5) * 2 * amp
+    dy = (smooth_noise(rng, C, 5) - 0.5) * 2 * amp
     yy, xx = np.mgrid[0:C, 0:C]
     sx = np.clip(np.rint(xx + dx), 0, C - 1).astype(np.intp)
     sy = np.clip(np.rint(yy + dy), 0, C - 1).astype(np.intp)
@@ -282,27 +166,27 @@ def _hatch(C: int, rng: np.random.Generator, spacing: float, width: float) -> np
 
 
 def _render_sketch(digit: int, rng: np.random.Generator, size: int, attrs: dict):
-    C = size * _SUPERSAMPLE
+    C = size * SUPERSAMPLE
     stroke = int(rng.integers(2, 7))
-    m = _place(
-        _glyph(digit, stroke), C, rng,
+    m = place(
+        glyph(digit, stroke), C, rng,
         height=rng.uniform(0.6, 0.85) * C, rotation=rng.uniform(-10, 10),
         shear=rng.uniform(-0.15, 0.15), aspect=rng.uniform(0.85, 1.25), margin=0.07, attrs=attrs,
     )
     solid = (m > 0.5).astype(np.float32)
     k = int(rng.choice([3, 5]))
-    outline = np.clip(_dilate(solid, k) - _erode(solid, 3), 0, 1)
+    outline = np.clip(dilate(solid, k) - erode(solid, 3), 0, 1)
     # Two wobbly passes of the pencil, like a quick sketch.
     lines = _warp(outline, rng, amp=rng.uniform(1.5, 3.5))
     lines = np.maximum(lines, _warp(outline, rng, amp=rng.uniform(2.0, 4.5)) * rng.uniform(0.4, 0.8))
     # Paper: grey-white drawing paper with a soft smudge.
     p = rng.uniform(222, 240)
     bg = np.broadcast_to(np.array([p, p, p + rng.uniform(-2, 5)], dtype=np.float32), (C, C, 3)).copy()
-    bg -= _smooth_noise(rng, C, 3)[..., None] * rng.uniform(4, 14)
+    bg -= smooth_noise(rng, C, 3)[..., None] * rng.uniform(4, 14)
     alpha = lines * rng.uniform(0.8, 1.0)
     hatched = rng.random() < 0.6
     if hatched:  # hatching inside the glyph
-        inside = _warp(_erode(solid, 5), rng, amp=2.0)
+        inside = _warp(erode(solid, 5), rng, amp=2.0)
         alpha = np.maximum(alpha, _hatch(C, rng, rng.uniform(9, 13), 1.6) * inside * rng.uniform(0.35, 0.6))
     strays = int(rng.integers(0, 3))
     for _ in range(strays):  # faint stray construction lines
@@ -312,16 +196,16 @@ def _render_sketch(digit: int, rng: np.random.Generator, size: int, attrs: dict)
         alpha = np.maximum(alpha, np.asarray(stray, dtype=np.float32) / 255.0 * rng.uniform(0.15, 0.35))
     g = rng.uniform(35, 80)
     ink = (g, g, g * rng.uniform(1.0, 1.12))
-    _record_ink(attrs, solid, ink)
+    record_ink(attrs, solid, ink)
     attrs.update(thickness=(stroke - 2) / 4.0, paper=(p, p, p), hatched=bool(hatched), strays=strays)
-    arr = _composite(bg, ink, alpha)
-    return _finish(arr, size, rng, noise=rng.uniform(1.0, 2.5))
+    arr = composite(bg, ink, alpha)
+    return finish(arr, size, rng, noise=rng.uniform(1.0, 2.5))
 
 
 def _photo_background(C: int, rng: np.random.Generator, attrs: dict) -> np.ndarray:
     h0 = rng.random()
-    c0 = _hsv(h0, rng.uniform(0.3, 0.9), rng.uniform(0.3, 0.95))
-    c1 = _hsv(h0 + rng.uniform(0.15, 0.6), rng.uniform(0.3, 0.9), rng.uniform(0.3, 0.95))
+    c0 = hsv(h0, rng.uniform(0.3, 0.9), rng.uniform(0.3, 0.95))
+    c1 = hsv(h0 + rng.uniform(0.15, 0.6), rng.uniform(0.3, 0.9), rng.uniform(0.3, 0.95))
     attrs["background"] = (tuple(float(v) for v in c0), tuple(float(v) for v in c1))
     th = rng.uniform(0, 2 * np.pi)
     yy, xx = np.mgrid[0:C, 0:C].astype(np.float32) / C
@@ -331,7 +215,7 @@ def _photo_background(C: int, rng: np.random.Generator, attrs: dict) -> np.ndarr
     layer = Image.new("RGBA", (C, C), (0, 0, 0, 0))
     draw = ImageDraw.Draw(layer)
     for _ in range(int(rng.integers(5, 12))):  # clutter
-        col = tuple(int(v) for v in _hsv(rng.random(), rng.uniform(0.2, 1.0), rng.uniform(0.2, 1.0)))
+        col = tuple(int(v) for v in hsv(rng.random(), rng.uniform(0.2, 1.0), rng.uniform(0.2, 1.0)))
         fill = col + (int(rng.uniform(90, 230)),)
         x0, y0 = rng.uniform(-0.2, 1.0, 2) * C
         w, h = rng.uniform(0.15, 0.6, 2) * C
@@ -348,49 +232,50 @@ def _photo_background(C: int, rng: np.random.Generator, attrs: dict) -> np.ndarr
     attrs["blur"] = float(blur)
     im = im.filter(ImageFilter.GaussianBlur(blur))  # shallow depth of field
     arr = np.asarray(im, dtype=np.float32)
-    arr += (_smooth_noise(rng, C, 16)[..., None] - 0.5) * rng.uniform(10, 35)  # texture
+    arr += (smooth_noise(rng, C, 16)[..., None] - 0.5) * rng.uniform(10, 35)  # texture
     return arr
 
 
 def _render_photo(digit: int, rng: np.random.Generator, size: int, attrs: dict):
-    C = size * _SUPERSAMPLE
+    C = size * SUPERSAMPLE
     bg = _photo_background(C, rng, attrs)
     stroke = int(rng.integers(2, 8))
-    m = _place(
-        _glyph(digit, stroke), C, rng,
+    m = place(
+        glyph(digit, stroke), C, rng,
         height=rng.uniform(0.6, 0.88) * C, rotation=rng.uniform(-15, 15),
         shear=rng.uniform(-0.2, 0.2), aspect=rng.uniform(0.85, 1.3), margin=0.04, attrs=attrs,
     )
     # A saturated fill that contrasts in brightness with what lies behind the digit.
-    under = float(_luma((bg * m[..., None]).sum((0, 1)) / max(m.sum(), 1.0)))
+    under = float(luma((bg * m[..., None]).sum((0, 1)) / max(m.sum(), 1.0)))
     bright = under < 128
     best, best_c = None, -1.0
     for _ in range(16):
         v = rng.uniform(0.8, 1.0) if bright else rng.uniform(0.1, 0.45)
-        cand = _hsv(rng.random(), rng.uniform(0.5, 1.0), v)
-        contrast = abs(float(_luma(cand)) - under)
+        cand = hsv(rng.random(), rng.uniform(0.5, 1.0), v)
+        contrast = abs(float(luma(cand)) - under)
         if contrast > best_c:
             best, best_c = cand, contrast
         if contrast >= 75:
             break
+    assert best is not None  # (the first candidate beats -1)
     fill = best
     # Slight shading across the digit (a painted/plastic object, not flat ink).
-    shade = 0.8 + 0.35 * _smooth_noise(rng, C, 3)[..., None]
+    shade = 0.8 + 0.35 * smooth_noise(rng, C, 3)[..., None]
     rim = 0.0 if best_c < 90 else rng.random()  # weak contrast: always outline the digit
-    _record_ink(attrs, m, fill)
+    record_ink(attrs, m, fill)
     attrs.update(thickness=(stroke - 2) / 5.0, edge="outline" if rim < 0.45 else "shadow" if rim < 0.8 else "none",
                  outline=(20, 20, 20) if bright else (240, 240, 240))
     if rim < 0.45:  # contrasting rim
-        rim_a = _dilate(m, int(rng.choice([5, 7, 9])))
+        rim_a = dilate(m, int(rng.choice([5, 7, 9])))
         rim_col = (20, 20, 20) if bright else (240, 240, 240)
-        bg = _composite(bg, rim_col, rim_a)
+        bg = composite(bg, rim_col, rim_a)
     elif rim < 0.8:  # drop shadow
         dx, dy = rng.integers(3, 9, 2) * rng.choice([-1, 1], 2)
         sh = np.roll(np.roll(m, int(dy), axis=0), int(dx), axis=1)
         sh = np.asarray(Image.fromarray((sh * 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(3)),
                         dtype=np.float32) / 255.0
-        bg = _composite(bg, (0, 0, 0), sh * rng.uniform(0.5, 0.8))
-    arr = _composite(bg, fill * shade, m)
+        bg = composite(bg, (0, 0, 0), sh * rng.uniform(0.5, 0.8))
+    arr = composite(bg, fill * shade, m)
     # Lighting: directional gradient, a soft spotlight / vignette, exposure and colour cast.
     yy, xx = np.mgrid[0:C, 0:C].astype(np.float32) / C
     th = rng.uniform(0, 2 * np.pi)
@@ -402,7 +287,7 @@ def _render_photo(digit: int, rng: np.random.Generator, size: int, attrs: dict):
     arr = arr * light[..., None] * gain
     gamma = rng.uniform(0.8, 1.25)
     arr = 255.0 * (np.clip(arr, 0, 255) / 255.0) ** gamma
-    return _finish(arr, size, rng, noise=rng.uniform(2.0, 7.0))
+    return finish(arr, size, rng, noise=rng.uniform(2.0, 7.0))
 
 
 # --------------------------------------------------------------------------------------------

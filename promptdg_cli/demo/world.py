@@ -5,8 +5,9 @@ miniature -- 4 visually distinct domains x 10 digit classes -- from nothing but 
 (and its bundled font) and scikit-learn's bundled ``load_digits`` images, so that a tiny CLIP
 can be pretrained and every domain generalization method can run end to end on a laptop CPU.
 
-The images are drawn by ``renderers.py`` (one module per concern: drawing there, the benchmark's
-layout, seeding and caching here); see its docstring for what each domain looks like.
+The images are drawn by ``renderers.py`` with ``canvas.py``'s shared drawing (one module per
+concern: each domain's style there, glyphs, placement and compositing in ``canvas.py``, the
+benchmark's layout, seeding and caching here); see its docstring for what each domain looks like.
 
 Public API
 ----------

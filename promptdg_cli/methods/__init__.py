@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import difflib
 import importlib
-from typing import Dict
+from typing import TYPE_CHECKING, Dict, Type
 
 import yaml
 
 from .. import conf_dir
 from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from .base import Method
 
 
 def builtin_methods() -> Dict[str, str]:
@@ -35,7 +38,7 @@ def builtin_methods() -> Dict[str, str]:
     return {choice: target(choice) for choice in raw}
 
 
-def method_class(method_cfg) -> type:
+def method_class(method_cfg) -> Type[Method]:
     """The class of a run's method: its ``_target_``, else the built-in config of its name."""
     target = method_cfg.get("_target_") if hasattr(method_cfg, "get") else None
     if not target:

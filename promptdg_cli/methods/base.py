@@ -47,13 +47,15 @@ class Method:
     Config: ClassVar[Type] = MethodConfig  # the config schema (built-ins: promptdg_cli/schema.py)
     trains: ClassVar[bool] = True  # False: evaluation only (zero-shot)
     needs_vit: ClassVar[bool] = False  # True: a ResNet backbone is a config error
-    extras: ClassVar[Tuple[str, ...]] = ()  # optional extras it needs (promptdg_cli/extras.py): checked before a run starts
+    # optional extras it needs (promptdg_cli/extras.py): checked before a run starts
+    extras: ClassVar[Tuple[str, ...]] = ()
     backbone_kinds: ClassVar[tuple] = ("clip",)  # the backbone kinds it runs on (clip, classifier)
     # The protocol the method always runs: None (the dataset's), "uda" (labelled sources, unlabelled
     # target in training) or "source_free" (no images in training; tested on every domain).
     protocol: ClassVar[Optional[str]] = None
     generates: ClassVar[bool] = False  # True: it writes generated image sets (write_round; promptdg generate)
-    loss_terms: ClassVar[Tuple[str, ...]] = ("loss",)  # the names of the Terms batch_loss returns (metrics.jsonl's columns)
+    # the names of the Terms batch_loss returns (metrics.jsonl's columns)
+    loss_terms: ClassVar[Tuple[str, ...]] = ("loss",)
 
     def __init__(self, cfg, backbone, classnames: List[str], device: torch.device, env: Optional[RunEnv] = None):
         self.cfg, self.backbone, self.classnames, self.device = cfg, backbone, list(classnames), device

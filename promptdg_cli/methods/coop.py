@@ -31,6 +31,9 @@ from .base import Method
 class PromptLearner(nn.Module):
     """Learnable context between [SOS] and the class-name tokens of every class prompt."""
 
+    prefix: torch.Tensor  # (buffers)
+    suffix: torch.Tensor
+
     def __init__(self, backbone, classnames: list[str], n_ctx: int, ctx_init: str, class_specific: bool):
         super().__init__()
         width = backbone.text_width

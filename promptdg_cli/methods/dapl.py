@@ -107,6 +107,10 @@ class DomainPromptLearner(nn.Module):
     """Prompts [SOS][ctx][dom_d] <suffix of (d, k)> for every domain d and class k. The suffix is the
     class text (with the domain's words in the official form)."""
 
+    prefix: torch.Tensor  # (buffers)
+    suffix: torch.Tensor
+    eot: torch.Tensor
+
     def __init__(self, backbone, classnames: list[str], domain_words: list[str], n_ctx: int, n_dom_ctx: int,
                  class_specific: bool, seed: int, suffix: str = SUFFIXES["official"]):
         super().__init__()
@@ -114,15 +118,20 @@ class DomainPromptLearner(nn.Module):
         g = torch.Generator().manual_seed(seed)
         ctx_shape = (c, n_ctx, width) if class_specific else (n_ctx, width)
         self.ctx = nn.Parameter(torch.empty(ctx_shape).normal_(0, 0.02, generator=g).to(backbone.device))
-        self.dom = nn.Parameter(torch.empty(n_domains, n_dom_ctx, width).normal_(0, 0.02, generator=g).to(backbone.device))
+        self.dom = nn.Parameter(
+            torch.empty(n_domains, n_dom_ctx, width).normal_(0, 0.02, generator=g).to(backbone.device)
+        )
         placeholder = " ".join(["X"] * (n_ctx + n_dom_ctx))
-        texts = [f"{placeholder} {suffix.format(name=name, domain=word)}" for word in domain_words for name in classnames]
+        texts = [
+            f"{placeholder} {suffix.format(name=name, domain=word)}" for word in domain_words for name in classnames
+        ]
         tokens = backbone.tokenize(texts)  # (n_domains * C, 77)
         eot = backbone.eot_positions(tokens)
         with torch.no_grad():  # the truncated text path: nothing after the last EOS
             emb = backbone.token_embedding(tokens[:, : int(eot.max()) + 1])
         self.register_buffer("prefix", emb[0, :1].clone())  # [SOS], (1, W)
-        self.register_buffer("suffix", emb[:, 1 + n_ctx + n_dom_ctx :].clone().view(n_domains, c, -1, width))  # class ... [EOS]
+        # class ... [EOS]
+        self.register_buffer("suffix", emb[:, 1 + n_ctx + n_dom_ctx :].clone().view(n_domains, c, -1, width))
         self.register_buffer("eot", eot.view(n_domains, c))
         self.n_classes, self.n_domains = c, n_domains
 
@@ -131,7 +140,9 @@ class DomainPromptLearner(nn.Module):
         the domain's classes (with class-specific context only [SOS] is, the rest is in each suffix)."""
         idx = list(range(self.n_domains)) if domains is None else list(domains)
         # (G, M2, W), (G, C, S, W), (G, C); all domains: the tensors themselves (the EOT's facts are read once)
-        dom, suffix, eot = (self.dom, self.suffix, self.eot) if domains is None else (self.dom[idx], self.suffix[idx], self.eot[idx])
+        dom, suffix, eot = (
+            (self.dom, self.suffix, self.eot) if domains is None else (self.dom[idx], self.suffix[idx], self.eot[idx])
+        )
         if self.ctx.dim() == 3:
             dom_c = dom.unsqueeze(1).expand(-1, self.n_classes, -1, -1)  # (G, C, M2, W)
             return PromptGroups.from_parts([self.prefix], [self.ctx, dom_c, suffix], eot)
@@ -169,7 +180,7 @@ class DAPL(Method):
     protocol = "uda"
     loss_terms = ("l_src", "l_tgt")  # the source CE and the target term (its mean over the kept images)
 
-    def __init__(self, cfg, backbone, classnames, device, env=None):
+    def __init__(self, cfg, backbone, classnames, device, env=None) -> None:
         super().__init__(cfg, backbone, classnames, device, env)
         self.prompt: Optional[DomainPromptLearner] = None  # built when the run's domains are known
         self.domains: list[str] = []
@@ -188,6 +199,7 @@ class DAPL(Method):
 
     def text_features(self, domains: Optional[list[int]] = None) -> torch.Tensor:
         """(n, C, D) normalised features of the prompts of ``domains`` (default: all)."""
+        assert self.prompt is not None  # (setup() comes first)
         return self.backbone.encode_grouped(self.prompt(domains))
 
     @torch.no_grad()
@@ -206,7 +218,8 @@ class DAPL(Method):
         self.src_views, self.tgt_views = data.train_views, data.target_views  # what each epoch sees (views.py)
         self.ys = train.y.to(self.device)
         self.ds = torch.tensor([self.domains.index(d) for d in train.domain], device=self.device)
-        self.zs = self.backbone.zeroshot_weights(self.classnames, [self.cfg.pseudo_template])  # (C, D) pseudo-labels' prompts
+        # (C, D) pseudo-labels' prompts
+        self.zs = self.backbone.zeroshot_weights(self.classnames, [self.cfg.pseudo_template])
         self.val = data.val
         ctx.train(self)
 
@@ -220,7 +233,14 @@ class DAPL(Method):
     def lr(self, epoch, step, steps):
         """The official trainer steps the scheduler after every batch (lr_step=batch); epoch: once per epoch."""
         c = self.cfg
-        return dassl_lr(epoch * steps + step if str(c.lr_step) == "batch" else epoch, c.lr, c.epochs, c.warmup_epochs, c.warmup_lr, "linear")
+        return dassl_lr(
+            epoch * steps + step if str(c.lr_step) == "batch" else epoch,
+            c.lr,
+            c.epochs,
+            c.warmup_epochs,
+            c.warmup_lr,
+            "linear",
+        )
 
     def on_epoch(self, epoch, ctx):
         """The epoch's views of the source images and of every pass over the target, and the zero-shot
@@ -247,7 +267,9 @@ class DAPL(Method):
         text, scale = self.text_features(), self.backbone.logit_scale  # (n_domains, C, D)
         x_tgt, pseudo, keep = self.xt[tj], self.pseudo[tj], self.keep[tj]
         if len(si):
-            _, l_src, l_tgt = dapl_loss(text, scale, self.xs[si], self.ds[si], self.ys[si], x_tgt, self.target_row, pseudo, keep, self.cfg.U)
+            _, l_src, l_tgt = dapl_loss(
+                text, scale, self.xs[si], self.ds[si], self.ys[si], x_tgt, self.target_row, pseudo, keep, self.cfg.U
+            )
         else:  # a batch of target images only
             l_src, l_tgt = None, masked_cross_entropy(scale * x_tgt @ text[self.target_row].T, pseudo, keep)
         return [Term("l_src", l_src, len(si)), Term("l_tgt", l_tgt, int(keep.sum()), self.cfg.U)]
@@ -263,12 +285,20 @@ class DAPL(Method):
 
     def state_dict(self):
         words = "\n".join(self.words).encode()
-        return {"ctx": self.prompt.ctx.detach(), "dom": self.prompt.dom.detach(),
-                "target_row": torch.tensor([self.target_row]), "domain_words": torch.tensor(list(words), dtype=torch.uint8)}
+        return {
+            "ctx": self.prompt.ctx.detach(),
+            "dom": self.prompt.dom.detach(),
+            "target_row": torch.tensor([self.target_row]),
+            "domain_words": torch.tensor(list(words), dtype=torch.uint8),
+        }
 
     def load_state_dict(self, state):
         n_domains = state["dom"].shape[0]
-        words = bytes(state["domain_words"].tolist()).decode().split("\n") if "domain_words" in state else [f"domain {i}" for i in range(n_domains)]
+        words = (
+            bytes(state["domain_words"].tolist()).decode().split("\n")
+            if "domain_words" in state
+            else [f"domain {i}" for i in range(n_domains)]
+        )
         self.words, self.target_row = words, int(state["target_row"][0])
         self.prompt = DomainPromptLearner(self.backbone, self.classnames, words, self.cfg.n_ctx, self.cfg.n_dom_ctx,
                                           self.cfg.class_specific, 0, SUFFIXES[str(self.cfg.prompt)])

@@ -61,7 +61,9 @@ def inter_dispersion_loss(text: torch.Tensor, t: float = 2.0) -> torch.Tensor:
     return torch.exp(-t * d2[off]).mean()
 
 
-def intra_dispersion_loss(image: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, form: str = "official") -> torch.Tensor:
+def intra_dispersion_loss(
+    image: torch.Tensor, labels: torch.Tensor, prototypes: torch.Tensor, form: str = "official"
+) -> torch.Tensor:
     """L_intra of normalised image embeddings around their class prototypes; image (B, D), prototypes (C, D).
 
     official: mean over the B·D elements of (z̃ − s_y)² (the official code's ``F.mse_loss``);
@@ -91,8 +93,10 @@ class DAPT(Method):
     def __init__(self, cfg, backbone, classnames, device, env=None):
         super().__init__(cfg, backbone, classnames, device, env)
         if str(cfg.augment) not in ("official", "none"):
-            raise ConfigError(f"method.augment={cfg.augment} does not apply to DAPT, which trains through the image encoder "
-                              f"(visual prompts): no view can be cached. Valid: official, none")
+            raise ConfigError(
+                f"method.augment={cfg.augment} does not apply to DAPT, which trains through the image encoder "
+                f"(visual prompts): no view can be cached. Valid: official, none"
+            )
         self.prompt = PromptLearner(backbone, classnames, cfg.n_ctx, "", False)
         self.visual = VisualPrompts(backbone.model.visual, cfg.n_visual, cfg.deep, seed=self.env.seed).to(device)
         self.pool = EpochLoader(device)  # the training images' loader, its workers started once
@@ -120,7 +124,13 @@ class DAPT(Method):
         official = str(self.cfg.augment) == "official"  # none: promptdg's cheaper protocol (the plain transform)
         self.train_transform = augmented_transform(self.backbone.preprocess) if official else self.backbone.preprocess
         self.protos = self.prototypes(self.shots, self.train_transform).to(self.device)
-        ctx.log(shots=len(self.shots), lr=self.cfg.lr, beta_v=self.cfg.beta_v, beta_t=self.cfg.beta_t, epochs=self.cfg.epochs)
+        ctx.log(
+            shots=len(self.shots),
+            lr=self.cfg.lr,
+            beta_v=self.cfg.beta_v,
+            beta_t=self.cfg.beta_t,
+            epochs=self.cfg.epochs,
+        )
         ctx.train(self)
 
     # ----------------------------------------------------------------- the loop's hooks
@@ -143,7 +153,8 @@ class DAPT(Method):
     def load(self, epoch, batches):
         paths = [self.shots.paths[i] for i in self.order]
         return image_loader(paths, self.train_transform, [b.tolist() for b in batches], self.env.num_workers,
-                            seed=self.env.seed_for("dapt-augmentation", epoch), device=self.device, pool=self.pool)  # (workers kept across epochs)
+                            # (workers kept across epochs)
+                            seed=self.env.seed_for("dapt-augmentation", epoch), device=self.device, pool=self.pool)
 
     def batch_loss(self, item, info):
         pos, x, _ = item  # an unreadable image is left out of its batch
@@ -152,7 +163,9 @@ class DAPT(Method):
         y = self.shots.y[torch.as_tensor(self.order[pos.numpy()])].to(self.device)
         loss, *parts = self.loss(x, y, self.protos)
         n = len(pos)  # (the three terms are logged only: weight 0)
-        return [Term("loss", loss, n)] + [Term(k, v.detach(), n, weight=0.0) for k, v in zip(("ce", "l_intra", "l_inter"), parts)]
+        return [Term("loss", loss, n)] + [
+            Term(k, v.detach(), n, weight=0.0) for k, v in zip(("ce", "l_intra", "l_inter"), parts)
+        ]
 
     # ----------------------------------------------------------------- prototypes and evaluation on images
     @torch.no_grad()
@@ -164,13 +177,25 @@ class DAPT(Method):
             feats = shots
         else:
             xs, keep = [], []
-            for pos, x, _ in image_batches(shots.paths, transform, 128, self.env.num_workers, seed=self.env.seed_for("dapt-prototypes"),
-                                           device=self.device):
+            for pos, x, _ in image_batches(
+                shots.paths,
+                transform,
+                128,
+                self.env.num_workers,
+                seed=self.env.seed_for("dapt-prototypes"),
+                device=self.device,
+            ):
                 if x is not None:
                     with devices.autocast(self.device, self.env.precision):  # backbone.precision, as the feature cache
-                        xs.append(self.backbone.encode_image(x.to(self.device, non_blocking=True), normalize=True).float().cpu())
+                        xs.append(
+                            self.backbone.encode_image(x.to(self.device, non_blocking=True), normalize=True)
+                            .float()
+                            .cpu()
+                        )
                     keep += pos.tolist()
-            feats = Features(torch.cat(xs), shots.y[keep], [shots.domain[i] for i in keep], [shots.paths[i] for i in keep])
+            feats = Features(
+                torch.cat(xs), shots.y[keep], [shots.domain[i] for i in keep], [shots.paths[i] for i in keep]
+            )
         return class_prototypes(feats.x, feats.y, len(self.classnames), self.cfg.renormalize_prototypes)
 
     @torch.no_grad()
@@ -178,7 +203,9 @@ class DAPT(Method):
         """Re-encode the images of ``feats`` with the learned visual prompts (cached features are
         the plain encoder's)."""
         out = []
-        for _, x, bad in image_batches(feats.paths, self.backbone.preprocess, batch_size, self.env.num_workers, device=self.device):
+        for _, x, bad in image_batches(
+            feats.paths, self.backbone.preprocess, batch_size, self.env.num_workers, device=self.device
+        ):
             if bad:  # the cache already left out unreadable images; one that broke since is an error
                 raise OSError(f"cannot read {feats.paths[bad[0]]} any more")
             with devices.autocast(self.device, self.env.precision):  # backbone.precision, as the feature cache

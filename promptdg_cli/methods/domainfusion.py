@@ -53,10 +53,11 @@ Choices the paper leaves open (config key, default, why):
   environment of the ERM step): the source domains' minibatches stay DomainBed's, and a small
   synthetic set (DomainNet's) still reaches every step.
 * ``augment_every`` T = 5 evaluation periods (CHECKPOINT_FREQ 300: rounds before steps 1,201, 2,701
-  and 4,201; DomainNet's dataset default is 2 of its 1,000-step periods), ``candidates`` N = 4, ``strength`` 0.5 with 20 DDIM steps (10 run),
-  ``img2img_guidance`` 7.5; ``synthetic_fraction`` 1.0 (every source training image has a synthetic
-  copy; DomainNet: see conf/experiment/domainfusion_domainnet.yaml). A round's inputs are the
-  current synthetic images, so variation accumulates over rounds.
+  and 4,201; DomainNet's dataset default is 2 of its 1,000-step periods), ``candidates`` N = 4,
+  ``strength`` 0.5 with 20 DDIM steps (10 run), ``img2img_guidance`` 7.5; ``synthetic_fraction`` 1.0
+  (every source training image has a synthetic copy; DomainNet: see
+  conf/experiment/domainfusion_domainnet.yaml). A round's inputs are the current synthetic images, so
+  variation accumulates over rounds.
 * The generated-image count (``generated_images`` in results.json) counts LDM img2img candidates,
   the figure that compares to offline augmentation; ``synthetic_images`` counts fused images.
 """
@@ -99,8 +100,17 @@ def darken(x01: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     return p.view(-1, 1, 1, 1) * x01
 
 
-def latent_distillation_loss(ldm, p: torch.Tensor, x01: torch.Tensor, cond: torch.Tensor, t: torch.Tensor,
-                             noise: torch.Tensor, guidance: float, weighting: str = "1-alpha", where: str = "latent distillation"):
+def latent_distillation_loss(
+    ldm,
+    p: torch.Tensor,
+    x01: torch.Tensor,
+    cond: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    guidance: float,
+    weighting: str = "1-alpha",
+    where: str = "latent distillation",
+):
     """L_LD of a batch and its latent gradient g = w(t)(ε̂ − ε).
 
     p: (B,) the classifier's probability of each image's label (differentiable); x01: (B, 3, R, R)
@@ -155,7 +165,9 @@ def clip_train_transform(preprocess):
 
     steps = list(preprocess.transforms)
     size = next(t.size for t in steps if isinstance(t, T.CenterCrop))
-    return augment_transform(size[0] if isinstance(size, (tuple, list)) else size, next(t for t in steps if isinstance(t, T.Normalize)))
+    return augment_transform(
+        size[0] if isinstance(size, (tuple, list)) else size, next(t for t in steps if isinstance(t, T.Normalize))
+    )
 
 
 # --------------------------------------------------------------------- the method
@@ -178,8 +190,10 @@ class DomainFusion(ERM):
         self.clip = getattr(self.backbone, "kind", "clip") == "clip"
         if not self.clip:
             if not self.cfg.train_encoder:
-                raise ConfigError("method.train_encoder=false keeps a CLIP image encoder frozen (cached features); "
-                                  f"backbone={self.backbone.model_name} is a classifier, trained end to end: use train_encoder=true")
+                raise ConfigError(
+                    "method.train_encoder=false keeps a CLIP image encoder frozen (cached features); "
+                    f"backbone={self.backbone.model_name} is a classifier, trained end to end: use train_encoder=true"
+                )
             return super().build_network()
         visual = self.backbone.model.visual
         self.frozen = not self.cfg.train_encoder
@@ -206,7 +220,9 @@ class DomainFusion(ERM):
     def encode_files(self, paths: Sequence[str], batch_size: int = 128) -> torch.Tensor:
         """Normalised features of image files by the frozen encoder, (N, D) on the CPU."""
         out = []
-        for _, x, bad in image_batches(paths, self.backbone.preprocess, batch_size, self.env.num_workers, device=self.device):
+        for _, x, bad in image_batches(
+            paths, self.backbone.preprocess, batch_size, self.env.num_workers, device=self.device
+        ):
             if bad:
                 raise OSError(f"cannot read {paths[bad[0]]}")
             with devices.autocast(self.device, self.env.precision):  # backbone.precision, as the feature cache
@@ -222,9 +238,18 @@ class DomainFusion(ERM):
             source = resolve_ldm(self.cfg.ldm, self.backbone)
             if source == "demo":  # built once on first use, conditioned on the demo CLIP's text tower
                 if not self.backbone.model_name.startswith("demo"):
-                    raise ConfigError("method.ldm=demo is conditioned on the demo CLIP's text tower: use it with backbone=demo_clip")
-                source = str(plugins.load("ldm", "demo", "method.ldm")(self.env.cache_root, self.backbone))  # built once by jobs that start at once
-            self._ldm = load_ldm(source, self.device, self.cfg.ldm_dtype, self.cfg.ldm_revision, clip=self.backbone if self.clip else None)
+                    raise ConfigError(
+                        "method.ldm=demo is conditioned on the demo CLIP's text tower: use it with backbone=demo_clip"
+                    )
+                # built once by jobs that start at once
+                source = str(plugins.load("ldm", "demo", "method.ldm")(self.env.cache_root, self.backbone))
+            self._ldm = load_ldm(
+                source,
+                self.device,
+                self.cfg.ldm_dtype,
+                self.cfg.ldm_revision,
+                clip=self.backbone if self.clip else None,
+            )
         return self._ldm
 
     def generator_name(self) -> str:
@@ -242,7 +267,9 @@ class DomainFusion(ERM):
 
     # ----------------------------------------------------------------- online lightweight augmentation
     @torch.no_grad()
-    def augment(self, x01: torch.Tensor, y: torch.Tensor, generator: torch.Generator, what: str = "augmentation") -> torch.Tensor:
+    def augment(
+        self, x01: torch.Tensor, y: torch.Tensor, generator: torch.Generator, what: str = "augmentation"
+    ) -> torch.Tensor:
         """N img2img candidates per image, fused by style/content; returns new images in [0, 1] (NaN or
         inf at a step: NonFiniteError naming ``what`` and the step, never a black image)."""
         ldm, cfg = self.ldm(), self.cfg
@@ -275,7 +302,9 @@ class DomainFusion(ERM):
             return
         r = epoch // cfg.augment_every
         outs = round_outputs(self.syn_dir, r, len(self.syn_src))
-        ctx.recovered += self.write_round(self.syn_paths, self.syn_labels, outs, round_seed(self.env.seed, r), f"augmentation round {r}", ctx.files)
+        ctx.recovered += self.write_round(
+            self.syn_paths, self.syn_labels, outs, round_seed(self.env.seed, r), f"augmentation round {r}", ctx.files
+        )
         self.round = r  # counted once per round, however often an interrupted round was resumed or shared out
         n = len(self.syn_src)
         self.counts = {"generated_images": self.counts["generated_images"] + cfg.candidates * n,
@@ -283,7 +312,9 @@ class DomainFusion(ERM):
         self._use_round(r)
 
     def _use_round(self, r: int) -> None:
-        self.syn_paths = [str(o) for o in round_outputs(self.syn_dir, r, len(self.syn_src))] if r else list(self.src_paths)
+        self.syn_paths = (
+            [str(o) for o in round_outputs(self.syn_dir, r, len(self.syn_src))] if r else list(self.src_paths)
+        )
         self.feats = None  # (a frozen encoder re-encodes the new synthetic set once)
 
     def extra_state(self):
@@ -308,19 +339,32 @@ class DomainFusion(ERM):
         self._use_round(0)
         self.lo, self.hi = (int(f * (self.ldm().num_train_timesteps - 1)) for f in cfg.t_range)
         self.labels = torch.cat([train.y, torch.as_tensor(self.syn_labels, dtype=torch.long)]).to(self.device)
-        ctx.log(synthetic_set=len(self.syn_src), ldm=resolve_ldm(cfg.ldm, self.backbone), ldm_resolution=self.ldm_size(), t_min=self.lo, t_max=self.hi)
+        ctx.log(
+            synthetic_set=len(self.syn_src),
+            ldm=resolve_ldm(cfg.ldm, self.backbone),
+            ldm_resolution=self.ldm_size(),
+            t_min=self.lo,
+            t_max=self.hi,
+        )
         ctx.train(self)
 
     def draw(self, g):
-        """The source domains' minibatches, then ``batch_size`` draws of the synthetic set (indices after the sources')."""
+        """The source domains' minibatches, then ``batch_size`` draws of the synthetic set (indices after
+        the sources')."""
         real = super().draw(g)
-        return torch.cat([real, self.n_source + torch.randint(len(self.syn_src), (int(self.hp["batch_size"]),), generator=g)])
+        return torch.cat(
+            [real, self.n_source + torch.randint(len(self.syn_src), (int(self.hp["batch_size"]),), generator=g)]
+        )
 
     def epoch_batches(self, epoch, g):
-        """ERM's steps with a third tensor: which draws are distilled (``distill_per_step`` source draws, evenly spaced)."""
+        """ERM's steps with a third tensor: which draws are distilled (``distill_per_step`` source draws,
+        evenly spaced)."""
         out = []
         for idx, draw_seeds in super().epoch_batches(epoch, g):
-            n_src, k = int(self.hp["batch_size"]) * len(self.rows), min(int(self.cfg.distill_per_step), int(self.hp["batch_size"]) * len(self.rows))
+            n_src, k = (
+                int(self.hp["batch_size"]) * len(self.rows),
+                min(int(self.cfg.distill_per_step), int(self.hp["batch_size"]) * len(self.rows)),
+            )
             mask = torch.zeros(len(idx), dtype=torch.bool)
             mask[[(j * n_src) // k for j in range(k)] if self.cfg.distill_weight else []] = True
             out.append((idx, draw_seeds, mask))
@@ -349,8 +393,20 @@ class DomainFusion(ERM):
             noise.append(torch.randn((ldm.unet.config.in_channels, lat, lat), generator=g))
         rows_d = rows.to(self.device)
         p = logits[rows_d].softmax(-1).gather(1, y[rows_d, None]).squeeze(1)  # p_θ(y|x)
-        loss_ld, grad = latent_distillation_loss(ldm, p.to(ldm.device), x01.to(ldm.device), ldm.encode_text(self.prompts(y[rows_d])),
-                                                 torch.cat(t).to(ldm.device), torch.stack(noise).to(ldm.device), cfg.distill_guidance, cfg.weighting,
-                                                 where=f"latent distillation, period {info.epoch} step {info.step}")
-        rms = grad.pow(2).mean().sqrt().detach()  # the surrogate's value means nothing: the size of w(t)(ε̂ − ε) is logged
-        return terms + [Term("ld", loss_ld.to(self.device), len(rows), cfg.distill_weight), Term("ld_grad_rms", rms, len(rows), 0.0)]
+        loss_ld, grad = latent_distillation_loss(
+            ldm,
+            p.to(ldm.device),
+            x01.to(ldm.device),
+            ldm.encode_text(self.prompts(y[rows_d])),
+            torch.cat(t).to(ldm.device),
+            torch.stack(noise).to(ldm.device),
+            cfg.distill_guidance,
+            cfg.weighting,
+            where=f"latent distillation, period {info.epoch} step {info.step}",
+        )
+        # the surrogate's value means nothing: the size of w(t)(ε̂ − ε) is logged
+        rms = grad.pow(2).mean().sqrt().detach()
+        return terms + [
+            Term("ld", loss_ld.to(self.device), len(rows), cfg.distill_weight),
+            Term("ld_grad_rms", rms, len(rows), 0.0),
+        ]

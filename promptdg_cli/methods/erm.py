@@ -20,7 +20,7 @@ logged in metrics.jsonl.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import ClassVar, List, Optional, Sequence, Tuple, Type
 
 import numpy as np
 import torch
@@ -46,7 +46,9 @@ class Draws(torch.utils.data.Dataset):
         from torchvision import transforms as T
 
         self.paths, self.transform = list(paths), transform
-        self.ldm = ldm and T.Compose([T.Resize(ldm, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(ldm), T.ToTensor()])
+        self.ldm = ldm and T.Compose(
+            [T.Resize(ldm, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(ldm), T.ToTensor()]
+        )
 
     def __len__(self):
         return len(self.paths)
@@ -72,9 +74,11 @@ def collate(items):
 
 
 class ERM(Method):
-    Config = ERMConfig
-    backbone_kinds = ("classifier",)
-    loss_terms = ("ce",)
+    # (typed as Method's: DomainFusion overrides them)
+    Config: ClassVar[Type] = ERMConfig
+    backbone_kinds: ClassVar[tuple] = ("classifier",)
+    loss_terms: ClassVar[Tuple[str, ...]] = ("ce",)
+    feats: Optional[torch.Tensor]  # DomainFusion with a frozen encoder: the cached features of its draws
 
     def __init__(self, cfg, backbone, classnames, device, env=None):
         super().__init__(cfg, backbone, classnames, device, env)
@@ -83,7 +87,8 @@ class ERM(Method):
         self.frozen = False  # (DomainFusion's CLIP variant may keep its encoder frozen: cached features)
         self.featurizer, self.classifier = self.build_network()
         self.dropout = nn.Dropout(float(self.hp["resnet_dropout"]))
-        self.pool = EpochLoader(device, collate)  # the training images' loader: workers started once, kept while the images stay
+        # the training images' loader: workers started once, kept while the images stay
+        self.pool = EpochLoader(device, collate)
 
     def build_network(self):
         """DomainBed's featurizer (the backbone's ResNet, BatchNorm frozen) and ``networks.Classifier``:
@@ -109,7 +114,9 @@ class ERM(Method):
         self.featurizer.eval()
         out = []
         with torch.no_grad(), devices.autocast(self.device, self.env.precision):
-            for _, x, bad in image_batches(feats.paths, self.backbone.preprocess, batch_size, self.env.num_workers, device=self.device):
+            for _, x, bad in image_batches(
+                feats.paths, self.backbone.preprocess, batch_size, self.env.num_workers, device=self.device
+            ):
                 if bad:
                     raise OSError(f"cannot read {feats.paths[bad[0]]}")
                 out.append(self.featurizer(x.to(self.device, non_blocking=True)).float().cpu())
@@ -136,7 +143,8 @@ class ERM(Method):
         self.train, self.val = data.train, data.val
         self.paths, self.labels = list(self.train.paths), self.train.y.to(self.device)
         domains = np.asarray(self.train.domain)
-        self.rows = [torch.as_tensor(np.flatnonzero(domains == d)) for d in dict.fromkeys(self.train.domain)]  # per source domain
+        # per source domain
+        self.rows = [torch.as_tensor(np.flatnonzero(domains == d)) for d in dict.fromkeys(self.train.domain)]
         self.periods = checkpoint_rounds(int(self.cfg.steps), int(self.cfg.checkpoint_freq))
         ctx.log(hparams=self.hp, steps=int(self.cfg.steps), evaluations=len(self.periods), domains=len(self.rows))
 
@@ -169,13 +177,22 @@ class ERM(Method):
         """Each step's (its draws, (indices, augmented images, LDM pixels)), loaded ahead by the run's workers."""
         steps = [list(zip(*(t.tolist() for t in b))) for b in batches]
         transform = None if self.frozen else self.train_transform()
-        loader = self.pool.epoch((tuple(self.paths), self.frozen), lambda: Draws(self.paths, transform, self.ldm_size()), steps,
-                                 self.env.num_workers)  # (its workers kept across epochs while the images stay)
+        loader = self.pool.epoch(
+            (tuple(self.paths), self.frozen),
+            lambda: Draws(self.paths, transform, self.ldm_size()),
+            steps,
+            self.env.num_workers,
+        )  # (its workers kept across epochs while the images stay)
         return zip(batches, loader)
 
     def forward(self, x: Optional[torch.Tensor], idx: torch.Tensor) -> torch.Tensor:
         """Training logits of a step's draws: featurizer, dropout, classifier (cached features when frozen)."""
-        f = self.feats[idx].to(self.device) if self.frozen else self.featurizer(x.to(self.device, non_blocking=True))
+        if self.frozen:
+            assert self.feats is not None  # (load() encodes them first)
+            f = self.feats[idx].to(self.device)
+        else:
+            assert x is not None  # (images are loaded unless their features are cached)
+            f = self.featurizer(x.to(self.device, non_blocking=True))
         return self.head(self.dropout(f))
 
     def batch_loss(self, item, info):

@@ -35,7 +35,8 @@ from ..schema import LinearProbeConfig
 from .base import Method
 
 DTYPE = torch.float32  # features and weights (see the module docstring and benchmarks/bench_linear_probe.py)
-SOLVER = "lbfgs-torch-f32"  # in the checkpoint's unit names: a checkpoint of an earlier sweep (scikit-learn, float64) is not reused
+# in the checkpoint's unit names: a checkpoint of an earlier sweep (scikit-learn, float64) is not reused
+SOLVER = "lbfgs-torch-f32"
 
 
 def start_gradient(x: torch.Tensor, y: torch.Tensor, n_classes: int) -> float:
@@ -100,7 +101,8 @@ class LinearProbe(Method):
         warm start, or the cold start), and its validation accuracy."""
         r = fit_logreg(self.xtr, self.ytr, len(self.classes), c, init=None if init is None else init.to(self.device),
                        max_iter=self.cfg.max_iter, tol=self.gtol)
-        pred = self.classes[(self.xva @ r.weight.T + r.bias).argmax(dim=1)]  # (N,) the first of equal scores, as sklearn's predict
+        # (N,) the first of equal scores, as sklearn's predict
+        pred = self.classes[(self.xva @ r.weight.T + r.bias).argmax(dim=1)]
         return {"C": c, "acc": float((pred == self.yva).double().mean().item() * 100), "theta": r.theta.cpu(),
                 "n_iter": r.n_iter, "converged": r.converged}
 
@@ -132,7 +134,9 @@ class LinearProbe(Method):
         """``refine_steps`` values over the decade on each side of the path's best, as two paths
         leaving it; returns {C: result} in increasing C."""
         center = max(fitted, key=lambda c: fitted[c]["acc"])  # (max keeps the first of equals: the smallest C)
-        fine = [float(c) for c in np.logspace(np.log10(center) - 1, np.log10(center) + 1, self.cfg.refine_steps + 2)[1:-1]]
+        fine = [
+            float(c) for c in np.logspace(np.log10(center) - 1, np.log10(center) + 1, self.cfg.refine_steps + 2)[1:-1]
+        ]
         fine = [c for c in fine if c not in fitted]
 
         def refine_fit(c: float, done: dict) -> dict:

@@ -74,7 +74,9 @@ def content_consistency_loss(style_content: torch.Tensor, content: torch.Tensor)
     return F.cross_entropy(z, torch.arange(z.shape[0], device=z.device))
 
 
-def arcface_logits(features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, m: float) -> torch.Tensor:
+def arcface_logits(
+    features: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, s: float, m: float
+) -> torch.Tensor:
     """ArcFace logits: s·cos(θ_y + m) for the label, s·cos θ_j otherwise; θ_j = angle(f, W_j).
 
     Both the features (B, D) and the class weights (C, D) are L2-normalised here: with raw
@@ -101,6 +103,10 @@ class StylePrompts(nn.Module):
     up to the last end-of-text token).
     """
 
+    before: torch.Tensor  # (buffers)
+    after: torch.Tensor
+    suffix: torch.Tensor
+
     def __init__(self, backbone, classnames: list[str], template: str):
         super().__init__()
         style_text = template.format(PLACEHOLDER)
@@ -119,7 +125,9 @@ class StylePrompts(nn.Module):
         self.register_buffer("suffix", emb[:, self.shared :].clone())  # [EOS] | class tokens [EOS], padding
 
     def forward(self, style: torch.Tensor) -> PromptGroups:
-        return PromptGroups.from_parts([self.before, style.view(1, -1).to(self.before.dtype), self.after], [self.suffix], self.eot)
+        return PromptGroups.from_parts(
+            [self.before, style.view(1, -1).to(self.before.dtype), self.after], [self.suffix], self.eot
+        )
 
 
 # --------------------------------------------------------------------- the method
@@ -159,7 +167,11 @@ class PromptStyler(Method):
     def learn_style(self, i: int, earlier: dict, ctx) -> dict:
         """Stage 1 for style i: L SGD steps on L_style + L_content, the earlier styles frozen."""
         cfg = self.cfg
-        earlier_feats = torch.stack([earlier[j]["feature"].to(self.device) for j in range(i)]) if i else torch.zeros(0, self.backbone.embed_dim, device=self.device)
+        earlier_feats = (
+            torch.stack([earlier[j]["feature"].to(self.device) for j in range(i)])
+            if i
+            else torch.zeros(0, self.backbone.embed_dim, device=self.device)
+        )
         s = nn.Parameter(self.init_style(i))
         opt = torch.optim.SGD([s], lr=cfg.style_lr, momentum=cfg.style_momentum)  # a fresh optimiser per style
         amp = AmpStep(self.device, self.env.precision)  # (fp16: a fresh loss scale per style, as the optimiser)
@@ -176,7 +188,12 @@ class PromptStyler(Method):
         amp = AmpStep(self.device, self.env.precision)
         with torch.no_grad(), amp.autocast():
             self.content = self.backbone.encode_text(self.classnames, normalize=True).float()  # T("[class_n]"), (N, D)
-        styles = ctx.units("styles", list(range(self.cfg.n_styles)), lambda i, done: self.learn_style(i, done, ctx), desc="promptstyler styles")
+        styles = ctx.units(
+            "styles",
+            list(range(self.cfg.n_styles)),
+            lambda i, done: self.learn_style(i, done, ctx),
+            desc="promptstyler styles",
+        )
         self.styles = torch.stack([styles[i]["vector"] for i in range(self.cfg.n_styles)]).to(self.device)
         with torch.no_grad(), amp.autocast():  # the K x N style-content features, label m (style-major)
             self.x = torch.cat([self.encode(v)[1].float() for v in self.styles])  # (K*N, D), normalised
@@ -191,15 +208,21 @@ class PromptStyler(Method):
         return [self.classifier.weight]
 
     def optimizer(self, params):
-        return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum)  # constant: the paper names no schedule
+        # constant: the paper names no schedule
+        return torch.optim.SGD(params, lr=self.cfg.lr, momentum=self.cfg.momentum)
 
     def epoch_batches(self, epoch, g):
         return shuffled_batches(len(self.y), self.cfg.batch_size, g)
 
     def batch_loss(self, idx, info):
         idx = idx.to(self.device)
-        return [Term("train_loss", arcface_loss(self.x[idx], self.classifier.weight, self.y[idx], self.cfg.arcface_s, self.cfg.arcface_m),
-                     len(idx))]
+        return [
+            Term(
+                "train_loss",
+                arcface_loss(self.x[idx], self.classifier.weight, self.y[idx], self.cfg.arcface_s, self.cfg.arcface_m),
+                len(idx),
+            )
+        ]
 
     # ----------------------------------------------------------------- inference and state
     @torch.no_grad()

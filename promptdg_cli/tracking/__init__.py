@@ -12,7 +12,8 @@ Each choice in ``conf/logger/`` adds one entry under the run config's ``logger``
   ``<split>/epoch/<name>`` (the epoch's mean losses, ``val_acc``, the selected epoch), at the
   split's step count;
 * the final record: ``test/<domain>``, ``test/avg`` (and ``test/mean_per_class/<domain>``,
-  ``val/<split>``) and the record itself (as ``record.json``: ``promptdg collect`` reads every ``results.json`` below a folder).
+  ``val/<split>``) and the record itself (as ``record.json``: ``promptdg collect`` reads every
+  ``results.json`` below a folder).
 
 ``<split>`` is the split's key (the held-out domain; a UDA pair ``src_to_tgt``; ``all`` for a
 source-free method). A tracker run is one promptdg run; runs whose configs differ only in the seed
@@ -28,10 +29,11 @@ import json
 import logging
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from ..config import plain_dict
 from ..errors import ConfigError
 from ..extras import require
 from ..files import write_json_atomic
@@ -47,7 +49,7 @@ class Trackers:
     """The run's trackers as one: every call goes to each backend. Empty on ranks other than 0, but
     ``every_n_steps`` is the same on every rank (the loop's per-step values are summed over ranks)."""
 
-    def __init__(self, backends: List[Any] = (), every_n_steps: int = 0):
+    def __init__(self, backends: Sequence[Any] = (), every_n_steps: int = 0):
         self.backends = list(backends)
         self.every_n_steps = int(every_n_steps)  # 0: no per-step values
 
@@ -72,7 +74,9 @@ class Trackers:
             try:
                 getattr(b, what)(*args)
             except Exception as e:
-                log.warning("logger %s failed (%s: %s); the run goes on without it", type(b).__name__, type(e).__name__, e)
+                log.warning(
+                    "logger %s failed (%s: %s); the run goes on without it", type(b).__name__, type(e).__name__, e
+                )
                 self.backends.remove(b)
 
 
@@ -87,7 +91,7 @@ def _specs(cfg: DictConfig) -> Dict[str, Dict[str, Any]]:
     node = cfg.get("logger")
     if node is None:
         return {}
-    specs = OmegaConf.to_container(node, resolve=True)
+    specs = plain_dict(node, resolve=True)
     for name, spec in specs.items():
         target = spec.get("_target_", "") if isinstance(spec, dict) else ""
         if not target.startswith(BACKENDS):
@@ -122,7 +126,9 @@ def session(cfg: DictConfig, run_dir: Path, config_hash: str, main: bool = True)
     """The run's trackers while it runs (rank 0: ``main``); closed with the run's outcome:
     finished, failed, or preempted (a ``SystemExit`` from the preemption handler)."""
     specs = _specs(cfg)
-    every = min((int(s.get("every_n_steps", 1)) for s in specs.values() if int(s.get("every_n_steps", 1)) > 0), default=0)
+    every = min(
+        (int(s.get("every_n_steps", 1)) for s in specs.values() if int(s.get("every_n_steps", 1)) > 0), default=0
+    )
     if not specs or not main:
         trackers = Trackers([], every)
     else:

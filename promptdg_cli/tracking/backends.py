@@ -20,7 +20,7 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Literal, Optional
 
 from ..errors import ConfigError
 from ..files import write_text_atomic
@@ -44,7 +44,8 @@ class TensorBoard:
 
         values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
         for summary in hparams_summary(values, {}):  # experiment, session start, session end
-            self.writer.file_writer.add_summary(summary)
+            # (torch leaves file_writer typed None; SummaryWriter's __init__ opens it)
+            self.writer.file_writer.add_summary(summary)  # type: ignore[attr-defined]
         self.writer.add_text("config", _code_block(config_yaml))
 
     def log_metrics(self, values: Dict[str, float], step: int, split: Optional[str]) -> None:
@@ -64,8 +65,9 @@ class WandB:
     extra = "wandb"
     MODES = ("offline", "online", "disabled")
 
-    def __init__(self, run: RunInfo, project: str = "promptdg", entity: Optional[str] = None, mode: str = "offline",
-                 save_dir: Optional[str] = None, tags: Optional[List[str]] = None, job_type: str = "train"):
+    def __init__(self, run: RunInfo, project: str = "promptdg", entity: Optional[str] = None,
+                 mode: Literal["offline", "online", "disabled"] = "offline", save_dir: Optional[str] = None,
+                 tags: Optional[List[str]] = None, job_type: str = "train"):
         if mode not in self.MODES:
             raise ConfigError(f"logger.wandb.mode={mode!r} is not valid. Valid: {', '.join(self.MODES)}")
         import wandb
@@ -73,14 +75,27 @@ class WandB:
         run_id = run.resume_ids.get("wandb") or secrets.token_hex(4)  # (W&B ids: letters and digits)
         folder = Path(save_dir) if save_dir else run.run_dir
         folder.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(project=project, entity=entity, mode=mode, dir=str(folder), group=run.group, name=run.name,
-                              id=run_id, resume="allow", job_type=job_type, tags=list(tags or []), config=run.config,
-                              settings=wandb.Settings(console="off", silent=True))
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            mode=mode,
+            dir=str(folder),
+            group=run.group,
+            name=run.name,
+            id=run_id,
+            resume="allow",
+            job_type=job_type,
+            tags=list(tags or []),
+            config=run.config,
+            settings=wandb.Settings(console="off", silent=True),
+        )
         run.ids["wandb"] = run_id
         self.step_metrics: set = set()
 
     def log_hparams(self, hparams: Dict[str, Any], config_yaml: str) -> None:
-        self.run.config.update({"group": hparams["group"], "config_hash": hparams["config_hash"]}, allow_val_change=True)
+        self.run.config.update(
+            {"group": hparams["group"], "config_hash": hparams["config_hash"]}, allow_val_change=True
+        )
 
     def log_metrics(self, values: Dict[str, float], step: int, split: Optional[str]) -> None:
         if split is None:
@@ -96,7 +111,8 @@ class WandB:
     def log_record(self, record: Dict[str, Any], metrics: Dict[str, float]) -> None:
         self.run.summary.update(metrics)
         # (not named results.json: `promptdg collect` reads every results.json below a folder)
-        write_text_atomic(Path(self.run.dir) / "record.json", json.dumps(record, indent=2, default=str))  # synced with the run
+        # synced with the run
+        write_text_atomic(Path(self.run.dir) / "record.json", json.dumps(record, indent=2, default=str))
 
     def close(self, status: str) -> None:
         if status == "preempted" and hasattr(self.run, "mark_preempting"):
@@ -121,20 +137,27 @@ class MLflow:
             try:
                 experiment_id = self.client.create_experiment(experiment_name)
             except MlflowException:  # created by another job of the sweep meanwhile
-                experiment_id = self.client.get_experiment_by_name(experiment_name).experiment_id
+                created = self.client.get_experiment_by_name(experiment_name)
+                assert created is not None
+                experiment_id = created.experiment_id
         else:
             experiment_id = experiment.experiment_id
-        self.run_id = run.resume_ids.get("mlflow")
+        run_id = run.resume_ids.get("mlflow")
         try:
-            resumed = self.run_id is not None and self.client.get_run(self.run_id) is not None
+            resumed = run_id is not None and self.client.get_run(run_id) is not None
         except MlflowException:
             resumed = False
-        if resumed:
-            self.client.update_run(self.run_id, status="RUNNING")
+        if resumed and run_id is not None:  # (a resumed run has its id)
+            self.client.update_run(run_id, status="RUNNING")
         else:
-            tags = {"promptdg.group": run.group, "promptdg.config_hash": run.config_hash, "promptdg.run_dir": str(run.run_dir),
-                    "promptdg.seed": str(run.seed)}
-            self.run_id = self.client.create_run(experiment_id, run_name=run.name, tags=tags).info.run_id
+            tags = {
+                "promptdg.group": run.group,
+                "promptdg.config_hash": run.config_hash,
+                "promptdg.run_dir": str(run.run_dir),
+                "promptdg.seed": str(run.seed),
+            }
+            run_id = self.client.create_run(experiment_id, run_name=run.name, tags=tags).info.run_id
+        self.run_id: str = run_id
         run.ids["mlflow"] = self.run_id
 
     def log_hparams(self, hparams: Dict[str, Any], config_yaml: str) -> None:

@@ -10,7 +10,7 @@ from typing import Any, Dict
 
 from omegaconf import DictConfig, OmegaConf
 
-from ..config import hashed_view
+from ..config import hashed_view, plain_dict
 
 # config keys that are data, not hyper-parameters: left out of the flattened view (the file has them)
 NOT_HPARAMS = ("dataset.classes", "dataset.wnids", "dataset.prepare", "dataset.method_defaults", "dataset.split_paths")
@@ -81,7 +81,7 @@ class RunInfo:
         self.name = f"{self.group.rsplit('/', 1)[0]}/{self.run_dir.name}"  # dataset/method/backbone/<run folder>
         self.seed = int(cfg.seed)
         self.config_hash = config_hash
-        self.config = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        self.config = plain_dict(cfg, resolve=True, enum_to_str=True)
         self.config.pop("logger", None)  # (how it was tracked is not a hyper-parameter)
         self.config_yaml = OmegaConf.to_yaml(OmegaConf.create(self.config))
         self.hparams = {**flat_hparams(self.config), "group": self.group, "config_hash": config_hash}
