@@ -113,6 +113,7 @@ def feature_extraction(b: Bench, n: int, workers: int, batch_size: int = 128, fo
         t = time.perf_counter()
         paths = write_images(root / "images", n)
         write_s = time.perf_counter() - t
+        batch_size = loader_batch(n, batch_size)
         cache = FeatureCache(root / "cache", batch_size=batch_size, num_workers=workers)
         cache._encode(b.clip, paths, "warm-up")
         b.reset_peak()
@@ -146,6 +147,13 @@ def feature_extraction(b: Bench, n: int, workers: int, batch_size: int = 128, fo
     return out
 
 
+def loader_batch(n: int, batch_size: int) -> int:
+    """The batch size of a throughput measurement over ``n`` images: at most ``batch_size``, and small
+    enough for more than 4 batches (``data.image_batches`` loads 4 batches or fewer in the main process,
+    without its workers)."""
+    return max(1, min(batch_size, (n - 1) // 4))
+
+
 def loader_throughput(b: Bench, n: int, worker_counts: Sequence[tuple], batch_size: int = 128) -> dict:
     """Images per second of the image loader alone (``data.image_batches``: JPEG decoding and CLIP's
     preprocessing in DataLoader workers, batches copied to the device) and of the loader with the frozen
@@ -159,6 +167,7 @@ def loader_throughput(b: Bench, n: int, worker_counts: Sequence[tuple], batch_si
             x.to(b.device, non_blocking=True)
 
     rows = []
+    batch_size = loader_batch(n, batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = write_images(root / "images", n)
