@@ -26,13 +26,17 @@ from pathlib import Path
 from typing import List
 
 import numpy as np
+
+# isort: off
+from .. import _compat  # noqa: F401  (must precede open_clip: makes torchvision importable)
+
+# isort: on
 import open_clip
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .. import _compat  # noqa: F401  (must precede open_clip: makes torchvision importable)
 from ..backbone import ClipBackbone
 from ..devices import torch_threads
 from ..files import write_atomic
