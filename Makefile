@@ -52,11 +52,12 @@ CLAIMS_JOBS ?= 2
 claims: $(STAMP)
 	$(PY) scripts/claims.py --seeds $(CLAIMS_SEEDS) --out $(CLAIMS_OUT) --jobs $(CLAIMS_JOBS)
 
-# Ruff, mypy on promptdg_cli and the test suite, CPU only and offline (slow tests excluded).
+# Ruff, then mypy on promptdg_cli beside the test suite (CPU only, offline, slow tests excluded); fails if either fails.
 test: $(STAMP)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/mypy
-	$(PY) -m pytest -q --durations=10
+	@$(VENV)/bin/mypy > $(VENV)/mypy.log 2>&1 & pid=$$!; \
+	$(PY) -m pytest -q --durations=10; rc=$$?; \
+	wait $$pid || { cat $(VENV)/mypy.log; rc=1; }; tail -1 $(VENV)/mypy.log; exit $$rc
 
 AVX2_ENV    := ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
 DEFAULT_ENV := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 ONEDNN_MAX_CPU_ISA=SSE41

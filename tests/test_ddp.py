@@ -127,6 +127,7 @@ CASES = {
     "domainfusion_resnet50": ([a for a in DF if a != "backbone.model=resnet18"], "sketch"),
 }
 ATOL = 1e-5
+ADAM_LR, ADAM_STEPS = 5e-5, 3  # erm.yaml's lr (DomainBed's) and the method.steps=3 of the ERM and DomainFusion cases
 
 
 def torchrun(args, out: Path, random_clip, shared_cache, log: Path, nproc: int = 2, env=None) -> int:
@@ -191,9 +192,12 @@ def test_two_processes_match_one(run_cli, random_clip, shared_cache, tmp_path, m
     (rec,) = results(tmp_path / "ddp")
     # same config, same key
     assert rec["run_dir"] != ref["run_dir"] and Path(rec["run_dir"]).name == Path(ref["run_dir"]).name
-    # ERM and DomainFusion fine-tune the featurizer with Adam: its per-weight rescaling turns summation-order
-    # noise (~1e-9) into steps of up to lr = 5e-5 where a gradient is ~0, hence 1e-4 (accuracies exactly equal)
-    worst = compare(rec, ref, split, atol=1e-4 if method.startswith(("erm", "domainfusion")) else ATOL)
+    # ERM and DomainFusion fine-tune the featurizer with Adam, whose update is lr * m_hat / sqrt(v_hat): about
+    # +-lr wherever a gradient is summation-order noise (~1e-9) whose sign differs between the two runs. So a
+    # weight can differ by up to 2 lr per step: 2 x 5e-5 x 3 steps, plus float32 rounding of the weights
+    # (observed: 1.00002e-4 under AVX2 kernels, one flipped step); accuracies exactly equal
+    adam = 2 * ADAM_LR * ADAM_STEPS + 1e-6
+    worst = compare(rec, ref, split, atol=adam if method.startswith(("erm", "domainfusion")) else ATOL)
     print(f"{method}: largest tensor difference 2 ranks vs 1 process: {worst:.3g}")
     if method == "linear_probe":  # every rank fits the single process's sequence, bit for bit at one thread
         assert worst == 0.0
