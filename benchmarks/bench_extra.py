@@ -3,7 +3,6 @@ training times of the papers' schedules (``benchmarks/bench.py``, ``scripts/gpu_
 markdown tables are ``bench_tables.py``'s)."""
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -115,16 +114,10 @@ def feature_extraction(b: Bench, n: int, workers: int, batch_size: int = 128, fo
         write_s = time.perf_counter() - t
         batch_size = loader_batch(n, batch_size)
         cache = FeatureCache(root / "cache", batch_size=batch_size, num_workers=workers)
-        cache._encode(b.clip, paths, "warm-up")
+        _, x = cache._encode(b.clip, paths, "warm-up")
         b.reset_peak()
-        times = []
-        for _ in range(max(b.repeats, 1)):
-            b.sync()
-            t = time.perf_counter()
-            keep, x = cache._encode(b.clip, paths, "bench images")
-            b.sync()
-            times.append(time.perf_counter() - t)
-        s = statistics.median(times)
+        reps = max(b.repeats, 1)
+        s = b.timed(lambda: cache._encode(b.clip, paths, "bench images"), reps)
     out = {
         "images": n,
         "size": 224,
@@ -134,7 +127,7 @@ def feature_extraction(b: Bench, n: int, workers: int, batch_size: int = 128, fo
         "write_jpeg_s": round(write_s, 2),
         "encode_s": round(s, 3),
         "images_per_s": round(n / s, 1),
-        "timed_runs": len(times),
+        "timed_runs": reps,
         "warmup_runs": 1,
         "worker_start_included": workers > 0,
         "features": list(x.shape),
@@ -179,14 +172,7 @@ def loader_throughput(b: Bench, n: int, worker_counts: Sequence[tuple], batch_si
                 ("loader_and_encoder", lambda: cache._encode(b.clip, paths, "bench")),
             ):
                 fn()  # (untimed: kernels, files in the page cache)
-                times = []
-                for _ in range(max(b.repeats, 1)):
-                    b.sync()
-                    t = time.perf_counter()
-                    fn()
-                    b.sync()
-                    times.append(time.perf_counter() - t)
-                row[f"{key}_images_per_s"] = round(n / statistics.median(times), 1)
+                row[f"{key}_images_per_s"] = round(n / b.timed(fn, max(b.repeats, 1)), 1)
             rows.append(row)
             print(f"loader: {workers} workers ({label}): {row['loader_images_per_s']} images/s alone, "
                   f"{row['loader_and_encoder_images_per_s']} with the {b.clip.precision} encoder", flush=True)

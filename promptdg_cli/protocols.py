@@ -28,7 +28,7 @@ from __future__ import annotations
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, TypeVar
+from typing import Dict, List, Optional, Sequence, Type, TypeVar
 
 import numpy as np
 import torch
@@ -207,8 +207,12 @@ class Protocol:
     def train_data(self, split: Split) -> TrainData:
         raise NotImplementedError
 
+    def test_set(self, domain: str) -> Features:
+        """The labelled images a tested domain is scored on: the whole domain (DG: its "in" part)."""
+        return self.features.domain_features(self.backbone, self.dataset, domain)
+
     def test_sets(self, split: Split) -> Dict[str, Features]:
-        return {d: self.features.domain_features(self.backbone, self.dataset, d) for d in split.tests}
+        return {d: self.test_set(d) for d in split.tests}
 
     def test_subset(self):
         """Class indices the test set covers (ImageNet-A/R: 200 of 1000), else None."""
@@ -295,9 +299,6 @@ class DG(Protocol):
         f, rows_in, _, _ = self._parts(domain)
         return f.subset(rows_in)
 
-    def test_sets(self, split: Split) -> Dict[str, Features]:
-        return {d: self.test_set(d) for d in split.tests}
-
     def oracle_sets(self, split: Split) -> Dict[str, Features]:
         """Each tested domain's held-out part: DomainBed's test-domain validation set (the oracle rule)."""
         return {d: self._parts(d)[0].subset(self._parts(d)[2]) for d in split.tests}
@@ -331,7 +332,7 @@ class UDA(Protocol):
         return data
 
     def test_sets(self, split: Split) -> Dict[str, Features]:
-        return {split.key: self.features.domain_features(self.backbone, self.dataset, split.target)}
+        return {split.key: self.test_set(split.target)}
 
 
 class SourceFree(Protocol):
@@ -389,6 +390,10 @@ class FewShot(Protocol):
         return {split.key: self.features.list_features(self.backbone, self.dataset.name, "test", paths, labels)}
 
 
+# the protocols of datasets with domains, by name (a method's own, else the dataset's)
+DOMAIN_PROTOCOLS: Dict[str, Type[Protocol]] = {"dg": DG, "uda": UDA, "source_free": SourceFree}
+
+
 def protocol_for(cfg, method_cls) -> Protocol:
     """The run's protocol, given the typed parts it needs (the dataset's config and a :class:`RunSpec`):
     a few-shot dataset's, else the method's own (DAPL: uda; PromptStyler: source-free) or the dataset's.
@@ -403,8 +408,7 @@ def protocol_for(cfg, method_cls) -> Protocol:
             )
         protocol: Protocol = FewShot(cfg.dataset, RunSpec.of(cfg))
     else:
-        name = method_cls.protocol or str(cfg.dataset.protocol)
-        protocol = {"dg": DG, "uda": UDA, "source_free": SourceFree}[name](cfg.dataset, RunSpec.of(cfg))
+        protocol = DOMAIN_PROTOCOLS[method_cls.protocol or str(cfg.dataset.protocol)](cfg.dataset, RunSpec.of(cfg))
     check_selection(protocol)
     return protocol
 

@@ -13,19 +13,19 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, cast
+from typing import Any, Dict, cast
 
 from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_file
 
 from .config import config_hash, typed_method
-from .data import FeatureCache, Features, class_names
+from .data import FeatureCache, class_names
 from .devices import loader_workers, peak_memory_mb, select_device
 from .errors import ConfigError
 from .evaluation import evaluate
 from .fewshot import class_subset, read_split
 from .methods import method_class
-from .protocols import DG, RunSpec
+from .protocols import DOMAIN_PROTOCOLS, Protocol, RunSpec
 from .record import RunRecord, Status
 from .runner import identity, prepare_backbone, run_env
 
@@ -135,19 +135,11 @@ def reevaluate(cfg: DictConfig, source_run: Path, out_dir: Path) -> RunRecord:
             f"run_dir has {len(targets)} split models ({targets}); choose the domain to test with target=<domain>"
         )
     found: Dict[str, Any] = {"target_domains": [], "source_domains": {}, "accuracy": {}}
-    # the test set of a domain, as the run's protocol tests it: DG, DomainBed's "in" part at the run's trial_seed;
-    # UDA and source-free runs (DAPL, PromptStyler) test on whole domains
-    dg_run = (
-        method_class(run_cfg.method).protocol not in ("uda", "source_free") and str(run_cfg.dataset.protocol) == "dg"
-    )
-    test_set: Callable[[str], Features]
-    if dg_run and str(cfg.dataset.protocol) == "dg":
-        dg = DG(cfg.dataset, RunSpec(seed=int(run_cfg.seed), trial_seed=run_cfg.get("trial_seed"))).attach(
-            cache, backbone
-        )
-        test_set = dg.test_set
-    else:
-        test_set = lambda d: cache.domain_features(backbone, cfg.dataset, d)  # noqa: E731
+    # a domain is tested as the run's protocol tests it (DG: DomainBed's "in" part at the run's trial_seed;
+    # UDA and source-free runs: whole domains)
+    kind = DOMAIN_PROTOCOLS.get(method_class(run_cfg.method).protocol or str(run_cfg.dataset.protocol), Protocol)
+    spec = RunSpec(seed=int(run_cfg.seed), trial_seed=run_cfg.get("trial_seed"))
+    test_set = kind(cfg.dataset, spec).attach(cache, backbone).test_set
     for t, domains in plan.items():
         method = load_split_model(run_cfg, source_run, t, backbone, device)
         sources = json.loads((source_run / "splits" / t / "result.json").read_text())["sources"]

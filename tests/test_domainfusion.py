@@ -152,39 +152,15 @@ def test_missing_ldm_fails_fast_with_where_to_put_it(tmp_path, monkeypatch):
         load_ldm(str(tmp_path / "sd"), torch.device("cpu"))
 
 
-def test_stable_diffusion_layout_loads_with_a_transformers_text_encoder(tmp_path, tiny_ldm_dir):
-    """The SD v1.x folder layout (vae, unet, text_encoder, tokenizer, scheduler), tiny and random."""
-    import shutil
-
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    sd = tmp_path / "tiny-sd"
-    for part in ("vae", "unet", "scheduler"):
-        shutil.copytree(tiny_ldm_dir / part, sd / part)
-    vocab = {
-        w: i
-        for i, w in enumerate(["<|startoftext|>", "<|endoftext|>", "a</w>", "photo</w>", "of</w>", "dog</w>", "!</w>"])
-    }
-    (tmp_path / "vocab.json").write_text(json.dumps(vocab))
-    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(tmp_path / "vocab.json"), str(tmp_path / "merges.txt"), model_max_length=16)
-    tok.save_pretrained(sd / "tokenizer")
-    enc = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=128,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-        )
-    )
-    enc.save_pretrained(sd / "text_encoder")
-    ldm = load_ldm(str(sd), torch.device("cpu"))
-    states = ldm.encode_text(["a photo of a dog", ""])
+def test_stable_diffusion_layout_loads_with_a_transformers_text_encoder(tiny_sd_dir):
+    """The SD v1.x folder layout (vae, unet, text_encoder, tokenizer, scheduler), tiny and random
+    (conftest.build_tiny_sd)."""
+    assert {p.name for p in tiny_sd_dir.iterdir()} >= {"vae", "unet", "text_encoder", "tokenizer", "scheduler"}
+    ldm = load_ldm(str(tiny_sd_dir), torch.device("cpu"))
+    states = ldm.encode_text(["a photo of a one", ""])
     assert states.shape == (2, 16, 128)
     assert not any(p.requires_grad for p in ldm.parameters())
-    z = ldm.img2img(torch.zeros(1, 3, 32, 32), ["a photo of a dog"], 0.5, 4, 2.0, torch.Generator().manual_seed(0))
+    z = ldm.img2img(torch.zeros(1, 3, 32, 32), ["a photo of a one"], 0.5, 4, 2.0, torch.Generator().manual_seed(0))
     assert z.shape == (1, 4, 8, 8)
 
 
